@@ -1,0 +1,29 @@
+"""dql_agent: diffusion policies trained with Q-learning, with an SB3-style surface.
+
+>>> from dql_agent import DiffusionQL, OfflineBuffer
+>>> model = DiffusionQL(buffer=OfflineBuffer.from_minari("mujoco/hopper/medium-v0"), env="Hopper-v5")
+>>> model.learn(total_timesteps=1_000_000, progress_bar=True)
+>>> action, _ = model.predict(obs, deterministic=True)
+"""
+
+__version__ = "0.1.0"
+
+from dql_agent.buffer import Batch, OfflineBuffer
+from dql_agent.checkpoint import CheckpointError
+from dql_agent.config import PRESETS, DiffusionQLConfig, get_preset
+from dql_agent.diffusion_ql import DiffusionQL
+from dql_agent.integrations.hub import load_from_hub
+from dql_agent.policy import DiffusionQLPolicy
+
+__all__ = [
+    "Batch",
+    "CheckpointError",
+    "DiffusionQL",
+    "DiffusionQLConfig",
+    "DiffusionQLPolicy",
+    "OfflineBuffer",
+    "PRESETS",
+    "get_preset",
+    "load_from_hub",
+    "__version__",
+]

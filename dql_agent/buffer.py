@@ -1,0 +1,319 @@
+"""OfflineBuffer: a static dataset of transitions, checked once and kept on the training device."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from dql_agent.spaces import check_action_space, check_observation_space, flat_dim
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+class Batch(NamedTuple):
+    """A batch of transitions; ``not_dones`` is 1 - terminal (timeouts are not terminals)."""
+
+    observations: torch.Tensor  # (B, obs_dim)
+    actions: torch.Tensor  # (B, act_dim)
+    rewards: torch.Tensor  # (B,)
+    next_observations: torch.Tensor  # (B, obs_dim)
+    not_dones: torch.Tensor  # (B,)
+
+
+def _as_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{name} must be a numeric array, got dtype {array.dtype}")
+    if ndim == 1 and array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]  # (N, 1) rewards/flags are common; accept them
+    if ndim == 2 and array.ndim == 1:
+        array = array[:, None]  # 1-D observations/actions
+    if array.ndim != ndim:
+        raise ValueError(
+            f"{name} must have {ndim} dimension(s) (N{', dim' if ndim == 2 else ''}), got shape {array.shape}"
+        )
+    return array
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows = bad.reshape(len(array), -1).any(axis=1)
+            first = int(np.flatnonzero(rows)[0])
+            raise ValueError(f"{name} has NaN/inf in {int(rows.sum())} row(s) (first at row {first})")
+
+
+class OfflineBuffer:
+    """A dataset of transitions (s, a, r, s', terminal, timeout) for offline RL.
+
+    Arrays are validated once (shapes, lengths, finiteness, action bounds) and stored as float32
+    tensors; :meth:`to` moves them to the training device, where :meth:`sample` draws uniform
+    batches with replacement without leaving the device.
+
+    Args:
+        observations: (N, obs_dim) flattened observations (see :mod:`dql_agent.spaces` for the
+            Dict flattening order).
+        actions: (N, act_dim) actions in the environment's units (within ``action_space``).
+        rewards: (N,) rewards.
+        next_observations: (N, obs_dim) observations after each action.
+        terminals: (N,) true where the episode ended in a terminal state (no bootstrap).
+        timeouts: (N,) true where the episode was cut by a time limit (still bootstrapped).
+        observation_space: the environment's observation space (Box or Dict); inferred as an
+            unbounded Box when omitted.
+        action_space: the Box the actions live in; inferred from the data when omitted
+            ([-1, 1] if the data fits, else the per-dimension min/max, with a warning).
+        clip_actions: clip actions outside ``action_space`` (with a warning) instead of raising.
+        metadata: free-form provenance (dataset id, env id, reference scores) carried into
+            checkpoints and model cards.
+    """
+
+    def __init__(
+        self,
+        observations: Any,
+        actions: Any,
+        rewards: Any,
+        next_observations: Any,
+        terminals: Any,
+        timeouts: Any | None = None,
+        *,
+        observation_space: spaces.Space | None = None,
+        action_space: spaces.Box | None = None,
+        clip_actions: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        obs = _as_array("observations", observations, 2)
+        act = _as_array("actions", actions, 2)
+        rew = _as_array("rewards", rewards, 1)
+        next_obs = _as_array("next_observations", next_observations, 2)
+        term = _as_array("terminals", terminals, 1)
+        tout = np.zeros(len(term), dtype=bool) if timeouts is None else _as_array("timeouts", timeouts, 1)
+        n = len(obs)
+        if n == 0:
+            raise ValueError("the dataset is empty: observations has 0 rows")
+        for name, array in (
+            ("actions", act),
+            ("rewards", rew),
+            ("next_observations", next_obs),
+            ("terminals", term),
+            ("timeouts", tout),
+        ):
+            if len(array) != n:
+                raise ValueError(f"{name} has {len(array)} rows, expected {n} (the length of observations)")
+        if next_obs.shape[1] != obs.shape[1]:
+            raise ValueError(f"next_observations has dim {next_obs.shape[1]}, expected {obs.shape[1]} (observations)")
+        for name, array in (("observations", obs), ("actions", act), ("rewards", rew), ("next_observations", next_obs)):
+            _check_finite(name, array)
+        term, tout = term.astype(bool), tout.astype(bool)
+        both = term & tout
+        if both.any():
+            raise ValueError(
+                f"terminals and timeouts are both true on {int(both.sum())} row(s) (first at row "
+                f"{int(np.flatnonzero(both)[0])}); a row ends by termination or by time limit, not both"
+            )
+
+        if observation_space is None:
+            observation_space = spaces.Box(-np.inf, np.inf, (obs.shape[1],), np.float32)
+        check_observation_space(observation_space)
+        if flat_dim(observation_space) != obs.shape[1]:
+            raise ValueError(
+                f"observations have dim {obs.shape[1]}, but observation_space flattens to {flat_dim(observation_space)}"
+            )
+        if action_space is None:
+            action_space = _infer_action_space(act)
+        check_action_space(action_space)
+        if int(np.prod(action_space.shape)) != act.shape[1]:
+            raise ValueError(f"actions have dim {act.shape[1]}, but action_space has shape {action_space.shape}")
+        act = _check_bounds(act.astype(np.float32), action_space, clip_actions)
+
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.observations = torch.as_tensor(obs, dtype=torch.float32)
+        self.actions = torch.as_tensor(act, dtype=torch.float32)
+        self.rewards = torch.as_tensor(rew, dtype=torch.float32)
+        self.next_observations = torch.as_tensor(next_obs, dtype=torch.float32)
+        self.terminals = torch.as_tensor(term)
+        self.timeouts = torch.as_tensor(tout)
+
+    # constructors ------------------------------------------------------------------------------
+    @classmethod
+    def from_d4rl(cls, data: Mapping[str, Any] | str | os.PathLike, **kwargs: Any) -> OfflineBuffer:
+        """From a D4RL-style mapping, ``.npz`` or ``.hdf5`` file.
+
+        Keys: observations, actions, rewards, terminals, optional timeouts and
+        next_observations. Without next_observations (raw D4RL files), they are taken from the
+        following row, and the last row of each episode is dropped as ``d4rl.qlearning_dataset``
+        does, since its successor is not in the file.
+        """
+        arrays = _read_d4rl(data)
+        missing = [k for k in REQUIRED_KEYS if k not in arrays and k != "next_observations"]
+        if missing:
+            raise KeyError(f"D4RL data is missing key(s) {missing}; found {sorted(arrays)}")
+        if "next_observations" not in arrays:
+            arrays = _derive_next_observations(arrays)
+        keys = (*REQUIRED_KEYS, "timeouts")
+        return cls(**{k: arrays[k] for k in keys if k in arrays}, **kwargs)
+
+    @classmethod
+    def from_minari(cls, dataset: Any, download: bool = False, **kwargs: Any) -> OfflineBuffer:
+        """From a ``minari.MinariDataset`` or a dataset id (downloaded only if ``download``).
+
+        Each episode's T+1 observations give observations = obs[:-1] and
+        next_observations = obs[1:]; terminations become terminals and truncations timeouts.
+        """
+        from dql_agent.integrations.minari import load_minari_dataset, minari_to_transitions
+
+        dataset = load_minari_dataset(dataset, download=download)
+        arrays = minari_to_transitions(dataset)
+        metadata = {"dataset_id": dataset.spec.dataset_id, **_minari_metadata(dataset)}
+        kwargs.setdefault("observation_space", dataset.spec.observation_space)
+        kwargs.setdefault("action_space", dataset.spec.action_space)
+        kwargs["metadata"] = {**metadata, **(kwargs.get("metadata") or {})}
+        return cls(**arrays, **kwargs)
+
+    @classmethod
+    def from_sb3(cls, replay_buffer: Any, **kwargs: Any) -> OfflineBuffer:
+        """From a Stable-Baselines3 ``ReplayBuffer`` (its Box actions are stored scaled to [-1, 1])."""
+        from dql_agent.integrations.sb3 import replay_buffer_to_transitions
+
+        kwargs.setdefault("observation_space", replay_buffer.observation_space)
+        kwargs.setdefault("action_space", replay_buffer.action_space)
+        return cls(**replay_buffer_to_transitions(replay_buffer), **kwargs)
+
+    # use -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.observations.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.observations.device
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self.actions.shape[1]
+
+    def to(self, device: str | torch.device) -> OfflineBuffer:
+        """Move every array to ``device`` (in place); returns self."""
+        for name in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def replace(self, **arrays: torch.Tensor) -> OfflineBuffer:
+        """A shallow copy with some arrays swapped (same rows; used for derived training views)."""
+        new = copy.copy(self)
+        for name, value in arrays.items():
+            if name not in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
+                raise ValueError(f"cannot replace {name!r}: not an array of the buffer")
+            if value.shape[0] != len(self):
+                raise ValueError(f"{name} has {value.shape[0]} rows, expected {len(self)}")
+            setattr(new, name, value)
+        return new
+
+    def observation_stats(self, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std (+eps, so constant dimensions do not divide by 0)."""
+        obs = self.observations.double()
+        return obs.mean(0).float(), (obs.std(0, unbiased=False) + eps).float()
+
+    def episode_returns(self) -> np.ndarray:
+        """Undiscounted return of each episode (episodes end at a terminal or timeout)."""
+        ends = (self.terminals | self.timeouts).cpu().numpy()
+        rewards = self.rewards.cpu().numpy().astype(np.float64)
+        cut = np.flatnonzero(ends) + 1
+        return np.array([seg.sum() for seg in np.split(rewards, cut) if len(seg)])
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """Uniform batch with replacement; indices are drawn on the buffer's device."""
+        idx = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
+        return Batch(
+            self.observations[idx],
+            self.actions[idx],
+            self.rewards[idx],
+            self.next_observations[idx],
+            (~self.terminals[idx]).float(),
+        )
+
+
+def _infer_action_space(actions: np.ndarray) -> spaces.Box:
+    if np.abs(actions).max() <= 1.0:
+        return spaces.Box(-1.0, 1.0, (actions.shape[1],), np.float32)
+    low, high = actions.min(0), actions.max(0)
+    high = np.where(high > low, high, low + 1.0)
+    warnings.warn(
+        "action_space not given and actions exceed [-1, 1]: using the data's per-dimension "
+        f"min/max as bounds (low={low}, high={high}); pass action_space=env.action_space to be exact",
+        stacklevel=3,
+    )
+    return spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+
+
+def _check_bounds(actions: np.ndarray, space: spaces.Box, clip: bool) -> np.ndarray:
+    low, high = space.low.reshape(1, -1), space.high.reshape(1, -1)
+    outside = ((actions < low - 1e-6) | (actions > high + 1e-6)).any(axis=1)
+    if not outside.any():
+        return np.clip(actions, low, high)
+    first = int(np.flatnonzero(outside)[0])
+    message = (
+        f"actions has {int(outside.sum())} row(s) outside the action_space bounds "
+        f"[{space.low}, {space.high}] (first at row {first}: {actions[first]})"
+    )
+    if not clip:
+        raise ValueError(message + "; pass clip_actions=True to clip them")
+    warnings.warn(message + "; clipping them (clip_actions=True)", stacklevel=3)
+    return np.clip(actions, low, high)
+
+
+def _read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v) for k, v in data.items()}
+    path = os.fspath(data)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"D4RL file not found: {path}")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
+            return {k: npz[k] for k in npz.files}
+    if path.endswith((".hdf5", ".h5")):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    raise ValueError(f"D4RL file must end in .npz, .hdf5 or .h5, got {path}")
+
+
+def _derive_next_observations(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    obs = np.asarray(arrays["observations"])
+    n = len(obs)
+    timeouts = np.asarray(arrays.get("timeouts", np.zeros(n, bool))).astype(bool).reshape(-1)
+    terminals = np.asarray(arrays["terminals"]).astype(bool).reshape(-1)
+    # Row i's successor is row i+1 unless row i ends by time limit (its successor is lost) or
+    # is the last row of the file.
+    keep = ~timeouts
+    keep[-1] = bool(terminals[-1])  # a terminal last row needs no successor
+    out = {k: np.asarray(v)[keep] for k, v in arrays.items() if k in REQUIRED_KEYS or k == "timeouts"}
+    next_obs = np.concatenate([obs[1:], obs[-1:]], axis=0)
+    out["next_observations"] = next_obs[keep]
+    out["timeouts"] = np.zeros(int(keep.sum()), dtype=bool)
+    return out
+
+
+def _minari_metadata(dataset: Any) -> dict[str, Any]:
+    meta = dataset.storage.metadata
+    out: dict[str, Any] = {}
+    for key in ("ref_min_score", "ref_max_score"):
+        if meta.get(key) is not None:
+            out[key] = float(meta[key])
+    env_spec = dataset.spec.env_spec
+    if env_spec is not None:
+        out["env_id"] = env_spec.id
+    return out

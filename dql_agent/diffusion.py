@@ -1,0 +1,153 @@
+"""All the diffusion math: beta schedules, the forward process, the eps-loss and the reverse sampler.
+
+DDPM as the official Diffusion-QL code runs it (Wang et al., ICLR 2023, arXiv:2208.06193): a
+noise-prediction network eps(x_t, t, s), T=5 steps with the 'vp' schedule, the predicted x0
+clamped to [-1, 1] at every reverse step and the final sample clamped again. Actions live in
+[-1, 1] here; the policy scales them to the environment's Box bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BETA_SCHEDULES = ("vp", "linear", "cosine")
+
+
+def vp_beta_schedule(n_steps: int) -> torch.Tensor:
+    """Discretised variance-preserving SDE schedule (beta_min=0.1, beta_max=10)."""
+    t = torch.arange(1, n_steps + 1, dtype=torch.float64)
+    beta_min, beta_max = 0.1, 10.0
+    alpha = torch.exp(-beta_min / n_steps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / n_steps**2)
+    return 1.0 - alpha
+
+
+def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
+    """Ho et al. (2020) linear schedule."""
+    return torch.linspace(beta_start, beta_end, n_steps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(n_steps: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal (2021) cosine schedule, betas clipped to [0, 0.999]."""
+    x = torch.linspace(0, n_steps, n_steps + 1, dtype=torch.float64)
+    alphas_cumprod = torch.cos(((x / n_steps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(0, 0.999)
+
+
+def make_beta_schedule(name: str, n_steps: int) -> torch.Tensor:
+    """Betas (float64, shape (n_steps,)) of the schedule called ``name``."""
+    if n_steps < 1:
+        raise ValueError(f"diffusion_steps must be >= 1, got {n_steps}")
+    schedules = {"vp": vp_beta_schedule, "linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+    if name not in schedules:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {name!r}")
+    return schedules[name](n_steps)
+
+
+class GaussianDiffusion(nn.Module):
+    """A DDPM over actions in [-1, 1], conditioned on a state, around a noise-prediction network.
+
+    The network is called as ``denoiser(x_t, t, state)`` with integer steps ``t`` in [0, T-1] and
+    predicts the noise that produced ``x_t``. All schedule constants are float32 buffers so they
+    travel with ``.to(device)`` and the checkpoint.
+    """
+
+    def __init__(self, denoiser: nn.Module, action_dim: int, n_steps: int = 5, beta_schedule: str = "vp"):
+        super().__init__()
+        self.denoiser = denoiser
+        self.action_dim = action_dim
+        self.n_steps = n_steps
+        betas = make_beta_schedule(beta_schedule, n_steps)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        constants = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            # sqrt of the clipped log variance; at t=0 the variance is 0 and no noise is added
+            "posterior_std": (0.5 * posterior_variance.clamp(min=1e-20).log()).exp(),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        }
+        for name, value in constants.items():
+            # Derived from the config, so not saved: a checkpoint cannot carry a stale schedule.
+            self.register_buffer(name, value.float(), persistent=False)
+
+    # forward process -------------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.   x_start, noise: (B, A); t: (B,)"""
+        return self.sqrt_alphas_cumprod[t, None] * x_start + self.sqrt_one_minus_alphas_cumprod[t, None] * noise
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps_hat."""
+        return self.sqrt_recip_alphas_cumprod[t, None] * x_t - self.sqrt_recipm1_alphas_cumprod[t, None] * noise
+
+    def q_posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0)."""
+        return self.posterior_mean_coef1[t, None] * x_start + self.posterior_mean_coef2[t, None] * x_t
+
+    # training ----------------------------------------------------------------------------------
+    def loss(
+        self,
+        actions: torch.Tensor,
+        states: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Behaviour-cloning loss: MSE between the predicted and the true noise.
+
+        t ~ U{0..T-1}, eps ~ N(0, I), averaged over the batch and the action dimensions.
+        actions: (B, A) in [-1, 1]; states: (B, S).
+        """
+        batch = actions.shape[0]
+        t = torch.randint(0, self.n_steps, (batch,), device=actions.device, generator=generator)
+        noise = torch.randn(actions.shape, device=actions.device, generator=generator)
+        x_noisy = self.q_sample(actions, t, noise)
+        return F.mse_loss(self.denoiser(x_noisy, t, states), noise)
+
+    # sampling ----------------------------------------------------------------------------------
+    def sample(
+        self,
+        states: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> torch.Tensor:
+        """Run the whole reverse chain; gradients flow when the caller has them enabled.
+
+        states: (B, S); ``n_samples`` actions are drawn per state, returned state-major as
+        (B * n_samples, A) in [-1, 1]. ``noise`` (T, B * n_samples, A), when given, replaces the
+        random draws: ``noise[0]`` is x_T and ``noise[k]`` the noise added at the step that
+        produces x_{T-1-k}, so a fixed tensor gives a fixed action (deterministic acting).
+        """
+        device = states.device
+        shape = (states.shape[0] * n_samples, self.action_dim)
+        if noise is None:
+            noise = torch.randn((self.n_steps, *shape), device=device, generator=generator)
+        # The state's and each step's share of the first layer do not depend on x_t: once each,
+        # and once per state rather than per sample.
+        state_features = self.denoiser.state_features(states)  # (B, H)
+        if n_samples > 1:
+            state_features = state_features.repeat_interleave(n_samples, dim=0)  # (B * n, H)
+        steps = torch.arange(self.n_steps, device=device)
+        time_features = self.denoiser.time_features(steps)  # (T, H)
+        x = noise[0]
+        for k, i in enumerate(reversed(range(self.n_steps))):
+            eps = self.denoiser.forward_from_features(x, state_features + time_features[i])
+            t = steps[i : i + 1]  # (1,), broadcasts over the batch
+            x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
+            x = self.q_posterior_mean(x_start, x, t)
+            if i > 0:
+                x = x + self.posterior_std[i] * noise[k + 1]
+        return x.clamp(-1.0, 1.0)

@@ -1,0 +1,250 @@
+"""DiffusionQL: the Diffusion-QL update and its SB3-style surface.
+
+Paper: Wang, Hunt, Zhou, "Diffusion Policies as an Expressive Policy Class for Offline
+Reinforcement Learning", ICLR 2023, https://arxiv.org/abs/2208.06193. Defaults follow the
+official implementation's D4RL locomotion runs (see ``DiffusionQLConfig``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from torch.nn.utils import clip_grad_norm_
+
+from dql_agent.base import BaseAgent, draw_seed, resolve_device
+from dql_agent.buffer import OfflineBuffer
+from dql_agent.config import DiffusionQLConfig, get_preset
+from dql_agent.policy import DiffusionQLPolicy
+from dql_agent.spaces import flat_dim
+
+
+class DiffusionQL(BaseAgent):
+    """Diffusion-QL: a diffusion policy trained with behaviour cloning plus Q-learning.
+
+    Args:
+        buffer: the offline dataset (``OfflineBuffer.from_minari/from_d4rl/from_sb3``). May be
+            None for a model that only acts (e.g. before loading weights).
+        env: optional env id, ``gymnasium.Env`` or VecEnv; supplies the spaces and is what
+            ``get_env()`` returns to SB3 callbacks (EvalCallback, progress bars).
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', ...; the dataset is moved there once.
+        seed: seeds network initialisation, batch sampling, diffusion noise and acting.
+        preset: task preset of the official code, e.g. 'hopper-medium', 'antmaze-large-play'
+            (see ``dql_agent.config.PRESETS``); explicit keyword arguments override it.
+        observation_space, action_space: explicit spaces (else from env, else from buffer).
+        verbose: 1 prints the training logs to stdout.
+        tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
+        **hyperparameters: any field of :class:`DiffusionQLConfig` (``learning_rate``,
+            ``batch_size``, ``gamma``, ``tau``, ``eta``, ``diffusion_steps``, ``beta_schedule``,
+            ``grad_norm``, ``max_q_backup``, ``ema_decay``, ``n_action_samples``, ...).
+    """
+
+    algorithm = "DiffusionQL"
+    config_class = DiffusionQLConfig
+
+    def __init__(
+        self,
+        buffer: OfflineBuffer | None = None,
+        env: Any = None,
+        *,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        preset: str | None = None,
+        observation_space: spaces.Space | None = None,
+        action_space: spaces.Box | None = None,
+        verbose: int = 0,
+        tensorboard_log: str | None = None,
+        **hyperparameters: Any,
+    ):
+        if buffer is not None and not isinstance(buffer, OfflineBuffer):
+            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
+        self.config = _make_config(DiffusionQLConfig, preset, hyperparameters)
+        self.device = resolve_device(device)
+        self.seed = draw_seed() if seed is None else int(seed)
+        observation_space, action_space = _resolve_spaces(buffer, env, observation_space, action_space)
+        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
+        if preset is not None:
+            self.metadata["preset"] = preset
+
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            self.policy = DiffusionQLPolicy(observation_space, action_space, self.config).to(self.device)
+        self.policy.set_seed(self.seed + 2)
+        self.actor, self.ema_actor = self.policy.actor, self.policy.ema_actor
+        self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.config.learning_rate)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.critic_learning_rate)
+        self.lr_schedulers = []
+        if self.config.lr_decay:
+            self.lr_schedulers = [
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.lr_decay_steps, eta_min=0.0)
+                for opt in (self.actor_optimizer, self.critic_optimizer)
+            ]
+        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        self._coin_rng = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
+
+        self.replay: OfflineBuffer | None = None
+        if buffer is not None:
+            self.set_buffer(buffer)
+        self._init_surface(env, verbose, tensorboard_log)
+
+    # data ------------------------------------------------------------------------------------
+    def set_buffer(self, buffer: OfflineBuffer) -> None:
+        """Use ``buffer`` for training: observations normalised (when configured), actions
+        scaled to [-1, 1], rewards transformed, all moved to the training device once."""
+        if buffer.obs_dim != self.policy.obs_dim or buffer.action_dim != self.policy.action_dim:
+            raise ValueError(
+                f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
+                f"obs_dim={self.policy.obs_dim}, action_dim={self.policy.action_dim}"
+            )
+        if self.config.normalize_observations:
+            mean, std = buffer.observation_stats()
+            self.policy.obs_mean.copy_(mean)
+            self.policy.obs_std.copy_(std)
+        low = torch.as_tensor(self.action_space.low, dtype=torch.float32).reshape(1, -1)
+        high = torch.as_tensor(self.action_space.high, dtype=torch.float32).reshape(1, -1)
+        self.replay = buffer.replace(
+            observations=self.policy.normalize_observations(buffer.observations.to(self.device)),
+            next_observations=self.policy.normalize_observations(buffer.next_observations.to(self.device)),
+            actions=(2.0 * (buffer.actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0),
+            rewards=_transform_rewards(buffer.rewards, self.config.reward_transform),
+        ).to(self.device)
+        # A dataset of one-step episodes (a contextual bandit) never bootstraps: y = r exactly,
+        # so the next-action chain of the TD target can be skipped. Checked once, not per step.
+        self._bootstraps = not bool(buffer.terminals.all())
+
+    def _check_can_learn(self) -> None:
+        if self.replay is None:
+            raise RuntimeError("DiffusionQL has no dataset: pass buffer=... or call set_buffer(buffer) before learn()")
+
+    # the update ------------------------------------------------------------------------------
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = self.replay.sample(cfg.batch_size, self._rng)
+        obs, act = batch.observations, batch.actions
+
+        # Critic: TD target from the EMA actor's next action and the target critics.
+        with torch.no_grad():
+            if not self._bootstraps:
+                next_q = torch.zeros_like(batch.rewards)
+            elif cfg.max_q_backup:
+                n = cfg.n_max_q_samples
+                next_obs = batch.next_observations.repeat_interleave(n, dim=0)
+                next_act = self.ema_actor.sample(batch.next_observations, self._rng, n_samples=n)
+                # max over samples for each target critic, then the min over the two critics
+                next_q = self.critic_target(next_obs, next_act).view(2, -1, n).max(dim=2).values.min(dim=0).values
+            else:
+                next_act = self.ema_actor.sample(batch.next_observations, self._rng)
+                next_q = self.critic_target(batch.next_observations, next_act).min(dim=0).values
+            target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
+        current_q = self.critic(obs, act)  # (2, B)
+        critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if cfg.grad_norm is not None:
+            clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
+        self.critic_optimizer.step()
+
+        # Actor: BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain.
+        bc_loss = self.actor.loss(act, obs, self._rng)
+        losses = {"critic_loss": critic_loss.detach(), "bc_loss": bc_loss.detach(), "q_mean": current_q.detach().mean()}
+        actor_loss = bc_loss
+        if cfg.eta > 0:  # eta = 0 is pure diffusion BC: skip the costly chain with gradients
+            new_act = self.actor.sample(obs, self._rng)
+            # The critic only scores here; not asking for its gradients skips work the official
+            # code does and then zeroes.
+            self.critic.requires_grad_(False)
+            q_new = self.critic(obs, new_act)  # (2, B)
+            self.critic.requires_grad_(True)
+            # Normalise by the *other* critic's |Q|, the roles drawn at random each step.
+            i = int(torch.rand((), generator=self._coin_rng) > 0.5)
+            q_loss = -q_new[1 - i].mean() / q_new[i].abs().mean().detach()
+            actor_loss = bc_loss + cfg.eta * q_loss
+            losses["q_loss"] = q_loss.detach()
+        losses["actor_loss"] = actor_loss.detach()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if cfg.grad_norm is not None:
+            clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
+        self.actor_optimizer.step()
+
+        # EMA actor every `ema_update_every` steps from `ema_start_step`; targets every step.
+        step = self._n_updates
+        with torch.no_grad():
+            if step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step:
+                torch._foreach_lerp_(
+                    list(self.ema_actor.parameters()), list(self.actor.parameters()), 1.0 - cfg.ema_decay
+                )
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
+        return losses
+
+    # checkpoints -----------------------------------------------------------------------------
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer}
+
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"rng.train": self._rng.get_state(), "rng.coin": self._coin_rng.get_state()}
+        meta = {"lr_schedulers": [s.state_dict() for s in self.lr_schedulers]}
+        return tensors, meta
+
+    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._rng.set_state(tensors["rng.train"])
+        self._coin_rng.set_state(tensors["rng.coin"])
+        for scheduler, state in zip(self.lr_schedulers, meta.get("lr_schedulers", []), strict=False):
+            scheduler.load_state_dict(state)
+
+
+def _make_config(config_class: type, preset: str | None, hyperparameters: dict[str, Any]) -> Any:
+    known = set(config_class.__dataclass_fields__)
+    unknown = sorted(set(hyperparameters) - known)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
+    values = get_preset(preset) if preset is not None else {}
+    values.update(hyperparameters)
+    return config_class(**values)
+
+
+def _resolve_spaces(
+    buffer: OfflineBuffer | None, env: Any, observation_space: spaces.Space | None, action_space: spaces.Box | None
+) -> tuple[spaces.Space, spaces.Box]:
+    """Explicit spaces win, then the env's, then the buffer's; dimensions must agree."""
+    env_spaces = (None, None)
+    if env is not None:
+        if isinstance(env, str):
+            import gymnasium as gym
+
+            probe = gym.make(env)
+            env_spaces = (probe.observation_space, probe.action_space)
+            probe.close()
+        else:
+            env_spaces = (env.observation_space, env.action_space)
+    buffer_spaces = (buffer.observation_space, buffer.action_space) if buffer is not None else (None, None)
+    obs_space = next((s for s in (observation_space, env_spaces[0], buffer_spaces[0]) if s is not None), None)
+    act_space = next((s for s in (action_space, env_spaces[1], buffer_spaces[1]) if s is not None), None)
+    if obs_space is None or act_space is None:
+        raise ValueError("cannot tell the spaces: pass buffer=, env=, or observation_space= and action_space=")
+    if buffer is not None:
+        if flat_dim(obs_space) != buffer.obs_dim:
+            raise ValueError(
+                f"observation_space flattens to {flat_dim(obs_space)} dims, "
+                f"but the buffer's observations have {buffer.obs_dim}"
+            )
+        if int(torch.tensor(act_space.shape).prod()) != buffer.action_dim:
+            raise ValueError(
+                f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}"
+            )
+    return obs_space, act_space
+
+
+def _transform_rewards(rewards: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "cql_antmaze":
+        return (rewards - 0.5) * 4.0
+    if kind == "normalize":
+        return (rewards - rewards.mean()) / rewards.std().clamp(min=1e-8)
+    return rewards.clone()
+
+
+__all__ = ["DiffusionQL"]

@@ -1,0 +1,125 @@
+"""Networks: the noise-prediction MLP and batched ensembles of MLPs (twin critics, value nets)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style sin/cos features of a scalar step: (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"time embedding dim must be an even number >= 4, got {dim}")
+        half = dim // 2
+        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half) / (half - 1))
+        self.register_buffer("frequencies", frequencies, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.float()[:, None] * self.frequencies[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class NoiseMLP(nn.Module):
+    """eps(x_t, t, s): MLP on [x_t, time embedding, state] with Mish, as in Diffusion-QL.
+
+    Time: sinusoidal(time_dim) -> Linear(time_dim, 2 time_dim) -> Mish -> Linear(., time_dim).
+    Body: n_hidden x (Linear(hidden_dim) + Mish), then Linear(hidden_dim, action_dim).
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        hidden_dim: int = 256,
+        n_hidden: int = 3,
+        time_dim: int = 16,
+    ):
+        super().__init__()
+        self.state_dim, self.action_dim, self.time_dim = state_dim, action_dim, time_dim
+        self.time_mlp = nn.Sequential(
+            SinusoidalEmbedding(time_dim),
+            nn.Linear(time_dim, 2 * time_dim),
+            nn.Mish(),
+            nn.Linear(2 * time_dim, time_dim),
+        )
+        self.input_layer = nn.Linear(action_dim + time_dim + state_dim, hidden_dim)
+        layers: list[nn.Module] = []
+        for _ in range(n_hidden - 1):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.Mish()]
+        self.hidden_layers = nn.Sequential(*layers)
+        self.output_layer = nn.Linear(hidden_dim, action_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """x: (B, A), t: (B,) integer steps, state: (B, S) -> predicted noise (B, A)."""
+        h = self.input_layer(torch.cat([x, self.time_mlp(t), state], dim=-1))
+        return self.output_layer(self.hidden_layers(F.mish(h)))
+
+    # The reverse chain calls the network T times on the same states. Splitting the first
+    # layer's weight by input block lets the sampler compute the state's share once per chain
+    # and the time's share once per step, leaving one small matmul on x_t per step.
+    def state_features(self, state: torch.Tensor) -> torch.Tensor:
+        """W_s s + b, the state's (and bias's) share of the first layer: (B, S) -> (B, H)."""
+        w_state = self.input_layer.weight[:, self.action_dim + self.time_dim :]
+        return F.linear(state, w_state, self.input_layer.bias)
+
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """W_t emb(t), the step's share of the first layer: (K,) -> (K, H)."""
+        w_time = self.input_layer.weight[:, self.action_dim : self.action_dim + self.time_dim]
+        return F.linear(self.time_mlp(t), w_time)
+
+    def forward_from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Same value as ``forward(x, t, s)`` given ``state_features(s) + time_features(t)``."""
+        h = features + F.linear(x, self.input_layer.weight[:, : self.action_dim])
+        return self.output_layer(self.hidden_layers(F.mish(h)))
+
+
+class EnsembleMLP(nn.Module):
+    """``n_members`` independent MLPs evaluated as one batched matmul per layer.
+
+    Each member is Linear(in, H) -> Mish -> ... -> Linear(H, out), initialised like
+    ``nn.Linear`` (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), so a 2-member ensemble is exactly the
+    twin critics of TD3/Diffusion-QL, computed in one pass. Input (B, in) or (n, B, in);
+    output (n, B, out).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_members: int = 2, hidden_dim: int = 256, n_hidden: int = 3):
+        super().__init__()
+        self.n_members = n_members
+        dims = [in_dim] + [hidden_dim] * n_hidden + [out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(n_members, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n_members, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.n_members, -1, -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b, x, w)
+            if i < last:
+                x = F.mish(x)
+        return x
+
+
+class Critic(nn.Module):
+    """Ensemble of Q(s, a) heads (twin critics by default): returns (n_members, B)."""
+
+    def __init__(self, state_dim: int, action_dim: int, n_members: int = 2, hidden_dim: int = 256, n_hidden: int = 3):
+        super().__init__()
+        self.q = EnsembleMLP(state_dim + action_dim, 1, n_members, hidden_dim, n_hidden)
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.q(torch.cat([state, action], dim=-1)).squeeze(-1)
+
+    def q_min(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """min over members, (B,)."""
+        return self.forward(state, action).min(dim=0).values

@@ -1,0 +1,612 @@
+"""Hugging Face Hub round trip: push a model with its card, evaluation and replay; load it back.
+
+A pushed repo holds what :meth:`BaseAgent.save` writes (``model.safetensors`` + ``config.json``),
+a ``README.md`` model card rendered from ``hub_cards/model_card.md``, and, when an evaluation env is
+given, ``results.json`` and ``replay.mp4``. Every transfer goes through ``huggingface_hub``
+(``HfApi.create_repo``/``upload_folder``, ``hf_hub_download``); loading reads JSON and safetensors
+only, so nothing in a repo can run code.
+
+The three entry points are plain functions so the CLI can call them directly:
+
+- :func:`write_hub_folder`: the hub-ready folder, written locally (no network);
+- :func:`push_to_hub`: ``create_repo``, :func:`write_hub_folder` into a temp dir, ``upload_folder``;
+- :func:`load_from_hub`: a repo id or a local folder -> a model of the class ``config.json`` names.
+
+``huggingface_hub``, Stable-Baselines3 and Jinja are imported inside the functions, so importing
+this module (``dql_agent`` does, for ``dql_agent.load_from_hub``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+
+from dql_agent.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    parse_config,
+    parse_safetensors,
+)
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from dql_agent.base import BaseAgent
+
+__all__ = [
+    "PAPERS",
+    "README_FILE",
+    "RESULTS_FILE",
+    "VIDEO_FILE",
+    "HubNotFoundError",
+    "Paper",
+    "algorithm_class",
+    "evaluate",
+    "load_from_hub",
+    "make_model_card",
+    "push_to_hub",
+    "register_algorithm",
+    "write_hub_folder",
+]
+
+README_FILE = "README.md"
+RESULTS_FILE = "results.json"
+VIDEO_FILE = "replay.mp4"
+CARD_TEMPLATE = "model_card.md"  # in the dql_agent.hub_cards package
+REPO_PLACEHOLDER = "<user>/<repo>"
+CARD_TAGS = ("reinforcement-learning", "offline-rl", "diffusion-policy")
+
+
+class HubNotFoundError(FileNotFoundError):
+    """A model repo, revision or file that the Hub (or the local cache) does not have.
+
+    ``repo_id``, ``path_in_repo`` (None when the whole repo is missing) and ``revision`` say
+    which (``filename``, OSError's own attribute, is left alone).
+    """
+
+    def __init__(
+        self, message: str, repo_id: str, path_in_repo: str | None = None, revision: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.repo_id, self.path_in_repo, self.revision = repo_id, path_in_repo, revision
+
+
+# algorithms and their papers ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Paper:
+    """What the model card says about an algorithm's method and how to cite it."""
+
+    method_name: str
+    """Short name used in the card's first sentence, e.g. 'Diffusion-QL'."""
+    title: str
+    """Paper title."""
+    short_citation: str
+    """Authors and venue in one line, e.g. 'Wang, Hunt and Zhou, ICLR 2023'."""
+    url: str
+    """Link to the paper (arXiv abstract page)."""
+    method: str
+    """One paragraph of markdown describing the method."""
+    bibtex: str
+    """BibTeX entry, without surrounding fences."""
+
+
+DIFFUSION_QL_PAPER = Paper(
+    method_name="Diffusion-QL",
+    title="Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning",
+    short_citation="Wang, Hunt and Zhou, ICLR 2023",
+    url="https://arxiv.org/abs/2208.06193",
+    method=(
+        "Diffusion-QL represents the policy as a conditional diffusion model (a DDPM over actions, "
+        "conditioned on the observation, with a few denoising steps). The actor loss is the "
+        "diffusion behaviour-cloning loss plus `eta` times a Q-learning term that pushes sampled "
+        "actions towards high values of twin critics, which are trained with TD targets from an "
+        "EMA copy of the actor. At acting time several candidate actions are sampled per "
+        "observation and the one the critics rate highest is taken."
+    ),
+    bibtex=(
+        "@inproceedings{wang2023diffusion,\n"
+        "  title     = {Diffusion Policies as an Expressive Policy Class for Offline "
+        "Reinforcement Learning},\n"
+        "  author    = {Wang, Zhendong and Hunt, Jonathan J. and Zhou, Mingyuan},\n"
+        "  booktitle = {International Conference on Learning Representations (ICLR)},\n"
+        "  year      = {2023},\n"
+        "  eprint    = {2208.06193},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2208.06193}\n"
+        "}"
+    ),
+)
+
+PAPERS: dict[str, Paper] = {"DiffusionQL": DIFFUSION_QL_PAPER}
+"""Algorithm name (``cls.algorithm``, ``config.json``'s "algorithm") -> its paper for the card."""
+
+# Built-in algorithms, imported on first use ("module:attribute") to keep this module cheap.
+_BUILTIN_ALGORITHMS: dict[str, str] = {"DiffusionQL": "dql_agent.diffusion_ql:DiffusionQL"}
+_ALGORITHMS: dict[str, type] = {}
+
+
+def register_algorithm(cls: type, paper: Paper | None = None) -> type:
+    """Make ``cls`` loadable by :func:`load_from_hub` under ``cls.algorithm``; returns ``cls``.
+
+    ``paper`` (optional) is what the model card cites for it. Usable as a class decorator.
+    """
+    name = getattr(cls, "algorithm", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls!r} has no 'algorithm' class attribute (a str) to register under")
+    _ALGORITHMS[name] = cls
+    if paper is not None:
+        PAPERS[name] = paper
+    return cls
+
+
+def algorithm_class(name: str) -> type:
+    """The agent class registered (or built in) as ``name``; ValueError listing the known ones."""
+    if name not in _ALGORITHMS and name in _BUILTIN_ALGORITHMS:
+        module, attribute = _BUILTIN_ALGORITHMS[name].split(":")
+        _ALGORITHMS[name] = getattr(importlib.import_module(module), attribute)
+    if name not in _ALGORITHMS:
+        known = sorted(set(_ALGORITHMS) | set(_BUILTIN_ALGORITHMS))
+        raise ValueError(
+            f"unknown algorithm {name!r}; this dql_agent knows {known} (a newer dql_agent may "
+            "know it, or register the class with dql_agent.integrations.hub.register_algorithm)"
+        )
+    return _ALGORITHMS[name]
+
+
+# evaluation --------------------------------------------------------------------------------------
+def _env_id(env: Any) -> str | None:
+    """The registered id of a gymnasium env or of the first sub-env of a VecEnv, else None."""
+    spec = getattr(env, "spec", None)
+    if spec is None and hasattr(env, "envs"):
+        spec = getattr(env.envs[0], "spec", None)
+    return spec.id if spec is not None else None
+
+
+def _check_spaces(model: BaseAgent, env: Any) -> None:
+    if not hasattr(env, "observation_space") or not hasattr(env, "action_space"):
+        kind = type(env).__name__
+        raise TypeError(f"eval_env must be a gymnasium.Env or an SB3 VecEnv, got {kind}")
+    model.check_env_spaces(env.observation_space, env.action_space)
+
+
+def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict[str, Any]:
+    """Deterministic SB3 ``evaluate_policy`` on a ``Monitor``-wrapped env: the results.json dict.
+
+    Keys: ``mean_reward``, ``std_reward`` (plain floats), ``n_eval_episodes``,
+    ``is_deterministic``, ``eval_datetime`` (ISO 8601, UTC), ``env_id``, ``dataset_id`` and
+    ``normalized_score`` (``100 * (mean - ref_min) / (ref_max - ref_min)`` when the model's
+    metadata has both reference scores, else None).
+    """
+    from stable_baselines3.common.env_util import is_wrapped
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.monitor import Monitor
+
+    if not isinstance(n_eval_episodes, int) or n_eval_episodes < 1:
+        raise ValueError(f"n_eval_episodes must be an int >= 1, got {n_eval_episodes!r}")
+    _check_spaces(model, eval_env)
+    env = eval_env
+    if isinstance(env, gym.Env) and not is_wrapped(env, Monitor):
+        env = Monitor(env)  # episode returns from the Monitor, not from possibly-wrapped rewards
+    mean, std = evaluate_policy(model, env, n_eval_episodes=n_eval_episodes, deterministic=True)
+    meta = model.metadata
+    normalized = None
+    ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if ref_min is not None and ref_max is not None and ref_max != ref_min:
+        normalized = 100.0 * (float(mean) - float(ref_min)) / (float(ref_max) - float(ref_min))
+    return {
+        "env_id": _env_id(eval_env) or meta.get("env_id"),
+        "dataset_id": meta.get("dataset_id"),
+        "mean_reward": float(mean),
+        "std_reward": float(std),
+        "normalized_score": normalized,
+        "n_eval_episodes": int(n_eval_episodes),
+        "is_deterministic": True,
+        "eval_datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _video_env(env: Any) -> tuple[gym.Env, bool]:
+    """A single rgb_array env to record from (and whether we made it, so must close it)."""
+    if hasattr(env, "envs") and not isinstance(env, gym.Env):  # SB3 DummyVecEnv
+        env = env.envs[0]
+    if not isinstance(env, gym.Env):
+        raise TypeError(
+            f"cannot record a video from a {type(env).__name__}; pass a gymnasium.Env made with "
+            "render_mode='rgb_array' as eval_env, or video=False"
+        )
+    if env.render_mode == "rgb_array":
+        return env, False
+    if env.spec is not None:  # same id and kwargs, rendering to arrays
+        return gym.make(env.spec, render_mode="rgb_array"), True
+    raise ValueError(
+        f"eval_env renders with render_mode={env.render_mode!r} and has no spec to re-create it "
+        "with render_mode='rgb_array'; make it with render_mode='rgb_array' or pass video=False"
+    )
+
+
+# model card --------------------------------------------------------------------------------------
+def _format_value(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def make_model_card(
+    model: BaseAgent,
+    results: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    has_video: bool = False,
+) -> ModelCard:
+    """The README.md card: Hub metadata (tags, datasets, model-index) plus the rendered template."""
+    from importlib import resources
+
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from dql_agent import __version__
+
+    algorithm = model.algorithm
+    paper = PAPERS.get(algorithm)
+    if paper is None:
+        raise ValueError(f"no paper registered for algorithm {algorithm!r}: add one to PAPERS")
+    meta = model.metadata
+    env_id = (results or {}).get("env_id") or meta.get("env_id")
+    dataset_id = meta.get("dataset_id")
+    tags = [*CARD_TAGS, *(t for t in (env_id, dataset_id) if t), "dql_agent"]
+    eval_results = None
+    if results is not None:
+        name = env_id or "custom-env"
+        common = {
+            "task_type": "reinforcement-learning",
+            "task_name": "reinforcement-learning",
+            "dataset_type": name,
+            "dataset_name": name,
+        }
+        value = f"{results['mean_reward']:.2f} +/- {results['std_reward']:.2f}"
+        eval_results = [EvalResult(metric_type="mean_reward", metric_name="mean_reward", metric_value=value, **common)]
+        if results.get("normalized_score") is not None:
+            eval_results.append(
+                EvalResult(
+                    metric_type="normalized_score",
+                    metric_name="normalized_score",
+                    metric_value=round(float(results["normalized_score"]), 2),
+                    **common,
+                )
+            )
+    model_name = repo_id.split("/")[-1] if repo_id else f"{algorithm}-{env_id or 'agent'}"
+    card_data = ModelCardData(
+        library_name="dql_agent",
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    template = resources.files("dql_agent.hub_cards").joinpath(CARD_TEMPLATE).read_text("utf-8")
+    n_usage = (results or {}).get("n_eval_episodes", 10)
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        algorithm=algorithm,
+        class_name=type(model).__name__,
+        paper=paper,
+        repo_id=repo_id or REPO_PLACEHOLDER,
+        env_id=env_id,
+        usage_env_id=env_id or "<env id>",
+        usage_n_eval_episodes=n_usage,
+        dataset_id=dataset_id,
+        results=results,
+        ref_min_score=meta.get("ref_min_score"),
+        ref_max_score=meta.get("ref_max_score"),
+        has_video=has_video,
+        hyperparameters=[(k, _format_value(v)) for k, v in model.config.to_dict().items()],
+        num_timesteps=int(model.num_timesteps),
+        seed=model.seed,
+        library_version=__version__,
+    )
+
+
+# writing and pushing -----------------------------------------------------------------------------
+def write_hub_folder(
+    model: BaseAgent,
+    folder: str | os.PathLike[str],
+    *,
+    eval_env: Any = None,
+    n_eval_episodes: int = 10,
+    video: bool = True,
+    video_length: int = 1000,
+    repo_id: str | None = None,
+    results: dict[str, Any] | None = None,
+) -> Path:
+    """Write the hub-ready folder locally: what :func:`push_to_hub` uploads. No network.
+
+    Args:
+        model: a trained agent.
+        folder: directory to write (created; files of a previous write are replaced, and a stale
+            results.json/replay.mp4 is removed when this write has none).
+        eval_env: a ``gymnasium.Env`` or SB3 VecEnv with the model's spaces; when given, the
+            model is evaluated (results.json) and, with ``video``, recorded (replay.mp4).
+        n_eval_episodes: episodes of the deterministic evaluation.
+        video: record ``replay.mp4`` from ``eval_env`` (an env that does not render rgb arrays
+            is re-made from its spec with ``render_mode="rgb_array"``).
+        video_length: frame budget of the video (episodes are recorded back to back).
+        repo_id: the repo the card's usage snippet loads from (a placeholder when None).
+        results: the output of :func:`evaluate` on ``eval_env`` when already computed (it is
+            not run again).
+
+    Returns:
+        The folder, holding model.safetensors, config.json, README.md and, with ``eval_env``,
+        results.json (and replay.mp4 with ``video``).
+    """
+    folder = Path(folder)
+    if eval_env is not None:
+        _check_spaces(model, eval_env)  # before writing anything
+    if video and eval_env is not None and (not isinstance(video_length, int) or video_length < 1):
+        raise ValueError(f"video_length must be an int >= 1, got {video_length!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder)
+    for stale in (RESULTS_FILE, VIDEO_FILE):
+        (folder / stale).unlink(missing_ok=True)
+    if eval_env is None:
+        results = None
+    else:
+        if results is None:
+            results = evaluate(model, eval_env, n_eval_episodes)
+        (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        if video:
+            from dql_agent.integrations.video import record_video
+
+            env, owned = _video_env(eval_env)
+            try:
+                # n_episodes is only an upper bound: video_length frames stop the recording.
+                record_video(
+                    model,
+                    env,
+                    folder / VIDEO_FILE,
+                    n_episodes=video_length,
+                    max_steps=video_length,
+                    deterministic=True,
+                    seed=model.seed,
+                )
+            finally:
+                if owned:
+                    env.close()
+    card = make_model_card(model, results, repo_id, has_video=(folder / VIDEO_FILE).exists())
+    card.save(folder / README_FILE)
+    return folder
+
+
+def push_to_hub(
+    model: BaseAgent,
+    repo_id: str,
+    *,
+    eval_env: Any = None,
+    n_eval_episodes: int = 10,
+    video: bool = True,
+    video_length: int = 1000,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Push ``model`` to the Hub repo ``repo_id`` in one commit; returns the commit URL.
+
+    Creates the repo if needed (``private`` applies to a new repo only), writes the folder of
+    :func:`write_hub_folder` into a temporary directory and uploads it with
+    ``HfApi.upload_folder``. ``revision`` is the branch to commit to (created from main if
+    missing; default main). ``token`` defaults to the logged-in token / ``HF_TOKEN``.
+    """
+    from huggingface_hub import HfApi
+
+    if eval_env is not None:
+        _check_spaces(model, eval_env)  # fail before creating anything on the Hub
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="dql_agent-push-") as tmp:
+        write_hub_folder(
+            model,
+            tmp,
+            eval_env=eval_env,
+            n_eval_episodes=n_eval_episodes,
+            video=video,
+            video_length=video_length,
+            repo_id=repo_id,
+        )
+        if commit_message is None:
+            commit_message = f"Upload {model.algorithm} agent"
+            dataset_id = model.metadata.get("dataset_id")
+            if dataset_id:
+                commit_message += f" trained on {dataset_id}"
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
+        )
+    return info.commit_url
+
+
+# loading -----------------------------------------------------------------------------------------
+def _is_local(source: str | os.PathLike[str]) -> bool:
+    path = Path(source).expanduser()
+    return path.is_dir() or (path.suffix == ".zip" and path.is_file())
+
+
+def _download(
+    repo_id: str,
+    filename: str,
+    revision: str | None,
+    token: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+) -> Path:
+    """``hf_hub_download`` with its errors turned into ones that name the repo and the file."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from dql_agent import __version__
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                library_name="dql_agent",
+                library_version=__version__,
+            )
+        )
+    except GatedRepoError as error:
+        raise HubNotFoundError(
+            f"model repo {repo_id!r} is gated: accept its conditions on the Hub and pass a token "
+            f"(token=... or `hf auth login`)",
+            repo_id,
+            filename,
+            revision,
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise HubNotFoundError(
+            f"model repo {repo_id!r} not found on {constants.ENDPOINT} (check the id; a private "
+            "repo needs token=... or `hf auth login`)",
+            repo_id,
+            None,
+            revision,
+        ) from error
+    except RevisionNotFoundError as error:
+        raise HubNotFoundError(
+            f"model repo {repo_id!r} has no revision {revision!r}",
+            repo_id,
+            filename,
+            revision,
+        ) from error
+    except LocalEntryNotFoundError as error:  # offline, local_files_only, or Hub unreachable
+        offline = constants.is_offline_mode() or local_files_only
+        why = "offline mode or local_files_only is on" if offline else "the Hub is unreachable"
+        raise HubNotFoundError(
+            f"{filename} of model repo {repo_id!r}{at} is not in the local cache and {why}: "
+            "download it once while online",
+            repo_id,
+            filename,
+            revision,
+        ) from error
+    except EntryNotFoundError as error:
+        raise HubNotFoundError(
+            f"model repo {repo_id!r}{at} has no {filename}; a dql_agent repo holds {CONFIG_FILE} "
+            f"and {MODEL_FILE} (written by model.push_to_hub)",
+            repo_id,
+            filename,
+            revision,
+        ) from error
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is neither a local checkpoint directory nor a valid Hub repo id ('owner/name'): {error}"
+        ) from None
+
+
+def _download_checkpoint(
+    repo_id: str,
+    revision: str | None,
+    token: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    cls: type | None,
+) -> tuple[Checkpoint, str, type]:
+    where = repo_id if revision is None else f"{repo_id}@{revision}"
+    config_path = _download(repo_id, CONFIG_FILE, revision, token, cache_dir, local_files_only)
+    config = parse_config(config_path.read_bytes(), f"{where}/{CONFIG_FILE}")
+    agent_cls = _pick_class(cls, config, where)  # before fetching weights of the wrong kind
+    # The cache stores files under snapshots/<commit>/: fetch the weights of that same commit,
+    # so a push between the two downloads cannot pair a config with other weights.
+    snapshot = config_path.parent
+    pinned = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    weights_path = _download(repo_id, MODEL_FILE, pinned, token, cache_dir, local_files_only)
+    tensors = parse_safetensors(weights_path.read_bytes(), f"{where}/{MODEL_FILE}")
+    return Checkpoint(config, tensors), where, agent_cls
+
+
+def _pick_class(cls: type | None, config: dict[str, Any], where: str) -> type:
+    name = config["algorithm"]
+    if cls is None or getattr(cls, "algorithm", None) is None:  # any algorithm (or BaseAgent)
+        try:
+            return algorithm_class(name)
+        except ValueError as error:
+            raise CheckpointError(f"{where}/{CONFIG_FILE}: {error}") from None
+    if name != cls.algorithm:
+        raise CheckpointError(
+            f"{where}/{CONFIG_FILE} holds a {name} model, not a {cls.algorithm} one: load it with "
+            f"{name}.load_from_hub(...) or dql_agent.load_from_hub(...), which picks the class "
+            "from config.json"
+        )
+    return cls
+
+
+def load_from_hub(
+    cls_or_repo_id: type | str | os.PathLike[str] | None,
+    repo_id: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> Any:
+    """Load a model pushed with :func:`push_to_hub` (or saved with ``model.save``).
+
+    Called as ``load_from_hub(repo_id)`` (this is ``dql_agent.load_from_hub``) or
+    ``load_from_hub(cls_or_None, repo_id)``: with a class, ``config.json`` must name that
+    algorithm; without one the class comes from ``config.json``'s "algorithm" (see
+    :func:`register_algorithm`).
+
+    Args:
+        cls_or_repo_id: the agent class, None, or (alone) the repo id.
+        repo_id: a Hub model repo id ``"owner/name"``, or a local checkpoint directory (or
+            ``.zip``); an existing local path wins over a repo id.
+        revision: branch, tag or commit on the Hub (default main).
+        device: 'auto', 'cpu', 'cuda', ...
+        token: Hub token for private repos (default: the logged-in one / ``HF_TOKEN``).
+        cache_dir: the Hub cache to use (default ``HF_HUB_CACHE``).
+        local_files_only: use the cache only (as ``HF_HUB_OFFLINE=1`` does).
+
+    Raises:
+        HubNotFoundError: (a ``FileNotFoundError``) the repo, revision or one of config.json /
+            model.safetensors is missing, or not cached while offline; the message says which.
+        CheckpointError: config.json from a newer dql_agent, of another algorithm than ``cls``,
+            or weights whose shapes disagree with it.
+    """
+    if repo_id is None:
+        if cls_or_repo_id is None or isinstance(cls_or_repo_id, type):
+            raise TypeError("load_from_hub needs a repo id: load_from_hub('owner/name')")
+        cls, repo_id = None, cls_or_repo_id
+    else:
+        cls = cls_or_repo_id
+        if cls is not None and not isinstance(cls, type):
+            raise TypeError(f"the first argument must be an agent class or None, got {cls!r}")
+    if not isinstance(repo_id, (str, os.PathLike)):
+        raise TypeError(f"repo_id must be a str or a path, got {type(repo_id).__name__}")
+    if _is_local(repo_id):
+        path = Path(repo_id).expanduser()
+        checkpoint = load_checkpoint(path, include_optimizer=False)
+        where = str(path)
+        agent_cls = _pick_class(cls, checkpoint.config, where)
+    else:
+        checkpoint, where, agent_cls = _download_checkpoint(
+            str(repo_id), revision, token, cache_dir, local_files_only, cls
+        )
+    return agent_cls._from_checkpoint(checkpoint, where, device=device)

@@ -1,0 +1,275 @@
+"""Hub round trip against the fake Hub: push, load back, offline cache, card, video, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gymnasium as gym
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+
+import dql_agent
+from dql_agent import CheckpointError, DiffusionQL, OfflineBuffer
+from dql_agent.integrations import hub
+from dql_agent.integrations.hub import HubNotFoundError, load_from_hub, write_hub_folder
+
+ENV_ID = "Pendulum-v1"
+REPO = "alice/dql-pendulum"
+METADATA = {"dataset_id": "test/pendulum/tiny-v0", "env_id": ENV_ID, "ref_min_score": -1200.0, "ref_max_score": -150.0}
+TINY = {"hidden_dim": 16, "n_hidden": 2, "diffusion_steps": 3, "n_action_samples": 4, "batch_size": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks: one thread is fastest, and far faster when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionQL:
+    """A tiny DiffusionQL trained 20 steps on random Pendulum-shaped transitions."""
+    env = gym.make(ENV_ID)
+    rng = np.random.default_rng(0)
+    n = 256
+    theta = rng.uniform(-np.pi, np.pi, n)
+    obs = np.stack([np.cos(theta), np.sin(theta), rng.uniform(-8, 8, n)], 1).astype(np.float32)
+    buffer = OfflineBuffer(
+        obs,
+        rng.uniform(-2, 2, (n, 1)),
+        rng.normal(size=n),
+        np.roll(obs, -1, 0),
+        np.zeros(n, bool),
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        metadata=METADATA,
+    )
+    agent = DiffusionQL(buffer, device="cpu", seed=0, **TINY)
+    agent.learn(20)
+    return agent
+
+
+@pytest.fixture(scope="module")
+def observations() -> np.ndarray:
+    env = gym.make(ENV_ID)
+    return np.stack([env.reset(seed=s)[0] for s in range(6)])  # (6, 3)
+
+
+def _actions(agent: DiffusionQL, observations: np.ndarray) -> np.ndarray:
+    single = [agent.predict(o, deterministic=True)[0] for o in observations]
+    return np.concatenate([np.stack(single), agent.predict(observations, deterministic=True)[0]])
+
+
+def _upload(tmp_path: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    folder = tmp_path / "upload"
+    folder.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="by hand")
+
+
+def _saved(model: DiffusionQL, tmp_path: Path, **config_changes: object) -> dict[str, bytes]:
+    """model.save's files, with top-level or nested ("config.hidden_dim") config.json edits."""
+    folder = tmp_path / "saved"
+    model.save(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in config_changes.items():
+        if key.startswith("config."):
+            config["config"][key.split(".", 1)[1]] = value
+        else:
+            config[key] = value
+    return {
+        "config.json": json.dumps(config).encode(),
+        "model.safetensors": (folder / "model.safetensors").read_bytes(),
+    }
+
+
+def test_push_load_offline_card_video(model, observations, hub_server, hub_offline, tmp_path):
+    eval_env = gym.make(ENV_ID, render_mode="rgb_array")
+    url = model.push_to_hub(REPO, eval_env=eval_env, n_eval_episodes=2, video_length=30)
+
+    repo = hub_server.repos[REPO]
+    head = repo.commits[repo.branches["main"]]
+    assert url.endswith(head.oid)
+    assert {"model.safetensors", "config.json", "README.md", "results.json", "replay.mp4"} <= set(head.files)
+    assert head.message.startswith("Upload DiffusionQL agent trained on test/pendulum/tiny-v0")
+
+    expected = _actions(model, observations)
+    loaded = DiffusionQL.load_from_hub(REPO, device="cpu")
+    assert isinstance(loaded, DiffusionQL)
+    np.testing.assert_array_equal(_actions(loaded, observations), expected)
+    assert loaded.metadata == model.metadata and loaded.num_timesteps == 20
+    any_algorithm = dql_agent.load_from_hub(REPO, device="cpu")
+    assert isinstance(any_algorithm, DiffusionQL)
+
+    n_requests = len(hub_server.requests)
+    hub_offline()
+    cached = DiffusionQL.load_from_hub(REPO, device="cpu")
+    np.testing.assert_array_equal(_actions(cached, observations), expected)
+    assert len(hub_server.requests) == n_requests  # nothing asked of the Hub
+    hub_offline(False)
+
+    results = json.loads(head.files["results.json"])
+    assert results["n_eval_episodes"] == 2 and results["is_deterministic"] is True
+    assert results["env_id"] == ENV_ID and results["dataset_id"] == METADATA["dataset_id"]
+    assert all(type(results[k]) is float for k in ("mean_reward", "std_reward", "normalized_score"))
+    assert results["normalized_score"] == pytest.approx(100 * (results["mean_reward"] + 1200.0) / 1050.0)
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", results["eval_datetime"])
+
+    card_path = tmp_path / "README.md"
+    card_path.write_bytes(head.files["README.md"])
+    card = ModelCard.load(card_path)
+    data = card.data
+    assert data.library_name == "dql_agent"
+    for tag in (
+        "reinforcement-learning",
+        "offline-rl",
+        "diffusion-policy",
+        ENV_ID,
+        METADATA["dataset_id"],
+        "dql_agent",
+    ):
+        assert tag in data.tags
+    assert data.datasets == [METADATA["dataset_id"]]
+    by_metric = {r.metric_type: r for r in data.eval_results}
+    mean_result = by_metric["mean_reward"]
+    assert mean_result.metric_value == (f"{results['mean_reward']:.2f} +/- {results['std_reward']:.2f}")
+    assert mean_result.task_type == "reinforcement-learning"
+    assert mean_result.dataset_type == mean_result.dataset_name == ENV_ID
+    assert by_metric["normalized_score"].metric_value == round(results["normalized_score"], 2)
+    assert "arXiv" in card.text and "2208.06193" in card.text and "Wang" in card.text
+    assert "| `hidden_dim` | `16` |" in card.text
+
+    # The card's usage snippet runs as written.
+    snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    assert f'DiffusionQL.load_from_hub("{REPO}")' in snippet
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own card
+    assert namespace["action"].shape == (1,)
+
+    video = tmp_path / "replay.mp4"
+    video.write_bytes(head.files["replay.mp4"])
+    frames = iio.imread(video, plugin="FFMPEG")  # (T, H, W, 3)
+    assert frames.shape[0] == 30 and frames.shape[-1] == 3
+    assert all(frame.std() > 1.0 for frame in frames)  # not blank
+
+
+def test_load_from_local_directory(model, observations, tmp_path):
+    folder = write_hub_folder(model, tmp_path / "hub", repo_id=REPO)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results is None  # no eval env, no model-index
+    expected = _actions(model, observations)
+    for loaded in (DiffusionQL.load_from_hub(folder, device="cpu"), load_from_hub(str(folder), device="cpu")):
+        np.testing.assert_array_equal(_actions(loaded, observations), expected)
+
+
+def test_write_hub_folder_remakes_non_rendering_env_and_drops_stale_files(model, tmp_path):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "replay.mp4").write_bytes(b"stale")
+    write_hub_folder(model, folder, eval_env=gym.make(ENV_ID), n_eval_episodes=1, video_length=5)
+    assert iio.imread(folder / "replay.mp4", plugin="FFMPEG").shape[0] == 5
+    write_hub_folder(model, folder)  # no eval env: no stale results or video left behind
+    assert not (folder / "replay.mp4").exists() and not (folder / "results.json").exists()
+
+
+def test_eval_env_errors(model, hub_server, tmp_path):
+    with pytest.raises(ValueError, match="observation_space"):
+        model.push_to_hub("alice/wrong-env", eval_env=gym.make("MountainCarContinuous-v0"))
+    assert "alice/wrong-env" not in hub_server.repos  # checked before creating the repo
+
+    class NoSpecEnv(gym.Env):
+        observation_space = gym.make(ENV_ID).observation_space
+        action_space = gym.make(ENV_ID).action_space
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(3, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(3, np.float32), 0.0, True, False, {}
+
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        write_hub_folder(model, tmp_path / "x", eval_env=NoSpecEnv(), n_eval_episodes=1)
+    write_hub_folder(model, tmp_path / "y", eval_env=NoSpecEnv(), n_eval_episodes=1, video=False)
+    assert json.loads((tmp_path / "y" / "results.json").read_text())["env_id"] == ENV_ID
+
+
+def test_missing_repo(hub_server):
+    with pytest.raises(HubNotFoundError, match="alice/nope") as info:
+        DiffusionQL.load_from_hub("alice/nope")
+    assert "not found" in str(info.value) and info.value.path_in_repo is None
+
+
+def test_missing_file(model, hub_server, tmp_path):
+    _upload(tmp_path, "alice/card-only", {"README.md": b"# just a card\n"})
+    with pytest.raises(HubNotFoundError, match=r"'alice/card-only'.*config\.json"):
+        DiffusionQL.load_from_hub("alice/card-only")
+    _upload(tmp_path, "alice/no-weights", {"config.json": _saved(model, tmp_path)["config.json"]})
+    with pytest.raises(HubNotFoundError, match=r"'alice/no-weights'.*model\.safetensors") as info:
+        DiffusionQL.load_from_hub("alice/no-weights")
+    assert info.value.path_in_repo == "model.safetensors"
+
+
+def test_offline_without_cache(hub_server, hub_offline):
+    hub_offline()
+    with pytest.raises(HubNotFoundError, match="not in the local cache.*offline"):
+        DiffusionQL.load_from_hub("alice/never-downloaded")
+
+
+def test_newer_format_version(model, hub_server, tmp_path):
+    _upload(tmp_path, "alice/future", _saved(model, tmp_path, format_version=99))
+    with pytest.raises(CheckpointError, match=r"alice/future/config\.json has format_version 99"):
+        DiffusionQL.load_from_hub("alice/future")
+
+
+def test_shape_mismatch(model, hub_server, tmp_path):
+    _upload(tmp_path, "alice/shapes", _saved(model, tmp_path, **{"config.hidden_dim": 32}))
+    match = r"alice/shapes/model\.safetensors: .*shapes disagree"
+    with pytest.raises(CheckpointError, match=match):
+        DiffusionQL.load_from_hub("alice/shapes")
+
+
+def test_other_algorithm(model, observations, hub_server, tmp_path, monkeypatch):
+    _upload(tmp_path, "alice/other", _saved(model, tmp_path, algorithm="OtherAlgo"))
+    with pytest.raises(CheckpointError, match="holds a OtherAlgo model, not a DiffusionQL"):
+        DiffusionQL.load_from_hub("alice/other")
+    with pytest.raises(CheckpointError, match="unknown algorithm 'OtherAlgo'"):
+        dql_agent.load_from_hub("alice/other")
+
+    class OtherAlgo(DiffusionQL):
+        algorithm = "OtherAlgo"
+
+    monkeypatch.setitem(hub._ALGORITHMS, "OtherAlgo", OtherAlgo)  # undone after the test
+    monkeypatch.setitem(hub.PAPERS, "OtherAlgo", hub.PAPERS["DiffusionQL"])
+    assert hub.register_algorithm(OtherAlgo) is OtherAlgo
+    loaded = dql_agent.load_from_hub("alice/other", device="cpu")
+    assert type(loaded) is OtherAlgo
+    np.testing.assert_array_equal(_actions(loaded, observations), _actions(model, observations))
+
+
+def test_push_to_branch(model, observations, hub_server):
+    url = model.push_to_hub("alice/branchy", revision="dev", commit_message="to dev")
+    repo = hub_server.repos["alice/branchy"]
+    assert url.endswith(repo.branches["dev"]) and repo.commits[repo.branches["dev"]].message == ("to dev")
+    assert "model.safetensors" not in repo.commits[repo.branches["main"]].files
+    loaded = DiffusionQL.load_from_hub("alice/branchy", revision="dev", device="cpu")
+    np.testing.assert_array_equal(_actions(loaded, observations), _actions(model, observations))
+    with pytest.raises(HubNotFoundError, match="config.json"):
+        DiffusionQL.load_from_hub("alice/branchy")  # main has only .gitattributes
+
+
+def test_load_from_hub_arguments():
+    with pytest.raises(TypeError, match="repo id"):
+        load_from_hub(DiffusionQL)
+    with pytest.raises(ValueError, match="neither a local checkpoint directory"):
+        load_from_hub("not a/valid/repo id!!")
