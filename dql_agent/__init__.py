@@ -11,18 +11,26 @@ __version__ = "0.1.0"
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.checkpoint import CheckpointError
 from dql_agent.config import PRESETS, DiffusionQLConfig, get_preset
+from dql_agent.diffusion_dice import DiffusionDICE, DiffusionDICEConfig, DiffusionDICEPolicy
 from dql_agent.diffusion_ql import DiffusionQL
 from dql_agent.integrations.hub import load_from_hub
 from dql_agent.policy import DiffusionQLPolicy
+from dql_agent.qvpo import QVPO, QVPOConfig, QVPOPolicy
 
 __all__ = [
     "Batch",
     "CheckpointError",
+    "DiffusionDICE",
+    "DiffusionDICEConfig",
+    "DiffusionDICEPolicy",
     "DiffusionQL",
     "DiffusionQLConfig",
     "DiffusionQLPolicy",
     "OfflineBuffer",
     "PRESETS",
+    "QVPO",
+    "QVPOConfig",
+    "QVPOPolicy",
     "get_preset",
     "load_from_hub",
     "__version__",

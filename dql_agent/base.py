@@ -8,9 +8,14 @@ builds its networks and writes its own update in full; this base only drives the
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
-from typing import Any, ClassVar, TypeVar
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +31,10 @@ from dql_agent.checkpoint import (
     optimizer_to_tensors,
     save_checkpoint,
 )
-from dql_agent.spaces import space_from_json, space_to_json, spaces_equal
+from dql_agent.spaces import flat_dim, space_from_json, space_to_json, spaces_equal
+
+if TYPE_CHECKING:
+    from dql_agent.buffer import OfflineBuffer
 
 SelfAgent = TypeVar("SelfAgent", bound="BaseAgent")
 
@@ -44,6 +52,68 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def draw_seed() -> int:
     """A fresh seed when the user gave none, so the run can still be reproduced from config.json."""
     return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+
+
+def resolve_spaces(
+    buffer: OfflineBuffer | None, env: Any, observation_space: spaces.Space | None, action_space: spaces.Box | None
+) -> tuple[spaces.Space, spaces.Box]:
+    """The model's spaces: explicit ones win, then the env's, then the buffer's; dimensions must agree."""
+    env_spaces = (None, None)
+    if env is not None:
+        if isinstance(env, str):
+            import gymnasium as gym
+
+            probe = gym.make(env)
+            env_spaces = (probe.observation_space, probe.action_space)
+            probe.close()
+        else:
+            env_spaces = (env.observation_space, env.action_space)
+    buffer_spaces = (buffer.observation_space, buffer.action_space) if buffer is not None else (None, None)
+    obs_space = next((s for s in (observation_space, env_spaces[0], buffer_spaces[0]) if s is not None), None)
+    act_space = next((s for s in (action_space, env_spaces[1], buffer_spaces[1]) if s is not None), None)
+    if obs_space is None or act_space is None:
+        raise ValueError("cannot tell the spaces: pass buffer=, env=, or observation_space= and action_space=")
+    if buffer is not None:
+        if flat_dim(obs_space) != buffer.obs_dim:
+            raise ValueError(
+                f"observation_space flattens to {flat_dim(obs_space)} dims, "
+                f"but the buffer's observations have {buffer.obs_dim}"
+            )
+        if int(torch.tensor(act_space.shape).prod()) != buffer.action_dim:
+            raise ValueError(
+                f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}"
+            )
+    return obs_space, act_space
+
+
+class _InterruptFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[_InterruptFlag]:
+    """Turn Ctrl-C into a flag that ``learn`` checks between gradient steps.
+
+    A step is never cut in half (critic updated, actor not), so an interrupted run saves a state
+    that resumes exactly. A second Ctrl-C interrupts at once. Only the main thread can own SIGINT;
+    elsewhere this does nothing.
+    """
+    flag = _InterruptFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class BaseAgent:
@@ -124,6 +194,29 @@ class BaseAgent:
         """SB3's ``predict``: see :meth:`DiffusionQLPolicy.predict`."""
         return self.policy.predict(observation, state, episode_start, deterministic)
 
+    def _training_view(self, buffer: OfflineBuffer, rewards: torch.Tensor) -> OfflineBuffer:
+        """``buffer`` as the update sees it, on the training device once: observations normalised
+        (when configured; the statistics go into the policy), actions scaled to [-1, 1], ``rewards``
+        (already transformed) in place of the raw ones."""
+        policy = self.policy
+        if buffer.obs_dim != policy.obs_dim or buffer.action_dim != policy.action_dim:
+            raise ValueError(
+                f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
+                f"obs_dim={policy.obs_dim}, action_dim={policy.action_dim}"
+            )
+        if getattr(self.config, "normalize_observations", False):
+            mean, std = buffer.observation_stats()
+            policy.obs_mean.copy_(mean)
+            policy.obs_std.copy_(std)
+        low = torch.as_tensor(self.action_space.low, dtype=torch.float32).reshape(1, -1)
+        high = torch.as_tensor(self.action_space.high, dtype=torch.float32).reshape(1, -1)
+        return buffer.replace(
+            observations=policy.normalize_observations(buffer.observations.to(self.device)),
+            next_observations=policy.normalize_observations(buffer.next_observations.to(self.device)),
+            actions=(2.0 * (buffer.actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0),
+            rewards=rewards,
+        ).to(self.device)
+
     # training loop -----------------------------------------------------------------------------
     def _check_can_learn(self) -> None:
         """Raise if the model cannot train (e.g. no dataset)."""
@@ -138,6 +231,7 @@ class BaseAgent:
         log_interval: int = 1000,
         progress_bar: bool = False,
         reset_num_timesteps: bool = True,
+        interrupt_checkpoint: str | os.PathLike | None = None,
     ) -> SelfAgent:
         """Take ``total_timesteps`` gradient steps, driving SB3 callbacks and logging.
 
@@ -148,6 +242,11 @@ class BaseAgent:
             log_interval: dump the mean losses to the logger every this many steps (0: never).
             progress_bar: show a progress bar over the gradient steps.
             reset_num_timesteps: start ``num_timesteps`` from 0 (False continues the count).
+            interrupt_checkpoint: where to save a resumable checkpoint (weights, optimizer and RNG
+                state) if training stops on Ctrl-C or an exception; ``load`` it and call
+                ``learn(..., reset_num_timesteps=False)`` to continue exactly.
+
+        Ctrl-C finishes the current gradient step before stopping, so the model stays usable.
         """
         if not isinstance(total_timesteps, (int, np.integer)) or total_timesteps < 0:
             raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
@@ -163,24 +262,53 @@ class BaseAgent:
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}
         n_summed, start = 0, time.time()
-        while self.num_timesteps < total_timesteps:
-            losses = self._train_step()
-            self.num_timesteps += 1
-            self._n_updates += 1
-            for key, value in losses.items():  # summed on the device: no host sync per step
-                sums[key] = sums[key] + value if key in sums else value.clone()
-            n_summed += 1
-            callback.update_locals(locals())
-            if not callback.on_step():
-                break
-            if log_interval and self.num_timesteps % log_interval == 0:
-                self._dump_logs(sums, n_summed, start)
-                sums, n_summed = {}, 0
+        try:
+            with deferred_interrupt() as interrupt:
+                while self.num_timesteps < total_timesteps:
+                    losses = self._train_step()
+                    self.num_timesteps += 1
+                    self._n_updates += 1
+                    for key, value in losses.items():  # summed on the device: no host sync per step
+                        sums[key] = sums[key] + value if key in sums else value.clone()
+                    n_summed += 1
+                    callback.update_locals(locals())
+                    if not callback.on_step():
+                        break
+                    if log_interval and self.num_timesteps % log_interval == 0:
+                        self._dump_logs(sums, n_summed, start)
+                        sums, n_summed = {}, 0
+                    if interrupt.requested:
+                        raise KeyboardInterrupt(f"training interrupted after gradient step {self._n_updates}")
+        except BaseException:
+            self.policy.eval()
+            if interrupt_checkpoint is not None:
+                self.save(interrupt_checkpoint, include_optimizer=True)
+                warnings.warn(
+                    f"training stopped at gradient step {self._n_updates}; resumable checkpoint saved to "
+                    f"{interrupt_checkpoint}",
+                    stacklevel=2,
+                )
+            raise
         if n_summed and log_interval:
             self._dump_logs(sums, n_summed, start)
         self.policy.eval()
         callback.on_training_end()
         return self
+
+    def _loss_is_finite(self, name: str, loss: torch.Tensor, skip: bool) -> bool:
+        """False (skip this batch) or FloatingPointError when ``loss`` is NaN/inf, before any
+        weight sees it. One host read per loss: free on the CPU, a sync on a GPU."""
+        loss = loss.detach()
+        if bool(torch.isfinite(loss)):
+            return True
+        step = self._n_updates + 1
+        if skip:
+            warnings.warn(f"{name} is {float(loss)} at gradient step {step}: skipping the batch", stacklevel=3)
+            return False
+        raise FloatingPointError(
+            f"{name} is {float(loss)} at gradient step {step}; no weights were updated with it. Check the data "
+            "(rewards/observations scale), lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
+        )
 
     def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start: float) -> None:
         for key, value in sums.items():
@@ -266,11 +394,11 @@ class BaseAgent:
             )
         try:
             config = cls.config_class.from_dict({**saved["config"], **overrides})
+            observation_space = space_from_json(saved["observation_space"], "observation_space")
+            action_space = space_from_json(saved["action_space"], "action_space")
+            model = cls._build_empty(config, observation_space, action_space, device, saved["seed"])
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{where}/config.json: {error}") from None
-        observation_space = space_from_json(saved["observation_space"], "observation_space")
-        action_space = space_from_json(saved["action_space"], "action_space")
-        model = cls._build_empty(config, observation_space, action_space, device, saved["seed"])
         model.metadata = dict(saved["metadata"])
         expected = model.policy.state_dict()
         check_tensors(expected, checkpoint.tensors, f"{where}/model.safetensors")

@@ -317,3 +317,12 @@ def _minari_metadata(dataset: Any) -> dict[str, Any]:
     if env_spec is not None:
         out["env_id"] = env_spec.id
     return out
+
+
+def transform_rewards(rewards: torch.Tensor, kind: str) -> torch.Tensor:
+    """The official reward transforms: 'none', 'cql_antmaze' (4 (r - 0.5)), 'normalize' (z-score)."""
+    if kind == "cql_antmaze":
+        return (rewards - 0.5) * 4.0
+    if kind == "normalize":
+        return (rewards - rewards.mean()) / rewards.std().clamp(min=1e-8)
+    return rewards.clone()

@@ -9,6 +9,7 @@ code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -38,6 +39,7 @@ CONFIG_KEYS = (
     "num_timesteps",
     "seed",
     "metadata",
+    "model_sha256",
 )
 
 
@@ -70,15 +72,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` to a directory (or a ``.zip`` file); returns the path written."""
+    """Write ``checkpoint`` to a directory (or a ``.zip`` file); returns the path written.
+
+    ``config.json`` records the SHA-256 of ``model.safetensors``. In a directory the weights are
+    renamed into place first and the config last, so a crash between the two renames (the only
+    window where the files disagree) is caught on load instead of pairing a config with other
+    weights.
+    """
     path = Path(path)
-    files = {
-        CONFIG_FILE: json.dumps(checkpoint.config, indent=2, sort_keys=False).encode(),
-        MODEL_FILE: save_safetensors_bytes(_contiguous(checkpoint.tensors), metadata={"format": "pt"}),
-    }
+    weights = save_safetensors_bytes(_contiguous(checkpoint.tensors), metadata={"format": "pt"})
+    config = {**checkpoint.config, "model_sha256": hashlib.sha256(weights).hexdigest()}
+    files = {MODEL_FILE: weights}
     if checkpoint.optimizer_tensors is not None:
         meta = {"format": "pt", "state": json.dumps(checkpoint.optimizer_meta)}
         files[OPTIMIZER_FILE] = save_safetensors_bytes(_contiguous(checkpoint.optimizer_tensors), metadata=meta)
+    files[CONFIG_FILE] = json.dumps(config, indent=2).encode()
     if path.suffix == ".zip":
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -164,10 +172,21 @@ def parse_config(data: bytes, where: str) -> dict[str, Any]:
         ("metadata", dict),
         ("algorithm", str),
         ("num_timesteps", int),
+        ("model_sha256", str),
     ):
         if not isinstance(config[key], kind) or isinstance(config[key], bool):
             raise CheckpointError(f"{where}: {key} must be a {kind.__name__}, got {type(config[key]).__name__}")
     return config
+
+
+def verify_weights(config: dict[str, Any], weights: bytes, where: str) -> None:
+    """The weights must be the ones config.json was saved with (catches torn saves and bit rot)."""
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != config["model_sha256"]:
+        raise CheckpointError(
+            f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
+            f"{config['model_sha256'][:12]}...): the file is corrupted or a save was interrupted"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike, include_optimizer: bool = True) -> Checkpoint:
@@ -178,6 +197,7 @@ def load_checkpoint(path: str | os.PathLike, include_optimizer: bool = True) -> 
         if name not in files:
             raise FileNotFoundError(f"checkpoint {path} has no {name}")
     config = parse_config(files[CONFIG_FILE], str(path / CONFIG_FILE))
+    verify_weights(config, files[MODEL_FILE], str(path / MODEL_FILE))
     tensors = parse_safetensors(files[MODEL_FILE], str(path / MODEL_FILE))
     checkpoint = Checkpoint(config, tensors)
     if include_optimizer and OPTIMIZER_FILE in files:

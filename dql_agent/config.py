@@ -6,18 +6,56 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from dql_agent.diffusion import BETA_SCHEDULES
 
 REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
 
 
-def _check(condition: bool, field: str, expected: str, value: Any) -> None:
+def check_field(condition: bool, field: str, expected: str, value: Any) -> None:
+    """Raise ``ValueError('<field> must be <expected>, got <value>')`` unless ``condition``."""
     if not condition:
         raise ValueError(f"{field} must be {expected}, got {value!r}")
 
 
+def is_int(value: Any) -> bool:
+    """An int (numpy ints included) that is not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class ConfigBase:
+    """JSON round trip shared by the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        """Build from a dict; an unknown key is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def make_config(config_class: type, hyperparameters: dict[str, Any], preset: str | None = None) -> Any:
+    """``config_class`` from keyword hyperparameters over an optional task preset.
+
+    An unknown keyword is a TypeError naming it, as for any Python function.
+    """
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(hyperparameters) - known)
+    if unknown:
+        raise TypeError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
+    values = get_preset(preset) if preset is not None else {}
+    values.update(hyperparameters)
+    return config_class(**values)
+
+
 @dataclass(frozen=True)
-class DiffusionQLConfig:
+class DiffusionQLConfig(ConfigBase):
     """Hyperparameters of Diffusion-QL. Defaults reproduce the official D4RL locomotion run."""
 
     learning_rate: float = 3e-4
@@ -66,10 +104,12 @@ class DiffusionQLConfig:
     """Hidden layers of the denoiser and critic MLPs."""
     time_dim: int = 16
     """Size of the denoiser's sinusoidal time embedding."""
+    nonfinite_loss: str = "raise"
+    """A NaN/inf loss: 'raise' (FloatingPointError naming the step) or 'skip' the batch."""
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "critic_learning_rate"):
-            _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+            check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in (
             "batch_size",
             "diffusion_steps",
@@ -81,33 +121,28 @@ class DiffusionQLConfig:
             "n_hidden",
         ):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1", value)
-        _check(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
-        _check(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
-        _check(0.0 <= self.ema_decay <= 1.0, "ema_decay", "in [0, 1]", self.ema_decay)
-        _check(self.eta >= 0.0, "eta", ">= 0", self.eta)
-        _check(self.ema_start_step >= 0, "ema_start_step", ">= 0", self.ema_start_step)
-        _check(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
-        _check(self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule)
-        _check(
+            check_field(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1", value
+            )
+        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
+        check_field(0.0 <= self.ema_decay <= 1.0, "ema_decay", "in [0, 1]", self.ema_decay)
+        check_field(self.eta >= 0.0, "eta", ">= 0", self.eta)
+        check_field(self.ema_start_step >= 0, "ema_start_step", ">= 0", self.ema_start_step)
+        check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
+        check_field(
+            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
+        )
+        check_field(
             self.reward_transform in REWARD_TRANSFORMS,
             "reward_transform",
             f"one of {REWARD_TRANSFORMS}",
             self.reward_transform,
         )
-        _check(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DiffusionQLConfig:
-        """Build from a dict; an unknown key is an error that names it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_field(
+            self.nonfinite_loss in ("raise", "skip"), "nonfinite_loss", "'raise' or 'skip'", self.nonfinite_loss
+        )
 
 
 # Per-task settings of the official code (main.py's hyperparameter dictionary; see

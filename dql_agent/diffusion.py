@@ -104,17 +104,21 @@ class GaussianDiffusion(nn.Module):
         actions: torch.Tensor,
         states: torch.Tensor,
         generator: torch.Generator | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Behaviour-cloning loss: MSE between the predicted and the true noise.
 
         t ~ U{0..T-1}, eps ~ N(0, I), averaged over the batch and the action dimensions.
-        actions: (B, A) in [-1, 1]; states: (B, S).
+        actions: (B, A) in [-1, 1]; states: (B, S). ``weights`` (B,), when given, scale each
+        row's squared error before the mean (QVPO's Q-weighted loss).
         """
         batch = actions.shape[0]
         t = torch.randint(0, self.n_steps, (batch,), device=actions.device, generator=generator)
         noise = torch.randn(actions.shape, device=actions.device, generator=generator)
         x_noisy = self.q_sample(actions, t, noise)
-        return F.mse_loss(self.denoiser(x_noisy, t, states), noise)
+        if weights is None:
+            return F.mse_loss(self.denoiser(x_noisy, t, states), noise)
+        return ((self.denoiser(x_noisy, t, states) - noise).pow(2) * weights[:, None]).mean()
 
     # sampling ----------------------------------------------------------------------------------
     def sample(

@@ -13,11 +13,10 @@ import torch
 from gymnasium import spaces
 from torch.nn.utils import clip_grad_norm_
 
-from dql_agent.base import BaseAgent, draw_seed, resolve_device
-from dql_agent.buffer import OfflineBuffer
-from dql_agent.config import DiffusionQLConfig, get_preset
+from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
+from dql_agent.buffer import OfflineBuffer, transform_rewards
+from dql_agent.config import DiffusionQLConfig, make_config
 from dql_agent.policy import DiffusionQLPolicy
-from dql_agent.spaces import flat_dim
 
 
 class DiffusionQL(BaseAgent):
@@ -59,10 +58,10 @@ class DiffusionQL(BaseAgent):
     ):
         if buffer is not None and not isinstance(buffer, OfflineBuffer):
             raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
-        self.config = _make_config(DiffusionQLConfig, preset, hyperparameters)
+        self.config = make_config(DiffusionQLConfig, hyperparameters, preset)
         self.device = resolve_device(device)
         self.seed = draw_seed() if seed is None else int(seed)
-        observation_space, action_space = _resolve_spaces(buffer, env, observation_space, action_space)
+        observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
         self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
         if preset is not None:
             self.metadata["preset"] = preset
@@ -93,23 +92,7 @@ class DiffusionQL(BaseAgent):
     def set_buffer(self, buffer: OfflineBuffer) -> None:
         """Use ``buffer`` for training: observations normalised (when configured), actions
         scaled to [-1, 1], rewards transformed, all moved to the training device once."""
-        if buffer.obs_dim != self.policy.obs_dim or buffer.action_dim != self.policy.action_dim:
-            raise ValueError(
-                f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
-                f"obs_dim={self.policy.obs_dim}, action_dim={self.policy.action_dim}"
-            )
-        if self.config.normalize_observations:
-            mean, std = buffer.observation_stats()
-            self.policy.obs_mean.copy_(mean)
-            self.policy.obs_std.copy_(std)
-        low = torch.as_tensor(self.action_space.low, dtype=torch.float32).reshape(1, -1)
-        high = torch.as_tensor(self.action_space.high, dtype=torch.float32).reshape(1, -1)
-        self.replay = buffer.replace(
-            observations=self.policy.normalize_observations(buffer.observations.to(self.device)),
-            next_observations=self.policy.normalize_observations(buffer.next_observations.to(self.device)),
-            actions=(2.0 * (buffer.actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0),
-            rewards=_transform_rewards(buffer.rewards, self.config.reward_transform),
-        ).to(self.device)
+        self.replay = self._training_view(buffer, transform_rewards(buffer.rewards, self.config.reward_transform))
         # A dataset of one-step episodes (a contextual bandit) never bootstraps: y = r exactly,
         # so the next-action chain of the TD target can be skipped. Checked once, not per step.
         self._bootstraps = not bool(buffer.terminals.all())
@@ -140,6 +123,9 @@ class DiffusionQL(BaseAgent):
             target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
         current_q = self.critic(obs, act)  # (2, B)
         critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        skip = cfg.nonfinite_loss == "skip"
+        if not self._loss_is_finite("critic_loss", critic_loss, skip):
+            return {"skipped_batches": torch.ones((), device=self.device)}
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         if cfg.grad_norm is not None:
@@ -162,6 +148,8 @@ class DiffusionQL(BaseAgent):
             q_loss = -q_new[1 - i].mean() / q_new[i].abs().mean().detach()
             actor_loss = bc_loss + cfg.eta * q_loss
             losses["q_loss"] = q_loss.detach()
+        if not self._loss_is_finite("actor_loss", actor_loss, skip):
+            return {"skipped_batches": torch.ones((), device=self.device)}
         losses["actor_loss"] = actor_loss.detach()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -195,56 +183,6 @@ class DiffusionQL(BaseAgent):
         self._coin_rng.set_state(tensors["rng.coin"])
         for scheduler, state in zip(self.lr_schedulers, meta.get("lr_schedulers", []), strict=False):
             scheduler.load_state_dict(state)
-
-
-def _make_config(config_class: type, preset: str | None, hyperparameters: dict[str, Any]) -> Any:
-    known = set(config_class.__dataclass_fields__)
-    unknown = sorted(set(hyperparameters) - known)
-    if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
-    values = get_preset(preset) if preset is not None else {}
-    values.update(hyperparameters)
-    return config_class(**values)
-
-
-def _resolve_spaces(
-    buffer: OfflineBuffer | None, env: Any, observation_space: spaces.Space | None, action_space: spaces.Box | None
-) -> tuple[spaces.Space, spaces.Box]:
-    """Explicit spaces win, then the env's, then the buffer's; dimensions must agree."""
-    env_spaces = (None, None)
-    if env is not None:
-        if isinstance(env, str):
-            import gymnasium as gym
-
-            probe = gym.make(env)
-            env_spaces = (probe.observation_space, probe.action_space)
-            probe.close()
-        else:
-            env_spaces = (env.observation_space, env.action_space)
-    buffer_spaces = (buffer.observation_space, buffer.action_space) if buffer is not None else (None, None)
-    obs_space = next((s for s in (observation_space, env_spaces[0], buffer_spaces[0]) if s is not None), None)
-    act_space = next((s for s in (action_space, env_spaces[1], buffer_spaces[1]) if s is not None), None)
-    if obs_space is None or act_space is None:
-        raise ValueError("cannot tell the spaces: pass buffer=, env=, or observation_space= and action_space=")
-    if buffer is not None:
-        if flat_dim(obs_space) != buffer.obs_dim:
-            raise ValueError(
-                f"observation_space flattens to {flat_dim(obs_space)} dims, "
-                f"but the buffer's observations have {buffer.obs_dim}"
-            )
-        if int(torch.tensor(act_space.shape).prod()) != buffer.action_dim:
-            raise ValueError(
-                f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}"
-            )
-    return obs_space, act_space
-
-
-def _transform_rewards(rewards: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "cql_antmaze":
-        return (rewards - 0.5) * 4.0
-    if kind == "normalize":
-        return (rewards - rewards.mean()) / rewards.std().clamp(min=1e-8)
-    return rewards.clone()
 
 
 __all__ = ["DiffusionQL"]

@@ -37,6 +37,7 @@ from dql_agent.checkpoint import (
     load_checkpoint,
     parse_config,
     parse_safetensors,
+    verify_weights,
 )
 
 if TYPE_CHECKING:
@@ -128,11 +129,72 @@ DIFFUSION_QL_PAPER = Paper(
     ),
 )
 
-PAPERS: dict[str, Paper] = {"DiffusionQL": DIFFUSION_QL_PAPER}
+DIFFUSION_DICE_PAPER = Paper(
+    method_name="Diffusion-DICE",
+    title="Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning",
+    short_citation="Mao, Xu, Zhang, Zhan and Zhang, NeurIPS 2024",
+    url="https://arxiv.org/abs/2407.20109",
+    method=(
+        "Diffusion-DICE trains a behaviour diffusion model on the dataset, DICE values (V and twin Q) "
+        "with a piecewise f-divergence dual giving the optimal distribution ratio w, and a guidance "
+        "network W(s, a_t, t) = log E[w | a_t, s] learned from noised dataset actions only. Acting adds "
+        "the guidance gradient to the behaviour score (guide) and keeps the best of a few candidates "
+        "by Q (select)."
+    ),
+    bibtex=(
+        "@inproceedings{mao2024diffusiondice,\n"
+        "  title     = {Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning},\n"
+        "  author    = {Mao, Liyuan and Xu, Haoran and Zhang, Weinan and Zhan, Xianyuan and Zhang, Amy},\n"
+        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
+        "  year      = {2024},\n"
+        "  eprint    = {2407.20109},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2407.20109}\n"
+        "}"
+    ),
+)
+
+QVPO_PAPER = Paper(
+    method_name="QVPO",
+    title="Diffusion-based Reinforcement Learning via Q-weighted Variational Policy Optimization",
+    short_citation="Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, NeurIPS 2024",
+    url="https://arxiv.org/abs/2405.16173",
+    method=(
+        "QVPO trains a diffusion policy online. For each state it draws several actions from the "
+        "current policy, keeps the one twin critics rate highest and trains the diffusion model "
+        "on it with the denoising loss weighted by its advantage over the samples' mean Q value; "
+        "actions drawn uniformly from the action box, weighted by a decaying entropy coefficient, "
+        "keep the policy exploring. The agent acts, and builds its TD targets, by taking the "
+        "best-rated of a few sampled actions."
+    ),
+    bibtex=(
+        "@inproceedings{ding2024diffusionbased,\n"
+        "  title     = {Diffusion-based Reinforcement Learning via Q-weighted Variational Policy "
+        "Optimization},\n"
+        "  author    = {Ding, Shutong and Hu, Ke and Zhang, Zhenhao and Ren, Kan and Zhang, Weinan and "
+        "Yu, Jingyi and Wang, Jingya and Shi, Ye},\n"
+        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
+        "  year      = {2024},\n"
+        "  eprint    = {2405.16173},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2405.16173}\n"
+        "}"
+    ),
+)
+
+PAPERS: dict[str, Paper] = {
+    "DiffusionQL": DIFFUSION_QL_PAPER,
+    "DiffusionDICE": DIFFUSION_DICE_PAPER,
+    "QVPO": QVPO_PAPER,
+}
 """Algorithm name (``cls.algorithm``, ``config.json``'s "algorithm") -> its paper for the card."""
 
 # Built-in algorithms, imported on first use ("module:attribute") to keep this module cheap.
-_BUILTIN_ALGORITHMS: dict[str, str] = {"DiffusionQL": "dql_agent.diffusion_ql:DiffusionQL"}
+_BUILTIN_ALGORITHMS: dict[str, str] = {
+    "DiffusionQL": "dql_agent.diffusion_ql:DiffusionQL",
+    "DiffusionDICE": "dql_agent.diffusion_dice:DiffusionDICE",
+    "QVPO": "dql_agent.qvpo:QVPO",
+}
 _ALGORITHMS: dict[str, type] = {}
 
 
@@ -537,7 +599,9 @@ def _download_checkpoint(
     snapshot = config_path.parent
     pinned = snapshot.name if snapshot.parent.name == "snapshots" else revision
     weights_path = _download(repo_id, MODEL_FILE, pinned, token, cache_dir, local_files_only)
-    tensors = parse_safetensors(weights_path.read_bytes(), f"{where}/{MODEL_FILE}")
+    weights = weights_path.read_bytes()
+    verify_weights(config, weights, f"{where}/{MODEL_FILE}")
+    tensors = parse_safetensors(weights, f"{where}/{MODEL_FILE}")
     return Checkpoint(config, tensors), where, agent_cls
 
 

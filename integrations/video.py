@@ -68,6 +68,9 @@ def record_video(
     widths are padded by one edge-replicated row/column rather than rescaled.
     """
     _check_env(env)
+    check_spaces = getattr(model, "check_env_spaces", None)
+    if check_spaces is not None:  # dql_agent models say which space differs; others fail in predict
+        check_spaces(env.observation_space, env.action_space)
     path = Path(path)
     if path.suffix.lower() != ".mp4":
         raise ValueError(f"path must end in '.mp4', got {str(path)!r}")

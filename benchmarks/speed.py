@@ -1,0 +1,434 @@
+"""Training speed and acting latency of DiffusionQL, against the arithmetic and the official code.
+
+For each problem size (Hopper-sized: obs 11, act 3; larger: obs 39, act 8) at the default
+settings (T=5, batch 256, 3x256 MLPs, 50 action candidates), on 10k random transitions:
+
+- gradient steps/s of ``DiffusionQL.learn``;
+- ``predict`` latency for 1 observation and a batch of 16 (median over many calls after a
+  warm-up), through ``model.predict`` (SB3-style numpy checks) and the raw
+  ``policy.select_action(tensor)``;
+- the FLOPs of one training step, counted from the layer shapes, and the fraction of the
+  machine's measured matmul throughput the step reaches;
+- with ``--reference DIR`` (a checkout of Zhendong-Wang/Diffusion-Policies-for-Offline-RL), the
+  official agent's steps/s and ``sample_action`` latency at the same settings, measured in the same
+  run with ours/theirs repeats interleaved, and the ratios.
+
+Example::
+
+    OMP_NUM_THREADS=2 python benchmarks/speed.py --reference /tmp/official --threads 2 --out speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROBLEMS = {"hopper": (11, 3), "large": (39, 8)}
+N_TRANSITIONS = 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs of one step, from the layer shapes
+@dataclass(frozen=True)
+class Linear:
+    fan_in: int
+    fan_out: int
+    members: int = 1  # ensemble members evaluated together (twin critics)
+
+
+def denoiser_layers(obs_dim: int, act_dim: int, hidden: int = 256, n_hidden: int = 3, time_dim: int = 16) -> list:
+    time_mlp = [Linear(time_dim, 2 * time_dim), Linear(2 * time_dim, time_dim)]
+    body = [Linear(act_dim + time_dim + obs_dim, hidden)] + [Linear(hidden, hidden)] * (n_hidden - 1)
+    return time_mlp + body + [Linear(hidden, act_dim)]
+
+
+def critic_layers(obs_dim: int, act_dim: int, hidden: int = 256, n_hidden: int = 3, members: int = 2) -> list:
+    dims = [obs_dim + act_dim] + [hidden] * n_hidden + [1]
+    return [Linear(i, o, members) for i, o in zip(dims[:-1], dims[1:], strict=True)]
+
+
+def step_passes(obs_dim: int, act_dim: int, batch: int = 256, steps: int = 5) -> list[tuple[str, str, list, int, str]]:
+    """The passes of one Diffusion-QL step: (what, network, layers, rows, kind), kind in
+    'fwd', 'fwd+bwd' (backward = 2x forward: input and weight gradients) and 'fwd+bwd_in'
+    (backward to the input only = 1x forward)."""
+    d, c = denoiser_layers(obs_dim, act_dim), critic_layers(obs_dim, act_dim)
+    return [
+        (f"TD target: EMA actor chain, {steps} fwd", "denoiser", d, steps * batch, "fwd"),
+        ("TD target: target critics fwd", "critic", c, batch, "fwd"),
+        ("critic loss fwd+bwd", "critic", c, batch, "fwd+bwd"),
+        ("BC loss fwd+bwd", "denoiser", d, batch, "fwd+bwd"),
+        (f"actor chain {steps} fwd + {steps} bwd", "denoiser", d, steps * batch, "fwd+bwd"),
+        ("critics on new actions fwd + bwd (input only)", "critic", c, batch, "fwd+bwd_in"),
+    ]
+
+
+def pass_flops(layers: list, rows: int, kind: str) -> int:
+    forward = sum(2 * layer.fan_in * layer.fan_out * layer.members for layer in layers) * rows
+    return forward * {"fwd": 1, "fwd+bwd": 3, "fwd+bwd_in": 2}[kind]
+
+
+def step_flops(obs_dim: int, act_dim: int, batch: int = 256, steps: int = 5) -> tuple[int, list[dict]]:
+    rows = []
+    for what, net, layers, n, kind in step_passes(obs_dim, act_dim, batch, steps):
+        rows.append({"pass": what, "network": net, "rows": n, "kind": kind, "flops": pass_flops(layers, n, kind)})
+    return sum(r["flops"] for r in rows), rows
+
+
+def step_matmuls(obs_dim: int, act_dim: int, batch: int = 256, steps: int = 5) -> dict[tuple[int, int, int], int]:
+    """Every matmul (m, k, n) of one step with its count: forward x @ W, backward g @ W^T and x^T @ g."""
+    shapes: dict[tuple[int, int, int], int] = {}
+    for _, _, layers, rows, kind in step_passes(obs_dim, act_dim, batch, steps):
+        for layer in layers:
+            mms = [(rows, layer.fan_in, layer.fan_out)]
+            if kind != "fwd":
+                mms.append((rows, layer.fan_out, layer.fan_in))
+            if kind == "fwd+bwd":
+                mms.append((layer.fan_in, rows, layer.fan_out))
+            for shape in mms:
+                shapes[shape] = shapes.get(shape, 0) + layer.members
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_mm(m: int, k: int, n: int, device: torch.device, seconds: float) -> float:
+    """Seconds per torch.mm of (m, k) @ (k, n), best of a few timed batches."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    sync(device)
+    reps, best, deadline = 8, float("inf"), time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        sync(device)
+        elapsed = (time.perf_counter() - start) / reps
+        best = min(best, elapsed)
+        if time.perf_counter() > deadline:
+            return best
+        if elapsed * reps < 0.01:
+            reps *= 2
+
+
+def matmul_ceiling(device: torch.device, seconds: float, problems: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """GFLOP/s of torch.mm at square sizes and, per problem, over the exact matmul shapes of one step."""
+    result: dict[str, Any] = {"square": {}}
+    for size in (256, 512, 1024):
+        t = time_mm(size, size, size, device, seconds / 4)
+        result["square"][f"{size}x{size}x{size}"] = 2 * size**3 / t / 1e9
+    per_shape_cache: dict[tuple[int, int, int], float] = {}
+    for name, (obs_dim, act_dim) in problems.items():
+        shapes = step_matmuls(obs_dim, act_dim)
+        total_time = total_flops = 0.0
+        for shape, count in shapes.items():
+            if shape not in per_shape_cache:
+                per_shape_cache[shape] = time_mm(*shape, device, seconds / max(len(shapes), 1))
+            total_time += per_shape_cache[shape] * count
+            total_flops += 2 * shape[0] * shape[1] * shape[2] * count
+        result[name] = {
+            "step_shapes_gflops": total_flops / total_time / 1e9,
+            "matmul_only_ms_per_step": total_time * 1e3,
+            "n_matmuls": int(sum(shapes.values())),
+        }
+    return result
+
+
+def rate(fn: Callable[[int], Any], seconds: float, device: torch.device, probe: int = 3) -> float:
+    """Calls/s of ``fn(n)`` (n iterations per call): calibrated on ``probe`` iterations, then one
+    timed run of about ``seconds``."""
+    sync(device)
+    start = time.perf_counter()
+    fn(probe)
+    sync(device)
+    first = (time.perf_counter() - start) / probe
+    n = max(1, round(seconds / max(first, 1e-6)))
+    start = time.perf_counter()
+    fn(n)
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def latency(fn: Callable[[], Any], seconds: float, device: torch.device, warmup: int = 10) -> dict[str, float]:
+    """Median and 90th percentile (ms) over at least 20 calls and about ``seconds``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 20 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_ms": statistics.median(times) * 1e3, "p90_ms": times[int(0.9 * len(times))] * 1e3, "n": len(times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the agents under test
+def random_data(obs_dim: int, act_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = N_TRANSITIONS
+    return {
+        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+        "terminals": rng.random(n) < 0.01,
+    }
+
+
+class Ours:
+    name = "dql_agent"
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device):
+        from dql_agent import DiffusionQL, OfflineBuffer
+
+        self.device = device
+        self.model = DiffusionQL(OfflineBuffer(**data), device=device, seed=0)
+        self.obs1 = data["observations"][0]
+        self.obs16 = data["observations"][:16]
+        self.t1 = torch.as_tensor(self.obs1[None], device=device)
+        self.t16 = torch.as_tensor(self.obs16, device=device)
+
+    def train(self, n: int) -> None:
+        self.model.learn(n)
+
+    def predict(self, batch: int) -> Callable[[], Any]:
+        obs = self.obs1 if batch == 1 else self.obs16
+        return lambda: self.model.predict(obs)
+
+    def select_action(self, batch: int) -> Callable[[], Any]:
+        tensor = self.t1 if batch == 1 else self.t16
+        policy = self.model.policy
+        return lambda: policy.select_action(tensor)
+
+
+@contextlib.contextmanager
+def official_imports(directory: Path) -> Iterator[None]:
+    """Import from the official checkout: its top-level ``agents``/``utils`` packages are put in
+    sys.modules only while importing (``utils.logger`` stubbed: it needs a log directory), then the
+    previous entries are restored so the generic names do not leak."""
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("agents", "utils")}
+    for key in saved:
+        del sys.modules[key]
+    sys.path.insert(0, str(directory))
+    try:
+        utils = importlib.import_module("utils")
+        stub = types.ModuleType("utils.logger")
+        stub.logger = None
+        sys.modules["utils.logger"] = stub
+        utils.logger = stub
+        yield
+    finally:
+        sys.path.remove(str(directory))
+        for key in [k for k in sys.modules if k.split(".")[0] in ("agents", "utils")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+class Official:
+    name = "official"
+
+    def __init__(self, directory: Path, data: dict[str, np.ndarray], device: torch.device):
+        with official_imports(directory):
+            ql = importlib.import_module("agents.ql_diffusion")
+            sampler = importlib.import_module("utils.data_sampler")
+        obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+        torch.manual_seed(0)
+        np.random.seed(0)
+        self.device = device
+        # main.py's defaults for locomotion: vp schedule, T=5, lr 3e-4, eta 1, grad_norm 1 (hopper-medium)
+        self.agent = ql.Diffusion_QL(
+            obs_dim, act_dim, 1.0, str(device), 0.99, 0.005, eta=1.0, beta_schedule="vp", n_timesteps=5, lr=3e-4
+        )
+        self.data = sampler.Data_Sampler(data, str(device), "no")
+        self.obs1 = data["observations"][0]
+        self.obs16 = data["observations"][:16]
+
+    def train(self, n: int) -> None:
+        self.agent.train(self.data, iterations=n, batch_size=256)
+
+    def predict(self, batch: int) -> Callable[[], Any]:
+        if batch == 1:
+            return lambda: self.agent.sample_action(self.obs1)
+        return self._batched_sample
+
+    def _batched_sample(self) -> np.ndarray:
+        """The official has no batched acting; this is ``sample_action`` for 16 states at once with
+        its own modules (50 candidates each, softmax over min-Q), the cheapest way to use its code."""
+        agent = self.agent
+        state = torch.as_tensor(self.obs16, device=self.device).repeat_interleave(50, dim=0)
+        with torch.no_grad():
+            action = agent.actor.sample(state)
+            q = agent.critic_target.q_min(state, action).view(16, 50)
+            idx = torch.multinomial(torch.softmax(q, dim=1), 1).squeeze(1)
+        return action.view(16, 50, -1)[torch.arange(16), idx].cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+def machine(device: torch.device, threads: int) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": model,
+        "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "threads_arg": threads,
+        "device": str(device),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def profile_step(ours: Ours, n_steps: int = 20, rows: int = 15) -> str:
+    """torch.profiler table of our training step (self CPU time by op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ours.device.type == "cuda" else [])
+    ours.train(3)
+    with profile(activities=activities) as prof:
+        ours.train(n_steps)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", type=Path, default=None, help="official Diffusion-QL checkout to compare with")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved ours/official repeats; medians reported")
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
+    p.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.reference is not None and not (args.reference / "agents" / "ql_diffusion.py").exists():
+        raise FileNotFoundError(f"--reference {args.reference} has no agents/ql_diffusion.py")
+    problems = {name: PROBLEMS[name] for name in args.problems}
+    results: dict[str, Any] = {"machine": machine(device, threads), "settings": vars(args) | {"threads": threads}}
+    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in results["settings"].items()}
+    print("machine:", json.dumps(results["machine"]))
+
+    results["matmul"] = matmul_ceiling(device, args.seconds, problems)
+    square = results["matmul"]["square"]
+    print("torch.mm GFLOP/s:", ", ".join(f"{k}: {v:.1f}" for k, v in square.items()))
+
+    for name, (obs_dim, act_dim) in problems.items():
+        data = random_data(obs_dim, act_dim)
+        agents = [Ours(data, device)]
+        if args.reference is not None:
+            agents.append(Official(args.reference, data, device))
+        flops, passes = step_flops(obs_dim, act_dim)
+        res: dict[str, Any] = {"obs_dim": obs_dim, "act_dim": act_dim, "step_gflop": flops / 1e9, "passes": passes}
+        samples: dict[str, dict[str, list[float]]] = {a.name: {} for a in agents}
+        for agent in agents:
+            agent.train(5)  # warm-up
+        for _ in range(args.repeats):  # interleaved: both see the same machine load
+            for agent in agents:
+                s = samples[agent.name]
+                s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
+                for batch in (1, 16):
+                    s.setdefault(f"predict_b{batch}_ms", []).append(
+                        latency(agent.predict(batch), args.seconds / 4, device)["median_ms"]
+                    )
+                    if isinstance(agent, Ours):
+                        s.setdefault(f"select_action_b{batch}_ms", []).append(
+                            latency(agent.select_action(batch), args.seconds / 4, device)["median_ms"]
+                        )
+        mm = results["matmul"][name]
+        for agent_name, s in samples.items():
+            r = {key: statistics.median(values) for key, values in s.items()}
+            r["all"] = s
+            r["achieved_gflops"] = r["steps_per_s"] * flops / 1e9
+            r["fraction_of_mm_256"] = r["achieved_gflops"] / square["256x256x256"]
+            r["fraction_of_step_shapes"] = r["achieved_gflops"] / mm["step_shapes_gflops"]
+            res[agent_name] = r
+        if "official" in res:
+            ours, theirs = res["dql_agent"], res["official"]
+            res["ratios"] = {
+                "train_speedup": ours["steps_per_s"] / theirs["steps_per_s"],
+                "predict_b1_speedup": theirs["predict_b1_ms"] / ours["predict_b1_ms"],
+                "predict_b16_speedup": theirs["predict_b16_ms"] / ours["predict_b16_ms"],
+                "select_action_b1_speedup": theirs["predict_b1_ms"] / ours["select_action_b1_ms"],
+            }
+        if args.profile:
+            res["profile"] = profile_step(agents[0])
+            print(res["profile"])
+        results[name] = res
+        print_problem(name, res, mm, square["256x256x256"])
+
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_problem(name: str, res: dict[str, Any], mm: dict[str, float], mm256: float) -> None:
+    print(
+        f"\n## {name}: obs {res['obs_dim']}, act {res['act_dim']}; one step = {res['step_gflop']:.3f} GFLOP; "
+        f"matmul ceiling: {mm['step_shapes_gflops']:.1f} GFLOP/s over the step's shapes "
+        f"({mm['matmul_only_ms_per_step']:.1f} ms of matmuls per step), {mm256:.1f} GFLOP/s at 256^3"
+    )
+    agents = [a for a in ("dql_agent", "official") if a in res]
+    print("| metric | " + " | ".join(agents) + (" | ratio (ours vs official) |" if "ratios" in res else " |"))
+    print("|---" * (len(agents) + 1 + ("ratios" in res)) + "|")
+    rows = [
+        ("train steps/s", "steps_per_s", "{:.1f}", "train_speedup"),
+        ("achieved GFLOP/s", "achieved_gflops", "{:.1f}", None),
+        ("fraction of step-shape matmul ceiling", "fraction_of_step_shapes", "{:.0%}", None),
+        ("fraction of 256^3 mm", "fraction_of_mm_256", "{:.0%}", None),
+        ("predict, 1 obs (ms)", "predict_b1_ms", "{:.2f}", "predict_b1_speedup"),
+        ("predict, 16 obs (ms)", "predict_b16_ms", "{:.2f}", "predict_b16_speedup"),
+        ("select_action(tensor), 1 obs (ms)", "select_action_b1_ms", "{:.2f}", "select_action_b1_speedup"),
+        ("select_action(tensor), 16 obs (ms)", "select_action_b16_ms", "{:.2f}", None),
+    ]
+    for label, key, fmt, ratio in rows:
+        cells = [fmt.format(res[a][key]) if key in res[a] else "-" for a in agents]
+        line = f"| {label} | " + " | ".join(cells) + " |"
+        if "ratios" in res:
+            line += f" {res['ratios'][ratio]:.2f}x |" if ratio else " |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

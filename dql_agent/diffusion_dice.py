@@ -1,0 +1,518 @@
+"""Diffusion-DICE: in-sample diffusion guidance for offline RL, guide-then-select.
+
+Paper: Mao, Xu, Zhang, Zhan, Zhang, "Diffusion-DICE: In-Sample Diffusion Guidance for Offline
+Reinforcement Learning", NeurIPS 2024, https://arxiv.org/abs/2407.20109. Defaults follow the
+official code's D4RL MuJoCo runs (``configs/mujoco.yaml`` and its CLI defaults; see
+reference/qvpo_and_dice.md section B).
+
+Three parts, all trained on dataset actions only (nothing is ever evaluated on a generated
+action during training):
+
+1. a behaviour diffusion model pi_D(a | s), the eps-MSE loss of :class:`GaussianDiffusion`;
+2. DICE values with the piecewise f-divergence dual: r = (min Q_targ(s, a) - V(s)) / alpha,
+   L_V = E[f*(r) + V(s) / alpha] with f*(r) = r^2/4 + r (r >= 0), exp(min(r, 1)) - 1 (r < 0);
+   twin Q (and a Q-ensemble for selection) regress r + gamma (1 - d) V(s'); the optimal
+   distribution ratio is w(s, a) = f*'(r) = r/2 + 1 (r >= 0), e^r (r < 0), clamped to [1e-40, 100];
+3. a guidance network W(s, a_t, t) trained with the exp-dual loss E[w e^{-W} + W] over noised
+   dataset actions, whose minimiser is W = log E[w(s, a_0) | a_t, s].
+
+Acting adds ``guidance_scale * grad_a W`` to the behaviour score at every reverse step
+(:func:`guided_sample`), draws ``n_candidates`` actions per state and keeps one by Q: the argmax
+of the Q-ensemble mean (``deterministic=True``) or a softmax draw.
+
+Differences from the official code, all forced by the shared core: the behaviour model is the
+library's discrete DDPM (``diffusion_steps`` ancestral steps of the 'vp' schedule, x0 clamped to
+[-1, 1]) around ``NoiseMLP`` rather than a continuous VP-SDE score U-Net sampled with
+DPM-Solver++; the MLPs are :class:`EnsembleMLP` (Mish) rather than ReLU/SiLU nets, and V has no
+LayerNorm; the behaviour model trains in the same ``learn`` loop (for its first
+``behavior_steps`` updates) instead of in a separate pre-training script.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from dql_agent.acting import PolicyBase
+from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
+from dql_agent.buffer import OfflineBuffer, transform_rewards
+from dql_agent.config import ConfigBase, check_field, is_int, make_config
+from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding
+
+DICE_REWARD_TRANSFORMS = ("none", "iql_locomotion", "iql_antmaze", "cql_antmaze", "normalize")
+WEIGHT_MIN, WEIGHT_MAX = 1e-40, 100.0  # clamp of the ratio w, as in the official code
+ENERGY_FLOOR = -80.0  # W below this no longer grows e^{-W} in the dual loss (official constant)
+
+
+@dataclass(frozen=True)
+class DiffusionDICEConfig(ConfigBase):
+    """Hyperparameters of Diffusion-DICE. Defaults reproduce the official D4RL MuJoCo run."""
+
+    value_learning_rate: float = 3e-4
+    """AdamW learning rate of V, the twin Q and the Q-ensemble (official `value_lr`)."""
+    guidance_learning_rate: float = 3e-4
+    """AdamW learning rate of the guidance network W (official `wt_lr`)."""
+    behavior_learning_rate: float = 1e-4
+    """Adam learning rate of the behaviour diffusion model (official pre-training script)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay of V, Q, the Q-ensemble and W (official `--weight_decay`)."""
+    batch_size: int = 512
+    """Transitions per value/guidance step (official `--batch_size`)."""
+    behavior_batch_size: int = 4096
+    """Transitions per behaviour-model step (official pre-training batch)."""
+    behavior_steps: int | None = 600_000
+    """The behaviour model trains during the first this many updates (official: 600 epochs x 1000
+    steps of pre-training); None trains it at every update."""
+    gamma: float = 0.99
+    """Discount of the Q target r + gamma (1 - d) V(s')."""
+    tau: float = 0.005
+    """Polyak rate of the target twin Q, every step."""
+    alpha: float = 0.5
+    """DICE regularisation strength: r = (Q - V) / alpha (official `--alpha`, set per task)."""
+    n_noisy_copies: int = 16
+    """Noisy copies M of each dataset action in the guidance loss (official `M`: 16 MuJoCo, 32 AntMaze)."""
+    guidance_scale: float = 4.0
+    """Scale s of grad W added to the behaviour score (official: 4.0 medium/medium-replay,
+    2.0 medium-expert; AntMaze 1.0-4.0)."""
+    diffusion_steps: int = 15
+    """Reverse steps T of the behaviour model (official: 15 DPM-Solver steps)."""
+    beta_schedule: str = "vp"
+    """Noise schedule: 'vp', 'linear' or 'cosine' (official: VP)."""
+    q_ensemble_size: int = 10
+    """Members of the Q-ensemble used to select among candidates (official `q_ensemble_num`: 10
+    MuJoCo, 0 AntMaze); 0 selects with the first target Q head instead."""
+    n_candidates: int = 16
+    """Guided samples per observation when acting, one kept by Q (official `--inference_sample`,
+    default 1, which its README asks to set per task; 16 is our choice, not the reference's)."""
+    selection_temperature: float = 1.0
+    """Softmax temperature over Q for stochastic acting (official softmax filter: 1)."""
+    lr_decay: bool = False
+    """Cosine-anneal the V/Q/ensemble learning rates to `min_value_learning_rate` (official
+    `--use_lr_schedule`, off by default)."""
+    lr_decay_steps: int = 1_000_000
+    """Length of the cosine decay in updates (official: 100 epochs x 10,000 steps)."""
+    min_value_learning_rate: float = 1e-4
+    """Floor of the cosine decay (official `--min_value_lr`)."""
+    reward_transform: str = "iql_locomotion"
+    """'iql_locomotion' (r * 1000 / (max - min episode return), official MuJoCo), 'iql_antmaze'
+    (0 if r > 0 else -1, official AntMaze), 'cql_antmaze', 'normalize' or 'none'."""
+    normalize_observations: bool = False
+    """Standardise observations with dataset mean/std (the official code uses raw observations)."""
+    hidden_dim: int = 256
+    """Width of every MLP (official: 256 for Q, V and W)."""
+    n_hidden: int = 2
+    """Hidden layers of V, the twin Q and the Q-ensemble (official: 2)."""
+    guidance_n_hidden: int = 4
+    """Hidden layers of the guidance network W (official: 4)."""
+    behavior_n_hidden: int = 3
+    """Hidden layers of the behaviour model's noise MLP (the library's NoiseMLP default)."""
+    time_dim: int = 16
+    """Size of the sinusoidal step embeddings of the behaviour model and W (the library's NoiseMLP
+    default; the official nets use 32 Gaussian-Fourier features of a continuous time)."""
+
+    def __post_init__(self) -> None:
+        for name in ("value_learning_rate", "guidance_learning_rate", "behavior_learning_rate"):
+            check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in (
+            "batch_size",
+            "behavior_batch_size",
+            "n_noisy_copies",
+            "diffusion_steps",
+            "n_candidates",
+            "lr_decay_steps",
+            "hidden_dim",
+            "n_hidden",
+            "guidance_n_hidden",
+            "behavior_n_hidden",
+        ):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
+        check_field(
+            self.behavior_steps is None or (is_int(self.behavior_steps) and self.behavior_steps >= 0),
+            "behavior_steps",
+            "an int >= 0 or None",
+            self.behavior_steps,
+        )
+        check_field(
+            is_int(self.q_ensemble_size) and self.q_ensemble_size >= 0,
+            "q_ensemble_size",
+            "an int >= 0",
+            self.q_ensemble_size,
+        )
+        check_field(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
+        check_field(self.alpha > 0, "alpha", "> 0", self.alpha)
+        check_field(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
+        check_field(self.selection_temperature > 0, "selection_temperature", "> 0", self.selection_temperature)
+        check_field(self.min_value_learning_rate >= 0, "min_value_learning_rate", ">= 0", self.min_value_learning_rate)
+        check_field(
+            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
+        )
+        check_field(
+            self.reward_transform in DICE_REWARD_TRANSFORMS,
+            "reward_transform",
+            f"one of {DICE_REWARD_TRANSFORMS}",
+            self.reward_transform,
+        )
+        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+
+
+# networks --------------------------------------------------------------------------------------
+class ValueNet(nn.Module):
+    """V(s): one MLP, (B, S) -> (B,)."""
+
+    def __init__(self, state_dim: int, hidden_dim: int, n_hidden: int):
+        super().__init__()
+        self.v = EnsembleMLP(state_dim, 1, 1, hidden_dim, n_hidden)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.v(state)[0, :, 0]
+
+
+class GuidanceNet(nn.Module):
+    """W(s, a_t, t): MLP on [a_t, time embedding, s] -> scalar, (B, A), (B,), (B, S) -> (B,).
+
+    Time: sinusoidal(time_dim) -> Linear(time_dim, time_dim), on the integer diffusion step.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int, hidden_dim: int, n_hidden: int, time_dim: int):
+        super().__init__()
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(time_dim), nn.Linear(time_dim, time_dim))
+        self.w = EnsembleMLP(action_dim + time_dim + state_dim, 1, 1, hidden_dim, n_hidden)
+
+    def forward(self, noisy_action: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return self.w(torch.cat([noisy_action, self.time_mlp(t), state], dim=-1))[0, :, 0]
+
+
+# the method's formulas ------------------------------------------------------------------------
+def f_star(r: torch.Tensor) -> torch.Tensor:
+    """Convex conjugate of the piecewise f: r^2/4 + r for r >= 0, exp(min(r, 1)) - 1 for r < 0."""
+    return torch.where(r >= 0, r.pow(2) / 4 + r, torch.exp(r.clamp(max=1.0)) - 1.0)
+
+
+def dice_weight(r: torch.Tensor) -> torch.Tensor:
+    """w = f*'(r): r/2 + 1 for r >= 0, e^r for r < 0, clamped to [1e-40, 100]."""
+    return torch.where(r >= 0, r / 2 + 1.0, torch.exp(r.clamp(max=0.0))).clamp(WEIGHT_MIN, WEIGHT_MAX)
+
+
+def guidance_dual_loss(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """The official normalised exp-dual loss: its minimiser over W is log E[w | a_t, s].
+
+    weight: (B, 1) ratios of the clean actions; energy: (B, M) W at M noisy copies. Up to the
+    positive constant e^{-m} the loss is E[w e^{-W} + W]; e^{-W} is computed as e^{sp} with
+    sp = -W kept at most 80 (its gradient is still that of -W), and m = max(max sp, -1)
+    rescales so the largest exponent is 0.
+    """
+    sp = torch.minimum(torch.zeros_like(energy), energy - ENERGY_FLOOR).detach() - energy
+    m = sp.max().clamp(min=-1.0).detach()
+    return torch.mean(weight * torch.exp(sp - m) + torch.exp(-m) * energy)
+
+
+def guided_sample(
+    diffusion: GaussianDiffusion,
+    guidance: nn.Module,
+    states: torch.Tensor,
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    n_samples: int = 1,
+) -> torch.Tensor:
+    """The behaviour model's reverse chain with the guidance gradient added to its score.
+
+    The score of x_t is -eps / sqrt(1 - abar_t), so adding ``guidance_scale * grad_x W(s, x_t, t)``
+    to it replaces the predicted noise by eps - guidance_scale * sqrt(1 - abar_t) * grad_x W; the
+    step is otherwise :meth:`GaussianDiffusion.sample`'s (x0 clamped to [-1, 1], posterior mean,
+    posterior noise). Arguments and output as there: states (B, S) -> (B * n_samples, A),
+    state-major; ``noise`` (T, B * n_samples, A) fixes the draws. No graph is kept.
+    """
+    device = states.device
+    shape = (states.shape[0] * n_samples, diffusion.action_dim)
+    if noise is None:
+        noise = torch.randn((diffusion.n_steps, *shape), device=device, generator=generator)
+    denoiser = diffusion.denoiser
+    with torch.no_grad():
+        state_features = denoiser.state_features(states)  # (B, H)
+        time_features = denoiser.time_features(torch.arange(diffusion.n_steps, device=device))  # (T, H)
+    if n_samples > 1:
+        state_features = state_features.repeat_interleave(n_samples, dim=0)  # (B * n, H)
+        states = states.repeat_interleave(n_samples, dim=0)  # (B * n, S)
+    x = noise[0]
+    for k, i in enumerate(reversed(range(diffusion.n_steps))):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        with torch.no_grad():
+            eps = denoiser.forward_from_features(x, state_features + time_features[i])
+        if guidance_scale > 0:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(guidance(x_in, t, states).sum(), x_in)
+            eps = eps - guidance_scale * diffusion.sqrt_one_minus_alphas_cumprod[i] * grad
+        with torch.no_grad():
+            x_start = diffusion.predict_start_from_noise(x, t[:1], eps).clamp(-1.0, 1.0)
+            x = diffusion.q_posterior_mean(x_start, x, t[:1])
+            if i > 0:
+                x = x + diffusion.posterior_std[i] * noise[k + 1]
+    return x.detach().clamp(-1.0, 1.0)
+
+
+# policy ----------------------------------------------------------------------------------------
+class DiffusionDICEPolicy(PolicyBase):
+    """Behaviour diffusion model, V, twin Q with targets, Q-ensemble, guidance net W, and acting.
+
+    Acting (guide, then select): ``n_candidates`` guided samples per observation, scored by the
+    Q-ensemble mean (the first target Q head when ``q_ensemble_size=0``); the argmax with fixed
+    noise when ``deterministic`` (the same observation always gives the same action), else a draw
+    from softmax(Q / ``selection_temperature``).
+
+    Args:
+        observation_space: Box or Dict-of-Box space of the environment.
+        action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
+        config: hyperparameters (network sizes, diffusion steps, schedule, acting).
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionDICEConfig):
+        super().__init__(observation_space, action_space, config, config.n_candidates)
+        s, a, h = self.obs_dim, self.action_dim, config.hidden_dim
+        denoiser = NoiseMLP(s, a, h, config.behavior_n_hidden, config.time_dim)
+        self.behavior = GaussianDiffusion(denoiser, a, config.diffusion_steps, config.beta_schedule)
+        self.value = ValueNet(s, h, config.n_hidden)
+        self.critic = Critic(s, a, 2, h, config.n_hidden)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.q_ensemble = Critic(s, a, config.q_ensemble_size, h, config.n_hidden) if config.q_ensemble_size else None
+        self.guidance = GuidanceNet(s, a, h, config.guidance_n_hidden, config.time_dim)
+
+    def selection_q(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The Q that picks among candidates: ensemble mean, or target head 1 without an ensemble. (B,)"""
+        if self.q_ensemble is not None:
+            return self.q_ensemble(observations, actions).mean(dim=0)
+        return self.critic_target(observations, actions)[0]
+
+    @torch.no_grad()
+    def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Guide, then select: normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
+        cfg = self.config
+        batch, n = observations.shape[0], cfg.n_candidates
+        noise = self.deterministic_noise_for(batch) if deterministic else None
+        actions = guided_sample(
+            self.behavior, self.guidance, observations, cfg.guidance_scale, self.generator, noise, n_samples=n
+        )  # (B * N, A)
+        q = self.selection_q(observations.repeat_interleave(n, dim=0), actions).view(batch, n)
+        if deterministic:
+            choice = q.argmax(dim=1)
+        else:
+            probs = torch.softmax(q / cfg.selection_temperature, dim=1)
+            choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return actions.view(batch, n, self.action_dim)[torch.arange(batch, device=choice.device), choice]
+
+
+# the algorithm ---------------------------------------------------------------------------------
+class DiffusionDICE(BaseAgent):
+    """Diffusion-DICE: behaviour diffusion + DICE values + in-sample guidance, guide-then-select.
+
+    Each ``learn`` step (one timestep) is: a behaviour-model step (during the first
+    ``behavior_steps`` updates), the V step, the twin-Q (and Q-ensemble) step, the target-Q
+    Polyak update and the guidance step, all on dataset actions.
+
+    Args:
+        buffer: the offline dataset (``OfflineBuffer.from_minari/from_d4rl/from_sb3``). May be
+            None for a model that only acts (e.g. before loading weights).
+        env: optional env id, ``gymnasium.Env`` or VecEnv; supplies the spaces and is what
+            ``get_env()`` returns to SB3 callbacks.
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', ...; the dataset is moved there once.
+        seed: seeds network initialisation, batch sampling, diffusion noise and acting.
+        observation_space, action_space: explicit spaces (else from env, else from buffer).
+        verbose: 1 prints the training logs to stdout.
+        tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
+        **hyperparameters: any field of :class:`DiffusionDICEConfig` (``alpha``,
+            ``guidance_scale``, ``n_candidates``, ``n_noisy_copies``, ``diffusion_steps``, ...).
+    """
+
+    algorithm = "DiffusionDICE"
+    config_class = DiffusionDICEConfig
+
+    def __init__(
+        self,
+        buffer: OfflineBuffer | None = None,
+        env: Any = None,
+        *,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        observation_space: spaces.Space | None = None,
+        action_space: spaces.Box | None = None,
+        verbose: int = 0,
+        tensorboard_log: str | None = None,
+        **hyperparameters: Any,
+    ):
+        if buffer is not None and not isinstance(buffer, OfflineBuffer):
+            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
+        self.config = make_config(DiffusionDICEConfig, hyperparameters)
+        self.device = resolve_device(device)
+        self.seed = draw_seed() if seed is None else int(seed)
+        observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
+        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
+
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            self.policy = DiffusionDICEPolicy(observation_space, action_space, self.config).to(self.device)
+        self.policy.set_seed(self.seed + 2)
+        cfg, p = self.config, self.policy
+        self.behavior, self.value, self.guidance = p.behavior, p.value, p.guidance
+        self.critic, self.critic_target, self.q_ensemble = p.critic, p.critic_target, p.q_ensemble
+
+        def adamw(module: nn.Module, lr: float) -> torch.optim.AdamW:
+            return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+
+        self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=cfg.behavior_learning_rate)
+        self.value_optimizer = adamw(self.value, cfg.value_learning_rate)
+        self.critic_optimizer = adamw(self.critic, cfg.value_learning_rate)
+        self.ensemble_optimizer = adamw(self.q_ensemble, cfg.value_learning_rate) if self.q_ensemble else None
+        self.guidance_optimizer = adamw(self.guidance, cfg.guidance_learning_rate)
+        self.lr_schedulers = []
+        if cfg.lr_decay:  # V, Q and the ensemble only, as in the official code
+            decayed = [self.value_optimizer, self.critic_optimizer, self.ensemble_optimizer]
+            self.lr_schedulers = [
+                torch.optim.lr_scheduler.CosineAnnealingLR(
+                    opt, T_max=cfg.lr_decay_steps, eta_min=cfg.min_value_learning_rate
+                )
+                for opt in decayed
+                if opt is not None
+            ]
+        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
+
+        self.replay: OfflineBuffer | None = None
+        if buffer is not None:
+            self.set_buffer(buffer)
+        self._init_surface(env, verbose, tensorboard_log)
+
+    # data ------------------------------------------------------------------------------------
+    def set_buffer(self, buffer: OfflineBuffer) -> None:
+        """Use ``buffer`` for training: observations normalised (when configured), actions
+        scaled to [-1, 1], rewards transformed, all moved to the training device once."""
+        self.replay = self._training_view(buffer, dice_rewards(buffer, self.config.reward_transform))
+
+    def _check_can_learn(self) -> None:
+        if self.replay is None:
+            raise RuntimeError(
+                "DiffusionDICE has no dataset: pass buffer=... or call set_buffer(buffer) before learn()"
+            )
+
+    # the update ------------------------------------------------------------------------------
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+
+        # 1. Behaviour model: eps-MSE on dataset actions (the official pre-training stage).
+        if cfg.behavior_steps is None or self._n_updates < cfg.behavior_steps:
+            bc_batch = self.replay.sample(cfg.behavior_batch_size, self._rng)
+            bc_loss = self.behavior.loss(bc_batch.actions, bc_batch.observations, self._rng)
+            self.behavior_optimizer.zero_grad(set_to_none=True)
+            bc_loss.backward()
+            self.behavior_optimizer.step()
+            losses["bc_loss"] = bc_loss.detach()
+
+        batch = self.replay.sample(cfg.batch_size, self._rng)
+        obs, act = batch.observations, batch.actions
+
+        # 2. V: the piecewise f-divergence dual, E[f*((Q_targ - V) / alpha) + V / alpha].
+        with torch.no_grad():
+            target_q = self.critic_target.q_min(obs, act)  # (B,)
+        v = self.value(obs)  # (B,)
+        residual = (target_q - v) / cfg.alpha
+        value_loss = torch.mean(f_star(residual) + v / cfg.alpha)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.value_optimizer.step()
+
+        # 3. Twin Q and the Q-ensemble: y = r + gamma (1 - d) V(s') (no target V).
+        with torch.no_grad():
+            y = batch.rewards + batch.not_dones * cfg.gamma * self.value(batch.next_observations)  # (B,)
+        q = self.critic(obs, act)  # (2, B)
+        critic_loss = (q - y).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+        if self.q_ensemble is not None:
+            ensemble_loss = (self.q_ensemble(obs, act) - y).pow(2).mean()
+            self.ensemble_optimizer.zero_grad(set_to_none=True)
+            ensemble_loss.backward()
+            self.ensemble_optimizer.step()
+            losses["ensemble_loss"] = ensemble_loss.detach()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+
+        # 4. Guidance W(s, a_t, t) -> log E[w | a_t, s] over M noisy copies of each dataset action,
+        #    one step t per state shared by its copies, one noise per copy.
+        with torch.no_grad():
+            weight = dice_weight((self.critic_target.q_min(obs, act) - self.value(obs)) / cfg.alpha)  # (B,)
+        m = cfg.n_noisy_copies
+        t = torch.randint(0, cfg.diffusion_steps, (obs.shape[0],), device=obs.device, generator=self._rng)
+        t = t.repeat_interleave(m)  # (B * M,)
+        clean = act.repeat_interleave(m, dim=0)  # (B * M, A)
+        noise = torch.randn(clean.shape, device=clean.device, generator=self._rng)
+        noisy = self.behavior.q_sample(clean, t, noise)
+        energy = self.guidance(noisy, t, obs.repeat_interleave(m, dim=0)).view(-1, m)  # (B, M)
+        guidance_loss = guidance_dual_loss(weight[:, None], energy)
+        self.guidance_optimizer.zero_grad(set_to_none=True)
+        guidance_loss.backward()
+        self.guidance_optimizer.step()
+
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
+        losses.update(
+            value_loss=value_loss.detach(),
+            critic_loss=critic_loss.detach(),
+            guidance_loss=guidance_loss.detach(),
+            v_mean=v.detach().mean(),
+            q_mean=q.detach().mean(),
+            weight_mean=weight.mean(),
+        )
+        return losses
+
+    # checkpoints -----------------------------------------------------------------------------
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = {
+            "behavior_optimizer": self.behavior_optimizer,
+            "value_optimizer": self.value_optimizer,
+            "critic_optimizer": self.critic_optimizer,
+            "guidance_optimizer": self.guidance_optimizer,
+        }
+        if self.ensemble_optimizer is not None:
+            optimizers["ensemble_optimizer"] = self.ensemble_optimizer
+        return optimizers
+
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"rng.train": self._rng.get_state()}
+        meta = {"lr_schedulers": [s.state_dict() for s in self.lr_schedulers]}
+        return tensors, meta
+
+    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._rng.set_state(tensors["rng.train"])
+        for scheduler, state in zip(self.lr_schedulers, meta.get("lr_schedulers", []), strict=False):
+            scheduler.load_state_dict(state)
+
+
+def dice_rewards(buffer: OfflineBuffer, kind: str) -> torch.Tensor:
+    """The official code's reward shaping: 'iql_locomotion' scales by 1000 / (max - min episode
+    return), 'iql_antmaze' maps r > 0 to 0 and the rest to -1; other kinds as Diffusion-QL's."""
+    rewards = buffer.rewards
+    if kind == "iql_locomotion":
+        returns = buffer.episode_returns()
+        spread = float(returns.max() - returns.min())
+        if not spread > 0:
+            raise ValueError(
+                f"reward_transform='iql_locomotion' needs episodes with different returns, but all "
+                f"{len(returns)} episode(s) return {returns.max():.6g}; use reward_transform='none' or 'normalize'"
+            )
+        return rewards * (1000.0 / spread)
+    if kind == "iql_antmaze":
+        return torch.where(rewards > 0, 0.0, -1.0).to(rewards.dtype)
+    return transform_rewards(rewards, kind)
+
+
+__all__ = ["DiffusionDICE", "DiffusionDICEConfig", "DiffusionDICEPolicy", "guided_sample"]

@@ -1,0 +1,567 @@
+"""QVPO: Q-weighted variational policy optimisation of a diffusion policy, online.
+
+Paper: Ding, Hu, Zhang, Ren, Zhang, Yu, Wang, Shi, "Diffusion-based Reinforcement Learning via
+Q-weighted Variational Policy Optimization", NeurIPS 2024, https://arxiv.org/abs/2405.16173.
+Defaults follow the official code (github.com/wadx2019/qvpo, ``main.py`` argparse defaults with
+``--weighted --aug``; see ``QVPOConfig``), with one deliberate fix: a time-limit truncation is
+not a terminal state here (the official gym-0.21 loop bootstraps from neither).
+
+One update (``QVPO._train_step``), every environment step once the random warm-up is over:
+
+1. critic: y = r + gamma * (1 - terminal) * max_k min(Q1', Q2')(s', a'_k) over ``n_target_samples``
+   actions of the target actor, scored by the target critics; loss MSE(Q1, y) + MSE(Q2, y);
+2. actor: on a fresh batch of states draw ``n_diffusion_samples`` (N_d) actions each from the
+   current actor, score them by the current critics' min-Q, keep the best one and weight it by
+   ``max(Q_best - mean_{N_d} Q, 0)`` (the 'qadv' transform); add ``n_entropy_samples`` (N_e)
+   actions drawn uniformly from the action box, each weighted by ``entropy_coef * w(s)``; train the
+   diffusion model with the weighted eps-loss on all of them;
+3. Polyak averaging of the target critics and the target actor.
+
+Acting: best-of-K by the current critics' min-Q; K = ``n_behavior_samples`` when exploring
+(``predict(deterministic=False)`` and data collection), ``n_eval_samples`` with fixed noise when
+``deterministic=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch.nn.utils import clip_grad_norm_
+
+from dql_agent.acting import PolicyBase
+from dql_agent.base import BaseAgent, draw_seed, resolve_device
+from dql_agent.buffer import Batch
+from dql_agent.config import ConfigBase, check_field, is_int, make_config
+from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.networks import Critic, NoiseMLP
+from dql_agent.spaces import flatten_batch, unscale_actions
+
+Q_TRANSFORMS = ("qadv", "qrelu")
+
+
+# configuration ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QVPOConfig(ConfigBase):
+    """Hyperparameters of QVPO. Defaults are the official code's (identical for every task)."""
+
+    learning_rate: float = 1e-4
+    """Actor (diffusion policy) Adam learning rate (official `--diffusion_lr`)."""
+    critic_learning_rate: float = 3e-4
+    """Critic Adam learning rate (official `--critic_lr`)."""
+    adam_eps: float = 1e-5
+    """Adam epsilon of both optimizers (hard-coded 1e-5 in the official code)."""
+    batch_size: int = 256
+    """Transitions per critic update; also the number of states per actor update."""
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity in transitions (official `memory_size` 1e6); oldest are overwritten."""
+    learning_starts: int = 10_000
+    """Env steps of uniformly random actions before the policy acts and updates start (`start_steps`)."""
+    utd_ratio: int = 1
+    """Gradient steps per collected transition (update-to-data ratio; official `updates_per_step`)."""
+    gamma: float = 0.99
+    """Discount factor of the TD target."""
+    tau: float = 0.005
+    """Polyak rate of the target critics and the target actor, applied every gradient step."""
+    grad_norm: float | None = 2.0
+    """Max gradient norm of actor and critic (official `--ac_grad_norm`); None disables clipping."""
+    diffusion_steps: int = 20
+    """Number of diffusion steps T (official `--n_timesteps`)."""
+    beta_schedule: str = "cosine"
+    """Noise schedule: 'cosine' (official default), 'linear' or 'vp'."""
+    n_diffusion_samples: int = 64
+    """N_d: actions drawn per state from the current policy for the Q-weighted loss (`--train_sample`)."""
+    n_entropy_samples: int = 10
+    """N_e: uniform actions per state for the entropy regulariser (hard-coded 10 in the official code)."""
+    entropy_coef_start: float = 0.02
+    """omega_ent at step 0 (official `--entropy_alpha`); the uniform actions' weight is omega_ent * w(s)."""
+    entropy_coef_end: float = 0.002
+    """Floor of omega_ent, reached at 90% of the decay with the official numbers."""
+    entropy_decay_steps: int | None = None
+    """Env steps over which omega_ent = max(end, start * (1 - step / decay_steps)) decays linearly;
+    None uses the ``total_timesteps`` of ``learn`` (the official `num_steps`)."""
+    q_transform: str = "qadv"
+    """Weight of the best sample: 'qadv' = max(Q - mean_{N_d} Q, 0) (QVPO) or 'qrelu' = max(Q, 0)."""
+    n_behavior_samples: int = 4
+    """K_b: candidates per state when exploring; the argmax of min-Q is taken (`--behavior_sample`)."""
+    n_target_samples: int = 4
+    """K_t: target-actor candidates per next state in the TD target (`--target_sample`)."""
+    n_eval_samples: int = 32
+    """Candidates per state for ``predict(deterministic=True)`` (`--eval_sample`; its help text says 512)."""
+    hidden_dim: int = 256
+    """Width of the denoiser and critic MLPs."""
+    n_hidden: int = 3
+    """Hidden layers of the denoiser and critic MLPs."""
+    time_dim: int = 32
+    """Size of the denoiser's sinusoidal time embedding."""
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
+            check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in (
+            "batch_size",
+            "buffer_size",
+            "utd_ratio",
+            "diffusion_steps",
+            "n_diffusion_samples",
+            "n_behavior_samples",
+            "n_target_samples",
+            "n_eval_samples",
+            "hidden_dim",
+            "n_hidden",
+        ):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
+        for name in ("learning_starts", "n_entropy_samples"):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 0, name, "an int >= 0", value)
+        decay = self.entropy_decay_steps
+        check_field(
+            decay is None or (is_int(decay) and decay >= 1), "entropy_decay_steps", "an int >= 1 or None", decay
+        )
+        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
+        check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
+        check_field(self.entropy_coef_start >= 0.0, "entropy_coef_start", ">= 0", self.entropy_coef_start)
+        check_field(
+            0.0 <= self.entropy_coef_end <= self.entropy_coef_start,
+            "entropy_coef_end",
+            f"in [0, entropy_coef_start={self.entropy_coef_start}]",
+            self.entropy_coef_end,
+        )
+        check_field(
+            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
+        )
+        check_field(self.q_transform in Q_TRANSFORMS, "q_transform", f"one of {Q_TRANSFORMS}", self.q_transform)
+        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+
+    def entropy_coef(self, step: int, decay_steps: int) -> float:
+        """omega_ent after ``step`` env steps: linear decay from start, floored at end."""
+        return max(self.entropy_coef_end, self.entropy_coef_start * (1.0 - step / max(decay_steps, 1)))
+
+
+# diffusion helpers -----------------------------------------------------------------------------
+@torch.no_grad()
+def sample_and_score(
+    actor: GaussianDiffusion,
+    critic: Critic,
+    states: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` actions per state and their min-Q: states (B, S) -> actions (B, n, A), q (B, n)."""
+    batch = states.shape[0]
+    actions = actor.sample(states, generator, noise, n_samples=n)  # (B * n, A), state-major
+    q = critic.q_min(states.repeat_interleave(n, dim=0), actions).view(batch, n)
+    return actions.view(batch, n, -1), q
+
+
+def best_of(actions: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax-Q candidate of each state: (B, n, A), (B, n) -> (B, A), (B,)."""
+    q_best, index = q.max(dim=1)
+    return actions[torch.arange(actions.shape[0], device=actions.device), index], q_best
+
+
+# policy ----------------------------------------------------------------------------------------
+class QVPOPolicy(PolicyBase):
+    """Diffusion actor and its target, twin critics and their targets, plus action selection.
+
+    Args:
+        observation_space: Box or Dict-of-Box space of the environment (flattened, not normalised).
+        action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
+        config: hyperparameters (network sizes, diffusion steps, schedule, K_b / K_eval).
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: QVPOConfig):
+        super().__init__(observation_space, action_space, config, config.n_eval_samples)
+        denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
+        self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+
+    # acting ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def select_action(
+        self, observations: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Best-of-K by the current critics' min-Q: (B, S) -> (B, A) in [-1, 1].
+
+        ``deterministic=False``: K = ``n_behavior_samples`` fresh samples (the behaviour policy).
+        ``deterministic=True``: K = ``n_eval_samples`` from fixed noise, so an observation always
+        gives the same action (also after save/load and in another process).
+        """
+        if deterministic:
+            n, noise = self.config.n_eval_samples, self.deterministic_noise_for(observations.shape[0])
+        else:
+            n, noise = self.config.n_behavior_samples, None
+        generator = self.generator if generator is None else generator
+        actions, q = sample_and_score(self.actor, self.critic, observations, n, generator, noise)
+        return best_of(actions, q)[0]
+
+
+# replay buffer ---------------------------------------------------------------------------------
+class ReplayBuffer:
+    """A ring buffer of flat transitions resident on the training device.
+
+    Actions are stored in [-1, 1]; ``terminals`` holds true terminations only (a time-limit
+    truncation is stored as not terminal, with the real final observation as next observation).
+    CPU storage is allocated with ``torch.empty`` so untouched capacity costs no memory.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.observations = torch.empty((capacity, obs_dim), device=device)
+        self.actions = torch.empty((capacity, action_dim), device=device)
+        self.rewards = torch.empty(capacity, device=device)
+        self.next_observations = torch.empty((capacity, obs_dim), device=device)
+        self.terminals = torch.empty(capacity, dtype=torch.bool, device=device)
+        self.pos, self.size = 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(
+        self,
+        observations: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_observations: np.ndarray,
+        terminals: np.ndarray,
+    ) -> None:
+        """Append one row per env: (n, obs_dim), (n, A), (n,), (n, obs_dim), (n,) bool."""
+        n = len(rewards)
+        index = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
+        for store, value in (
+            (self.observations, observations),
+            (self.actions, actions),
+            (self.rewards, rewards),
+            (self.next_observations, next_observations),
+            (self.terminals, terminals),
+        ):
+            store[index] = torch.as_tensor(value, dtype=store.dtype).to(self.device)
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """Uniform batch with replacement; indices are drawn on the buffer's device."""
+        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
+        return Batch(
+            self.observations[idx],
+            self.actions[idx],
+            self.rewards[idx],
+            self.next_observations[idx],
+            (~self.terminals[idx]).float(),
+        )
+
+
+# the algorithm ---------------------------------------------------------------------------------
+class QVPO(BaseAgent):
+    """QVPO: online RL with a diffusion policy trained by a Q-weighted variational loss.
+
+    Args:
+        env: env id, ``gymnasium.Env`` or SB3 VecEnv to train on (Monitor-wrapped when it is an id
+            or an Env). May be None for a model that only acts (e.g. before loading weights);
+            then pass ``observation_space`` and ``action_space``.
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', ...; the replay buffer lives there.
+        seed: seeds network initialisation, the env, warm-up actions, batches and diffusion noise.
+        verbose: 1 prints the training logs to stdout.
+        tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
+        observation_space, action_space: explicit spaces (else the env's).
+        **hyperparameters: any field of :class:`QVPOConfig` (``learning_starts``, ``batch_size``,
+            ``n_diffusion_samples``, ``n_entropy_samples``, ``n_behavior_samples``, ...).
+    """
+
+    algorithm: ClassVar[str] = "QVPO"
+    config_class: ClassVar[type] = QVPOConfig
+
+    def __init__(
+        self,
+        env: Any = None,
+        *,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        verbose: int = 0,
+        tensorboard_log: str | None = None,
+        observation_space: spaces.Space | None = None,
+        action_space: spaces.Box | None = None,
+        **hyperparameters: Any,
+    ):
+        self.config = make_config(QVPOConfig, hyperparameters)
+        self.device = resolve_device(device)
+        self.seed = draw_seed() if seed is None else int(seed)
+        if env is not None:
+            from dql_agent.integrations.sb3 import wrap_env
+
+            env = wrap_env(env)
+            observation_space = env.observation_space if observation_space is None else observation_space
+            action_space = env.action_space if action_space is None else action_space
+        if observation_space is None or action_space is None:
+            raise ValueError("cannot tell the spaces: pass env=, or observation_space= and action_space=")
+        self.metadata: dict[str, Any] = {}
+        env_id = _env_id(env)
+        if env_id is not None:
+            self.metadata["env_id"] = env_id
+
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            self.policy = QVPOPolicy(observation_space, action_space, self.config).to(self.device)
+        self.policy.set_seed(self.seed + 2)
+        self.actor, self.actor_target = self.policy.actor, self.policy.actor_target
+        self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
+        cfg = self.config
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
+        self.critic_optimizer = torch.optim.Adam(
+            self.critic.parameters(), lr=cfg.critic_learning_rate, eps=cfg.adam_eps
+        )
+        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        self._np_rng = np.random.default_rng(self.seed + 1)  # warm-up actions
+        self.replay_buffer: ReplayBuffer | None = None
+        self._last_obs: Any = None
+        self._episode_num = 0
+        self._total_timesteps = 0
+        self.ep_info_buffer: deque = deque(maxlen=100)
+        self._init_surface(env, verbose, tensorboard_log)
+
+    # env -------------------------------------------------------------------------------------
+    def set_env(self, env: Any) -> None:
+        """Attach an env id, ``gymnasium.Env`` or VecEnv to train on; its spaces must match."""
+        super().set_env(env)
+        self._last_obs = None  # the next learn() starts from a reset
+
+    def _check_can_learn(self) -> None:
+        if self.env is None:
+            raise RuntimeError("QVPO has no env to collect experience from: pass env=... or call set_env(env)")
+
+    @property
+    def entropy_coef(self) -> float:
+        """omega_ent at the current ``num_timesteps``."""
+        decay = self.config.entropy_decay_steps or self._total_timesteps
+        return self.config.entropy_coef(self.num_timesteps, decay)
+
+    # the update ------------------------------------------------------------------------------
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = self.replay_buffer.sample(cfg.batch_size, self._rng)
+
+        # Critic: TD target from the best of K_t target-actor samples under the target critics.
+        with torch.no_grad():
+            _, next_q = sample_and_score(
+                self.actor_target, self.critic_target, batch.next_observations, cfg.n_target_samples, self._rng
+            )
+            target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q.max(dim=1).values  # (B,)
+        current_q = self.critic(batch.observations, batch.actions)  # (2, B)
+        critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if cfg.grad_norm is not None:
+            clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
+        self.critic_optimizer.step()
+
+        # Actor: the best of N_d current-policy samples per (fresh) state, weighted by its advantage
+        # over the samples' mean Q, plus N_e uniform actions weighted by omega_ent * that weight.
+        states = self.replay_buffer.sample(cfg.batch_size, self._rng).observations  # (B, S)
+        candidates, q = sample_and_score(self.actor, self.critic, states, cfg.n_diffusion_samples, self._rng)
+        best_actions, q_best = best_of(candidates, q)  # (B, A), (B,)
+        if cfg.q_transform == "qadv":
+            weights = (q_best - q.mean(dim=1)).clamp(min=0.0)
+        else:  # qrelu
+            weights = q_best.clamp(min=0.0)
+        entropy_coef = self.entropy_coef
+        actions, weight_rows, state_rows = best_actions, weights, states
+        if cfg.n_entropy_samples > 0 and entropy_coef > 0:
+            n = cfg.n_entropy_samples
+            uniform = torch.rand((states.shape[0] * n, self.policy.action_dim), device=self.device, generator=self._rng)
+            actions = torch.cat([best_actions, 2.0 * uniform - 1.0])
+            state_rows = torch.cat([states, states.repeat_interleave(n, dim=0)])
+            weight_rows = torch.cat([weights, entropy_coef * weights.repeat_interleave(n)])
+        actor_loss = self.actor.loss(actions, state_rows, self._rng, weights=weight_rows)  # the official WeightedL2
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if cfg.grad_norm is not None:
+            clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
+        self.actor_optimizer.step()
+
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+            torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), cfg.tau)
+        return {
+            "critic_loss": critic_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "q_mean": current_q.detach().mean(),
+            "weight_mean": weights.mean(),
+        }
+
+    # experience collection -------------------------------------------------------------------
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 4,
+        progress_bar: bool = False,
+        reset_num_timesteps: bool = True,
+    ) -> QVPO:
+        """Collect ``total_timesteps`` env steps, updating after each one past the warm-up.
+
+        As SB3's off-policy algorithms: ``num_timesteps`` counts env steps (``n_envs`` per VecEnv
+        step), callbacks' ``on_step`` runs once per VecEnv step (False stops training), actions
+        are uniformly random while ``num_timesteps < learning_starts``, then ``utd_ratio``
+        gradient steps follow each collected transition.
+
+        Args:
+            total_timesteps: env steps to collect.
+            callback: an SB3 ``BaseCallback``, a list of them, a ``f(locals, globals)`` or None.
+            log_interval: dump the logs every this many finished episodes (0: never).
+            progress_bar: show SB3's progress bar over env steps.
+            reset_num_timesteps: start ``num_timesteps`` (and the env) afresh; False continues
+                the count, the episode in progress and the entropy schedule.
+        """
+        if not is_int(total_timesteps) or total_timesteps < 0:
+            raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
+        if not is_int(log_interval) or log_interval < 0:
+            raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
+        self._check_can_learn()
+        from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
+
+        from dql_agent.integrations.sb3 import make_callback
+
+        cfg, env = self.config, self.env
+        n_envs = env.num_envs
+        if reset_num_timesteps:
+            self.num_timesteps, self._episode_num = 0, 0
+            self.ep_info_buffer.clear()
+            self._last_obs = None
+        total_timesteps = int(total_timesteps) + self.num_timesteps
+        self._total_timesteps = total_timesteps
+        if self.replay_buffer is None:
+            self.replay_buffer = ReplayBuffer(cfg.buffer_size, self.policy.obs_dim, self.policy.action_dim, self.device)
+        if self._last_obs is None:
+            env.seed(self.seed)
+            self._last_obs = env.reset()
+
+        callback = make_callback(callback, False)
+        if progress_bar:  # SB3's own bar advances by n_envs per step, as num_timesteps does
+            callback = CallbackList([callback, ProgressBarCallback()])
+        callback.init_callback(self)
+        callback.on_training_start(locals(), globals())
+        self.policy.train()
+        space, action_shape = self.observation_space, self.action_space.shape
+        sums: dict[str, torch.Tensor] = {}
+        n_summed, start, start_timesteps = 0, time.time(), self.num_timesteps
+        while self.num_timesteps < total_timesteps:
+            obs = flatten_batch(space, self._last_obs, n_envs).astype(np.float32)  # (n_envs, S)
+            if self.num_timesteps < cfg.learning_starts:
+                scaled = self._np_rng.uniform(-1.0, 1.0, (n_envs, self.policy.action_dim)).astype(np.float32)
+            else:
+                tensor = torch.as_tensor(obs, device=self.device)
+                scaled = self.policy.select_action(tensor, deterministic=False, generator=self._rng).cpu().numpy()
+            actions = unscale_actions(scaled, self.action_space).reshape(n_envs, *action_shape)
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += n_envs
+
+            next_obs, terminals = self._transition_ends(new_obs, dones, infos)
+            self.replay_buffer.add(obs, scaled, np.asarray(rewards, np.float32), next_obs, terminals)
+            self.ep_info_buffer.extend(info["episode"] for info in infos if "episode" in info)
+            self._last_obs = new_obs
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                break
+
+            if self.num_timesteps >= cfg.learning_starts:
+                for _ in range(cfg.utd_ratio * n_envs):
+                    losses = self._train_step()
+                    self._n_updates += 1
+                    for key, value in losses.items():  # summed on the device: no host sync per step
+                        sums[key] = sums[key] + value if key in sums else value.clone()
+                    n_summed += 1
+            for done in dones:
+                if done:
+                    self._episode_num += 1
+                    if log_interval and self._episode_num % log_interval == 0:
+                        self._dump_rollout_logs(sums, n_summed, start, start_timesteps)
+                        sums, n_summed = {}, 0
+        self.policy.eval()
+        callback.on_training_end()
+        return self
+
+    def _transition_ends(self, new_obs: Any, dones: np.ndarray, infos: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Next observations and terminal flags of a VecEnv step.
+
+        A VecEnv resets a finished env at once: its real last observation is in
+        ``info["terminal_observation"]``. ``info["TimeLimit.truncated"]`` marks a truncation,
+        which is not a terminal: its TD target still bootstraps.
+        """
+        n_envs = len(dones)
+        next_obs = flatten_batch(self.observation_space, new_obs, n_envs).astype(np.float32, copy=True)
+        terminals = np.zeros(n_envs, dtype=bool)
+        for i, done in enumerate(dones):
+            if not done:
+                continue
+            final = infos[i].get("terminal_observation")
+            if final is not None:
+                next_obs[i] = flatten_batch(self.observation_space, _add_batch_axis(final), 1)[0]
+            terminals[i] = not infos[i].get("TimeLimit.truncated", False)
+        return next_obs, terminals
+
+    def _dump_rollout_logs(self, sums: dict[str, torch.Tensor], n: int, start: float, start_timesteps: int) -> None:
+        elapsed = max(time.time() - start, 1e-9)
+        self.logger.record("time/episodes", self._episode_num, exclude="tensorboard")
+        if self.ep_info_buffer:
+            self.logger.record("rollout/ep_rew_mean", float(np.mean([e["r"] for e in self.ep_info_buffer])))
+            self.logger.record("rollout/ep_len_mean", float(np.mean([e["l"] for e in self.ep_info_buffer])))
+        self.logger.record("time/fps", int((self.num_timesteps - start_timesteps) / elapsed))
+        self.logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        for key, value in sums.items():
+            self.logger.record(f"train/{key}", float(value) / n)
+        if n:
+            self.logger.record("train/entropy_coef", self.entropy_coef)
+            self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)
+
+    # checkpoints -----------------------------------------------------------------------------
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer}
+
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"rng.train": self._rng.get_state()}
+        meta = {
+            "np_rng": self._np_rng.bit_generator.state,
+            "episode_num": self._episode_num,
+            "total_timesteps": self._total_timesteps,
+        }
+        return tensors, meta
+
+    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._rng.set_state(tensors["rng.train"])
+        self._np_rng.bit_generator.state = meta["np_rng"]
+        self._episode_num = int(meta["episode_num"])
+        self._total_timesteps = int(meta["total_timesteps"])
+
+
+def _add_batch_axis(observation: Any) -> Any:
+    if isinstance(observation, dict):
+        return {key: _add_batch_axis(value) for key, value in observation.items()}
+    return np.asarray(observation)[None]
+
+
+def _env_id(vec_env: Any) -> str | None:
+    """The registered id of the first env of a VecEnv, when it can be read."""
+    if vec_env is None:
+        return None
+    try:
+        spec = vec_env.get_attr("spec", [0])[0]
+    except (AttributeError, IndexError):  # a VecEnv whose envs have no spec: the id is only metadata
+        return None
+    return getattr(spec, "id", None)
+
+
+__all__ = ["QVPO", "QVPOConfig", "QVPOPolicy", "ReplayBuffer"]

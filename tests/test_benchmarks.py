@@ -1,0 +1,147 @@
+"""Smoke tests of the benchmark scripts with tiny budgets (the numbers are not checked here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER_ZIP = Path("/work/shared/agents/sac_Hopper.zip")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_flops_match_the_hand_count():
+    speed = load_script("speed")
+    flops, passes = speed.step_flops(11, 3)
+    # denoiser: 2*(30*256 + 2*256*256 + 256*3 + 16*32 + 32*16) per row; twin critics: 2*2*(14*256 + 2*256*256 + 256)
+    d, c = 2 * (30 * 256 + 2 * 256 * 256 + 256 * 3 + 16 * 32 + 32 * 16), 4 * (14 * 256 + 2 * 256 * 256 + 256)
+    expected = 256 * (5 * d + c + 3 * c + 3 * d + 3 * 5 * d + 2 * c)
+    assert flops == expected
+    assert 2.4e9 < flops < 2.6e9  # "about 2.6 GFLOP per step" at Hopper shapes (issue 4)
+    assert len(passes) == 6
+    mm = speed.step_matmuls(11, 3)
+    assert sum(2 * m * k * n * count for (m, k, n), count in mm.items()) == flops
+
+
+def test_speed_main_runs(tmp_path):
+    speed = load_script("speed")
+    out = tmp_path / "speed.json"
+    results = speed.main(
+        ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--out", str(out)]
+    )
+    hopper = results["hopper"]["dql_agent"]
+    assert hopper["steps_per_s"] > 0 and hopper["predict_b1_ms"] > 0 and hopper["select_action_b16_ms"] > 0
+    assert 0 < hopper["fraction_of_step_shapes"] < 2
+    assert json.loads(out.read_text())["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.skipif(not Path("/tmp/official/agents/ql_diffusion.py").exists(), reason="no official checkout")
+def test_speed_against_the_official_code():
+    speed = load_script("speed")
+    results = speed.main(
+        ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--reference", "/tmp/official"]
+    )
+    assert results["hopper"]["official"]["steps_per_s"] > 0
+    assert results["hopper"]["ratios"]["train_speedup"] > 0
+    assert "agents" not in sys.modules or "official" not in str(getattr(sys.modules["agents"], "__file__", ""))
+
+
+@pytest.fixture(scope="module")
+def hopper_datasets(tmp_path_factory):
+    pytest.importorskip("shimmy")
+    if not HOPPER_ZIP.exists():
+        pytest.skip(f"{HOPPER_ZIP} not present")
+    datasets = load_script("datasets")
+    root = tmp_path_factory.mktemp("minari")
+    argv = [str(HOPPER_ZIP), "--steps", "300", "--ref-episodes", "1", "--out", str(root), "--namespace", "smoke"]
+    return root, datasets.main(argv)
+
+
+def test_datasets_main_writes_minari_datasets_with_reference_scores(hopper_datasets):
+    import minari
+
+    root, summaries = hopper_datasets
+    assert set(summaries) == {f"smoke/hopper/{k}-v0" for k in ("expert", "medium", "medium-expert")}
+    assert summaries["smoke/hopper/expert-v0"]["steps"] == 300
+    assert summaries["smoke/hopper/medium-expert-v0"]["steps"] == 600
+    dataset = minari.load_dataset("smoke/hopper/expert-v0")
+    assert dataset.storage.metadata["ref_max_score"] > dataset.storage.metadata["ref_min_score"]
+    assert dataset.total_steps == 300
+
+
+def test_scores_main_runs(hopper_datasets, tmp_path):
+    pytest.importorskip("matplotlib")
+    scores = load_script("scores")
+    root, _ = hopper_datasets
+    argv = [
+        "--minari-path",
+        str(root),
+        "--datasets",
+        "smoke/hopper/medium-v0",
+        "--algos",
+        "dql",
+        "bc-diffusion",
+        "bc-mlp",
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--seeds",
+        "0",
+        "--bandit-ql-steps",
+        "10",
+        "--bandit-bc-steps",
+        "10",
+        "--bandit-td3bc-steps",
+        "10",
+        "--out",
+        str(tmp_path),
+    ]
+    results = scores.main(argv)
+    r = results["datasets"]["smoke/hopper/medium-v0"]
+    assert set(r["mean"]) == {"dql", "bc-diffusion", "bc-mlp"}
+    assert [p["step"] for p in r["curves"]["dql"][0]] == [10, 20]
+    assert (tmp_path / "curve_smoke_hopper_medium-v0.png").stat().st_size > 0
+    assert (tmp_path / "bandit.png").stat().st_size > 0
+
+
+def test_scores_with_d3rlpy(hopper_datasets, tmp_path):
+    pytest.importorskip("d3rlpy")
+    scores = load_script("scores")
+    root, _ = hopper_datasets
+    argv = [
+        "--minari-path",
+        str(root),
+        "--datasets",
+        "smoke/hopper/medium-v0",
+        "--algos",
+        "td3bc",
+        "iql",
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--seeds",
+        "0",
+        "--bandit-ql-steps",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    results = scores.main(argv)
+    assert set(results["datasets"]["smoke/hopper/medium-v0"]["mean"]) == {"td3bc", "iql"}

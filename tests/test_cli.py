@@ -1,0 +1,169 @@
+"""The dql-agent command, run in-process through main(argv)."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from dql_agent import QVPO, DiffusionDICE, DiffusionQL, load_from_hub
+from dql_agent.cli import main
+
+SMALL = ["--set", "hidden_dim=16", "--set", "n_hidden=2", "--set", "diffusion_steps=3", "--set", "batch_size=32"]
+
+
+@pytest.fixture
+def npz(tmp_path, pendulum_arrays):
+    path = tmp_path / "pendulum.npz"
+    np.savez(path, **pendulum_arrays)
+    return str(path)
+
+
+def test_train_evaluate_record_push(npz, tmp_path, capsys, hub_server):
+    out = tmp_path / "model"
+    main(
+        [
+            "train",
+            npz,
+            "--env",
+            "Pendulum-v1",
+            "--steps",
+            "5",
+            "-o",
+            str(out),
+            "--episodes",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            "--set",
+            "n_action_samples=4",
+            *SMALL,
+        ]
+    )
+    assert "mean return" in capsys.readouterr().out
+    model = DiffusionQL.load(out)
+    assert (model.num_timesteps, model.config.hidden_dim, model.config.n_action_samples) == (5, 16, 4)
+
+    main(["evaluate", str(out), "--env", "Pendulum-v1", "--episodes", "2", "--json", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["n_eval_episodes"] == 2 and results["mean_reward"] < 0
+
+    main(["record", str(out), "--env", "Pendulum-v1", "-o", str(tmp_path / "v.mp4"), "--max-steps", "12"])
+    assert iio.imread(tmp_path / "v.mp4", plugin="FFMPEG").shape[0] == 12
+
+    main(["push", str(out), "alice/cli-model", "--env", "Pendulum-v1", "--episodes", "1", "--video-length", "8"])
+    assert "pushed:" in capsys.readouterr().out
+    assert {"model.safetensors", "config.json", "README.md", "results.json", "replay.mp4"} <= set(
+        hub_server.repos["alice/cli-model"].commits[hub_server.repos["alice/cli-model"].branches["main"]].files
+    )
+    loaded = load_from_hub("alice/cli-model", device="cpu")
+    obs = np.zeros(3, np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
+    main(
+        [
+            "train",
+            npz,
+            "--algo",
+            "dice",
+            "--steps",
+            "3",
+            "-o",
+            str(tmp_path / "dice"),
+            "--episodes",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--set",
+            "n_candidates=4",
+            "--set",
+            "q_ensemble_size=2",
+            "--set",
+            "behavior_batch_size=32",
+            "--set",
+            "time_dim=8",
+            *SMALL,
+        ]
+    )
+    assert type(load_from_hub(str(tmp_path / "dice"))) is DiffusionDICE
+    main(
+        [
+            "train",
+            "--algo",
+            "qvpo",
+            "--env",
+            "Pendulum-v1",
+            "--steps",
+            "40",
+            "-o",
+            str(tmp_path / "qvpo"),
+            "--episodes",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--set",
+            "learning_starts=20",
+            "--set",
+            "n_diffusion_samples=4",
+            "--set",
+            "n_eval_samples=4",
+            *SMALL,
+        ]
+    )
+    assert load_from_hub(str(tmp_path / "qvpo")).num_timesteps == 40
+    assert isinstance(load_from_hub(str(tmp_path / "qvpo")), QVPO)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--algo", "dql", "-o", "x"], "trains offline: pass a DATASET"),
+        (["train", "data.npz", "--algo", "qvpo", "-o", "x"], "trains online"),
+        (["train", "data.npz", "--algo", "dice", "--preset", "hopper-medium", "-o", "x"], "use it with --algo dql"),
+        (["train", "missing.npz", "-o", "x"], "D4RL file not found"),
+        (["train", "nosuch/dataset-v0", "-o", "x"], "nosuch/dataset-v0"),
+        (["train", "data.npz", "--set", "noequals", "-o", "x"], "--set expects key=value"),
+        (["evaluate", "nowhere/model"], "nowhere/model"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert message in str(error.value)
+
+
+def test_demo_pipeline_smoke(tmp_path, capsys):
+    """The demo's steps end to end with a tiny budget (the real budget runs under -m slow)."""
+    main(["demo", "-o", str(tmp_path / "demo"), "--steps", "20", "--episodes", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for line in ("[1/5]", "noisy half", "random actions", "[5/5]"):
+        assert line in out
+    hub = tmp_path / "demo" / "hub"
+    assert {p.name for p in hub.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "results.json",
+        "replay.mp4",
+    }
+    assert DiffusionQL.load(tmp_path / "demo" / "model").num_timesteps == 20
+
+
+@pytest.mark.slow
+def test_demo_beats_the_noisy_half_and_random_actions(tmp_path, capsys):
+    main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"])
+    results = json.loads((tmp_path / "demo" / "hub" / "results.json").read_text())
+    out = capsys.readouterr().out
+    noisy = float(out.split("dataset noisy half")[1].split()[0])
+    random = float(out.split("random actions")[1].split()[0])
+    assert results["mean_reward"] > noisy + 200 and results["mean_reward"] > random + 200, (results, noisy, random)

@@ -1,0 +1,159 @@
+"""Nothing lost: interrupted training resumes exactly, saves are atomic, NaN losses stop cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from stable_baselines3.common.callbacks import BaseCallback
+
+from dql_agent import CheckpointError, DiffusionQL, OfflineBuffer
+
+CONFIG = dict(TINY, ema_start_step=4, ema_update_every=2)
+
+
+def same_weights(a: DiffusionQL, b: DiffusionQL) -> bool:
+    sa, sb = a.policy.state_dict(), b.policy.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class At(BaseCallback):
+    """Calls ``action`` after gradient step ``step``."""
+
+    def __init__(self, step, action):
+        super().__init__()
+        self.step, self.action = step, action
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == self.step:
+            self.action()
+        return True
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(pendulum_buffer, tmp_path):
+    handler_before = signal.getsignal(signal.SIGINT)
+    straight = DiffusionQL(pendulum_buffer, seed=5, device="cpu", **CONFIG).learn(16)
+    model = DiffusionQL(pendulum_buffer, seed=5, device="cpu", **CONFIG)
+    ctrl_c = At(7, lambda: os.kill(os.getpid(), signal.SIGINT))  # a real SIGINT, mid-run
+    with pytest.raises(KeyboardInterrupt, match="after gradient step 7"), pytest.warns(UserWarning, match="resumable"):
+        model.learn(16, callback=ctrl_c, interrupt_checkpoint=tmp_path / "interrupted")
+    assert model.num_timesteps == 7
+    assert model.predict(np.zeros(3, np.float32), deterministic=True)[0].shape == (1,)  # still usable
+    resumed = DiffusionQL.load(tmp_path / "interrupted", device="cpu")
+    assert resumed.num_timesteps == 7
+    resumed.set_buffer(pendulum_buffer)
+    resumed.learn(9, reset_num_timesteps=False)
+    assert same_weights(straight, resumed)
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
+
+
+def test_callback_exception_leaves_a_resumable_checkpoint(pendulum_buffer, tmp_path):
+    straight = DiffusionQL(pendulum_buffer, seed=6, device="cpu", **CONFIG).learn(12)
+    model = DiffusionQL(pendulum_buffer, seed=6, device="cpu", **CONFIG)
+
+    def fail():
+        raise RuntimeError("logger disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"), pytest.warns(UserWarning, match="gradient step 5"):
+        model.learn(12, callback=At(5, fail), interrupt_checkpoint=tmp_path / "ckpt")
+    resumed = DiffusionQL.load(tmp_path / "ckpt", device="cpu")
+    resumed.set_buffer(pendulum_buffer)
+    resumed.learn(7, reset_num_timesteps=False)
+    assert same_weights(straight, resumed)
+
+
+def exploding_buffer() -> OfflineBuffer:
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(64, 2)).astype(np.float32)
+    rewards = np.full(64, 3e38, np.float32)  # finite, but its square is not
+    return OfflineBuffer(obs, rng.uniform(-1, 1, (64, 1)), rewards, obs, np.ones(64, bool))
+
+
+def test_nonfinite_loss_stops_before_touching_the_weights():
+    model = DiffusionQL(exploding_buffer(), seed=0, device="cpu", **TINY)
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"critic_loss is inf at gradient step 1"):
+        model.learn(3)
+    assert all(torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+    skipping = DiffusionQL(exploding_buffer(), seed=0, device="cpu", nonfinite_loss="skip", **TINY)
+    with pytest.warns(UserWarning, match="skipping the batch"):
+        skipping.learn(3)
+    assert skipping.num_timesteps == 3
+    assert all(torch.isfinite(p).all() for p in skipping.policy.parameters())
+
+
+SAVE_LOOP = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from dql_agent import DiffusionQL, OfflineBuffer
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(32, 3)).astype(np.float32)
+    buffer = OfflineBuffer(obs, rng.uniform(-1, 1, (32, 2)), rng.normal(size=32), obs, np.zeros(32, bool))
+    model = DiffusionQL(buffer, seed=0, device="cpu", hidden_dim=512, n_hidden=4)
+    model.save(sys.argv[1])
+    print("saved", flush=True)
+    while True:  # keep overwriting the same checkpoint until killed
+        model.num_timesteps += 1
+        model.save(sys.argv[1], include_optimizer=True)
+""")
+
+
+def test_a_process_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    for delay in (0.3, 0.7, 1.1):
+        process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "saved"
+        time.sleep(delay)
+        process.kill()  # SIGKILL: no cleanup handlers run
+        process.wait()
+        try:
+            model = DiffusionQL.load(path, device="cpu")
+        except CheckpointError as error:  # only the instant between two renames can tear a save
+            assert "save was interrupted" in str(error)
+        else:
+            assert model.num_timesteps >= 0
+        leftovers = [p.name for p in path.iterdir() if p.name.endswith(".tmp")]
+        assert all(name.startswith(".") for name in leftovers)  # temp files never shadow real ones
+
+
+PREDICT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from dql_agent import DiffusionQL
+    model = DiffusionQL.load(sys.argv[1], device="cpu")
+    obs = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    print(model.predict(obs, deterministic=True)[0].tobytes().hex())
+""")
+
+
+def test_deterministic_actions_are_identical_across_processes(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    obs = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    expected = tiny_model.predict(obs, deterministic=True)[0].tobytes().hex()
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", PREDICT, str(tmp_path / "m")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert runs == [expected, expected]
+
+
+def test_same_seed_same_evaluation_returns(pendulum_buffer):
+    import gymnasium as gym
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.monitor import Monitor
+
+    def run():
+        model = DiffusionQL(pendulum_buffer, seed=4, device="cpu", **TINY).learn(10)
+        env = Monitor(gym.make("Pendulum-v1"))
+        env.reset(seed=123)
+        return evaluate_policy(model, env, n_eval_episodes=2, return_episode_rewards=True)[0]
+
+    assert run() == run()
