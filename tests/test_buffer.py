@@ -15,9 +15,11 @@ def test_from_d4rl_dict_npz_and_hdf5_agree(pendulum_arrays, tmp_path):
     with h5py.File(tmp_path / "data.hdf5", "w") as f:
         for key, value in pendulum_arrays.items():
             f[key] = value
-    buffers = [
-        OfflineBuffer.from_d4rl(src) for src in (pendulum_arrays, tmp_path / "data.npz", str(tmp_path / "data.hdf5"))
-    ]
+    with pytest.warns(UserWarning, match="action_space not given"):  # no spaces given: bounds from the data
+        buffers = [
+            OfflineBuffer.from_d4rl(src)
+            for src in (pendulum_arrays, tmp_path / "data.npz", str(tmp_path / "data.hdf5"))
+        ]
     for buffer in buffers:
         assert len(buffer) == 800
         torch.testing.assert_close(buffer.observations, buffers[0].observations)

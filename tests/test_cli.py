@@ -71,6 +71,8 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
             npz,
             "--algo",
             "dice",
+            "--env",
+            "Pendulum-v1",
             "--steps",
             "3",
             "-o",
