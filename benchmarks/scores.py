@@ -82,6 +82,7 @@ class Curve:
         returns = evaluate(act, self.env_id, self.n_episodes, 10_000 + 100 * self.seed)
         score = float(np.mean(self.minari.get_normalized_score(self.dataset, returns)) * 100.0)
         self.points.append({"step": step, "return": float(returns.mean()), "score": score})
+        print(f"  step {step}: return {returns.mean():.1f}, normalized score {score:.1f}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,12 +101,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     output = Path(args.output).resolve()
     os.environ["MINARI_DATASETS_PATH"] = str(output / "datasets")  # keep ~/.minari untouched
     import gymnasium as gym
+    import torch
     from stable_baselines3.common.monitor import Monitor
 
     from dql_agent import DiffusionQL, OfflineBuffer
     from dql_agent.demo_data import build_pendulum_dataset
     from dql_agent.integrations.hub import evaluate, write_hub_folder
 
+    # One thread: the demo's 64-wide MLPs gain nothing from intra-op parallelism, and on a
+    # 2-core machine with any other load two OpenMP threads spin-wait on each other (measured
+    # here: 1 thread 83-88 gradient steps/s, 2 threads about 1 step/s while another process ran).
+    torch.set_num_threads(args.threads)
     start = time.time()
     print(f"[1/5] building the offline dataset {DEMO_DATASET} in {output / 'datasets'}")
     info = build_pendulum_dataset(DEMO_DATASET, seed=args.seed)
@@ -148,6 +153,11 @@ ALGORITHMS = {"dql": "DiffusionQL", "qvpo": "QVPO", "dice": "DiffusionDICE"}
 
 def cmd_train(args: argparse.Namespace) -> None:
     import dql_agent
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     cls = getattr(dql_agent, ALGORITHMS[args.algo])
     overrides = _parse_overrides(args.set)
@@ -235,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-video", action="store_true", help="skip replay.mp4")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits the demo's small networks)")
 
     p = add("train", cmd_train, "train an agent: offline on a Minari id or D4RL .npz/.hdf5 file, or online (qvpo)")
     p.add_argument("dataset", nargs="?", help="Minari id or .npz/.hdf5 file (offline algorithms)")
@@ -250,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download a Minari dataset that is not local")
     p.add_argument("--include-optimizer", action="store_true", help="save optimizer state to resume")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     p = add("evaluate", cmd_evaluate, "evaluate a saved or Hub model with SB3's evaluate_policy")
     p.add_argument("model")

@@ -8,7 +8,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hub_server import FakeHub  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+
+# The test models are tiny: intra-op threads only add OpenMP synchronisation, which collapses
+# when the 2 cores are shared with a subprocess (see dql_agent/cli.py). Set before torch loads,
+# so subprocesses started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from hub_server import FakeHub  # noqa: E402  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 HUB_TEST_TOKEN = "hf_fake_test_token"
 
