@@ -58,9 +58,16 @@ class Checkpoint:
 
 
 # writing ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is as readable as any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -13,6 +13,9 @@ import pytest
 # when the 2 cores are shared with a subprocess (see dql_agent/cli.py). Set before torch loads,
 # so subprocesses started by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests run offline: any Hub access outside the `hub_server` fixture (which turns this off for its
+# own test) fails at once instead of waiting on a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hub_server import FakeHub  # noqa: E402  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 

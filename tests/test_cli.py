@@ -135,10 +135,10 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
         (["evaluate", "nowhere/model"], "nowhere/model"),
     ],
 )
-def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, monkeypatch, capsys):
+def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, monkeypatch, hub_server, hub_offline):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline()  # a repo id must fail from the (empty) cache, never reach a real network
     with pytest.raises(SystemExit) as error:
         main(argv)
     assert message in str(error.value)

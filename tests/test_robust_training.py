@@ -104,6 +104,18 @@ SAVE_LOOP = textwrap.dedent("""
 """)
 
 
+def test_saved_files_follow_the_umask(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "m")
+    expected = 0o666 & ~_umask()
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "m").iterdir()} == {expected}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_a_process_killed_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "ckpt"
     for delay in (0.3, 0.7, 1.1):
