@@ -35,10 +35,6 @@ __all__ = ["load_minari_dataset", "minari_to_transitions", "write_minari_dataset
 # Minari ids are "(namespace/)name-vN"; minari itself crashes with a TypeError without "-vN".
 _VERSIONED_ID = re.compile(r"-v\d+$")
 
-# Contact details keep minari's metadata warnings quiet; they name the writer, not a person.
-_AUTHOR_EMAIL = "dql-agent@users.noreply.github.com"
-_CODE_PERMALINK = "https://github.com/dql-agent/dql_agent/blob/main/integrations/minari.py"
-
 _EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
 
 
@@ -224,6 +220,8 @@ def write_minari_dataset(
     ref_min_score: float | None = None,
     ref_max_score: float | None = None,
     author: str = "dql_agent",
+    author_email: str | None = None,
+    code_permalink: str | None = None,
     description: str | None = None,
     algorithm_name: str | None = None,
 ) -> minari.MinariDataset:
@@ -242,6 +240,8 @@ def write_minari_dataset(
         ref_max_score: mean return of an expert policy. Give both scores or neither: we never
             let minari estimate a missing one by rolling out 100 episodes.
         author: stored in the dataset metadata.
+        author_email, code_permalink: contact and code link for the metadata (minari's reminders
+            about leaving them out are silenced: that is the caller's choice).
         description: stored in the metadata; defaults to a one-line summary of the episodes.
         algorithm_name: the policy that collected the data, stored in the metadata.
 
@@ -283,6 +283,8 @@ def write_minari_dataset(
             warnings.filterwarnings("ignore", message="`algorithm_name` is set to None")
             warnings.filterwarnings("ignore", message="`eval_env` is set to None")
             warnings.filterwarnings("ignore", message="env_spec is None")
+            warnings.filterwarnings("ignore", message="`author_email` is set to None")
+            warnings.filterwarnings("ignore", message="`code_permalink` is set to None")
             dataset = minari.create_dataset_from_buffers(
                 dataset_id=dataset_id,
                 buffer=buffers,
@@ -290,8 +292,8 @@ def write_minari_dataset(
                 eval_env=env_id,
                 algorithm_name=algorithm_name,
                 author=author,
-                author_email=_AUTHOR_EMAIL,
-                code_permalink=_CODE_PERMALINK,
+                author_email=author_email,
+                code_permalink=code_permalink,
                 action_space=action_space,
                 observation_space=observation_space,
                 ref_min_score=ref_min_score,
