@@ -321,7 +321,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate every this many gradient steps")
     p.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: OMP_NUM_THREADS if set, else all visible cores)",
+    )
     p.add_argument("--bandit-ql-steps", type=int, default=1000, help="Diffusion-QL steps on the bandit (0: no figure)")
     p.add_argument("--bandit-bc-steps", type=int, default=15_000, help="diffusion BC (T=50) steps on the bandit")
     p.add_argument("--bandit-td3bc-steps", type=int, default=3000, help="Gaussian TD3+BC steps on the bandit")
@@ -333,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.minari_path is not None:
         os.environ["MINARI_DATASETS_PATH"] = str(Path(args.minari_path).resolve())
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    # --threads, else an explicit OMP_NUM_THREADS, else every visible core
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(args.threads or (int(omp) if omp.isdigit() else 0) or len(os.sched_getaffinity(0)))
     args.out.mkdir(parents=True, exist_ok=True)
     from dql_agent.integrations.minari import load_minari_dataset, minari_to_transitions
 

@@ -325,7 +325,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference", type=Path, default=None, help="official Diffusion-QL checkout to compare with")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: OMP_NUM_THREADS if set, else all visible cores)",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved ours/official repeats; medians reported")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
@@ -336,7 +341,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    omp = os.environ.get("OMP_NUM_THREADS", "")  # --threads, else an explicit OMP_NUM_THREADS, else all cores
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or (int(omp) if omp.isdigit() else 0) or cores
     torch.set_num_threads(threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
