@@ -60,8 +60,13 @@ def test_diffusion_bc_reproduces_all_four_modes():
 
 @pytest.mark.slow
 def test_full_bandit_at_the_papers_settings():
-    """T=50 for both halves, as in the paper's figure."""
+    """T=50 for both halves, as in the paper's figure.
+
+    The official toy agent at these settings (T=50, eta=2.5, 3000 steps) put 84.8% of its samples
+    within 0.3 of the best mode (measured here); this implementation 81.4% with seed 0.
+    """
     ql = mode_shares(train(eta=2.5, steps=3000, diffusion_steps=50, seed=0))
-    assert ql[BEST] > 0.9, ql
+    assert ql[BEST] > 0.75, ql
+    assert ql[:BEST].sum() < 0.05, ql
     bc = mode_shares(train(eta=0.0, steps=40_000, diffusion_steps=50, seed=0), radius=0.2)
     assert bc.min() > 0.15, bc
