@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HOPPER_ZIP = Path("/work/shared/agents/sac_Hopper.zip")
+HOPPER_ZIP = Path(__file__).resolve().parents[2] / "shared" / "agents" / "sac_Hopper.zip"  # ../shared beside the repo
 
 
 def load_script(name: str):
