@@ -235,14 +235,20 @@ class OfflineBuffer:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         """Uniform batch with replacement; indices are drawn on the buffer's device."""
-        idx = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-        return Batch(
-            self.observations[idx],
-            self.actions[idx],
-            self.rewards[idx],
-            self.next_observations[idx],
-            (~self.terminals[idx]).float(),
-        )
+        return sample_batch(self, len(self), batch_size, generator)
+
+
+def sample_batch(source: Any, size: int, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+    """A uniform batch (with replacement) from the first ``size`` rows of ``source``'s
+    observations/actions/rewards/next_observations/terminals tensors, indices drawn on their device."""
+    idx = torch.randint(size, (batch_size,), device=source.observations.device, generator=generator)
+    return Batch(
+        source.observations[idx],
+        source.actions[idx],
+        source.rewards[idx],
+        source.next_observations[idx],
+        (~source.terminals[idx]).float(),
+    )
 
 
 def _infer_action_space(actions: np.ndarray) -> spaces.Box:

@@ -43,7 +43,7 @@ from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
 from dql_agent.buffer import OfflineBuffer, transform_rewards
 from dql_agent.config import ConfigBase, check_field, is_int, make_config
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding
+from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate
 
 DICE_REWARD_TRANSFORMS = ("none", "iql_locomotion", "iql_antmaze", "cql_antmaze", "normalize")
 WEIGHT_MIN, WEIGHT_MAX = 1e-40, 100.0  # clamp of the ratio w, as in the official code
@@ -364,6 +364,7 @@ class DiffusionDICE(BaseAgent):
         cfg, p = self.config, self.policy
         self.behavior, self.value, self.guidance = p.behavior, p.value, p.guidance
         self.critic, self.critic_target, self.q_ensemble = p.critic, p.critic_target, p.q_ensemble
+        self._update_critic_target = SoftUpdate(self.critic_target, self.critic)
 
         def adamw(module: nn.Module, lr: float) -> torch.optim.AdamW:
             return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -443,8 +444,7 @@ class DiffusionDICE(BaseAgent):
             ensemble_loss.backward()
             self.ensemble_optimizer.step()
             losses["ensemble_loss"] = ensemble_loss.detach()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+        self._update_critic_target(cfg.tau)
 
         # 4. Guidance W(s, a_t, t) -> log E[w | a_t, s] over M noisy copies of each dataset action,
         #    one step t per state shared by its copies, one noise per copy.

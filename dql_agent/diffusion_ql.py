@@ -16,6 +16,7 @@ from torch.nn.utils import clip_grad_norm_
 from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
 from dql_agent.buffer import OfflineBuffer, transform_rewards
 from dql_agent.config import DiffusionQLConfig, make_config
+from dql_agent.networks import SoftUpdate
 from dql_agent.policy import DiffusionQLPolicy
 
 
@@ -72,6 +73,8 @@ class DiffusionQL(BaseAgent):
         self.policy.set_seed(self.seed + 2)
         self.actor, self.ema_actor = self.policy.actor, self.policy.ema_actor
         self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
+        self._update_ema = SoftUpdate(self.ema_actor, self.actor)
+        self._update_critic_target = SoftUpdate(self.critic_target, self.critic)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.config.learning_rate)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.critic_learning_rate)
         self.lr_schedulers = []
@@ -159,12 +162,9 @@ class DiffusionQL(BaseAgent):
 
         # EMA actor every `ema_update_every` steps from `ema_start_step`; targets every step.
         step = self._n_updates
-        with torch.no_grad():
-            if step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step:
-                torch._foreach_lerp_(
-                    list(self.ema_actor.parameters()), list(self.actor.parameters()), 1.0 - cfg.ema_decay
-                )
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+        if step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step:
+            self._update_ema(1.0 - cfg.ema_decay)
+        self._update_critic_target(cfg.tau)
         for scheduler in self.lr_schedulers:
             scheduler.step()
         return losses

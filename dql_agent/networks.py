@@ -123,3 +123,18 @@ class Critic(nn.Module):
     def q_min(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """min over members, (B,)."""
         return self.forward(state, action).min(dim=0).values
+
+
+class SoftUpdate:
+    """target <- target + rate * (source - target) for every parameter, in one fused call.
+
+    Used for Polyak target critics and EMA actors. The parameter lists are built once: the update
+    runs every gradient step and ``load_state_dict``/``.to`` keep the same Parameter objects.
+    """
+
+    def __init__(self, target: nn.Module, source: nn.Module):
+        self.target, self.source = list(target.parameters()), list(source.parameters())
+
+    @torch.no_grad()
+    def __call__(self, rate: float) -> None:
+        torch._foreach_lerp_(self.target, self.source, rate)

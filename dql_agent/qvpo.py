@@ -37,10 +37,10 @@ from torch.nn.utils import clip_grad_norm_
 
 from dql_agent.acting import PolicyBase
 from dql_agent.base import BaseAgent, draw_seed, resolve_device
-from dql_agent.buffer import Batch
+from dql_agent.buffer import Batch, sample_batch
 from dql_agent.config import ConfigBase, check_field, is_int, make_config
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.networks import Critic, NoiseMLP
+from dql_agent.networks import Critic, NoiseMLP, SoftUpdate
 from dql_agent.spaces import flatten_batch, unscale_actions
 
 Q_TRANSFORMS = ("qadv", "qrelu")
@@ -252,14 +252,7 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         """Uniform batch with replacement; indices are drawn on the buffer's device."""
-        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
-        return Batch(
-            self.observations[idx],
-            self.actions[idx],
-            self.rewards[idx],
-            self.next_observations[idx],
-            (~self.terminals[idx]).float(),
-        )
+        return sample_batch(self, self.size, batch_size, generator)
 
 
 # the algorithm ---------------------------------------------------------------------------------
@@ -316,6 +309,7 @@ class QVPO(BaseAgent):
         self.policy.set_seed(self.seed + 2)
         self.actor, self.actor_target = self.policy.actor, self.policy.actor_target
         self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
+        self._update_targets = (SoftUpdate(self.critic_target, self.critic), SoftUpdate(self.actor_target, self.actor))
         cfg = self.config
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
         self.critic_optimizer = torch.optim.Adam(
@@ -389,9 +383,8 @@ class QVPO(BaseAgent):
             clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
         self.actor_optimizer.step()
 
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
-            torch._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), cfg.tau)
+        for update in self._update_targets:
+            update(cfg.tau)
         return {
             "critic_loss": critic_loss.detach(),
             "actor_loss": actor_loss.detach(),
