@@ -84,6 +84,11 @@ class GaussianDiffusion(nn.Module):
         for name, value in constants.items():
             # Derived from the config, so not saved: a checkpoint cannot carry a stale schedule.
             self.register_buffer(name, value.float(), persistent=False)
+        # The reverse chain visits every step once with the same t for the whole batch: plain
+        # floats (rounded to float32 like the buffers) spare it an index op per constant.
+        names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1")
+        names += ("posterior_mean_coef2", "posterior_std")
+        self._reverse_constants = [tuple(float(getattr(self, n)[i]) for n in names) for i in range(n_steps)]
 
     # forward process -------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -144,14 +149,14 @@ class GaussianDiffusion(nn.Module):
         state_features = self.denoiser.state_features(states)  # (B, H)
         if n_samples > 1:
             state_features = state_features.repeat_interleave(n_samples, dim=0)  # (B * n, H)
-        steps = torch.arange(self.n_steps, device=device)
-        time_features = self.denoiser.time_features(steps)  # (T, H)
+        time_features = self.denoiser.time_features(torch.arange(self.n_steps, device=device))  # (T, H)
         x = noise[0]
         for k, i in enumerate(reversed(range(self.n_steps))):
+            recip, recipm1, coef1, coef2, std = self._reverse_constants[i]
             eps = self.denoiser.forward_from_features(x, state_features + time_features[i])
-            t = steps[i : i + 1]  # (1,), broadcasts over the batch
-            x_start = self.predict_start_from_noise(x, t, eps).clamp(-1.0, 1.0)
-            x = self.q_posterior_mean(x_start, x, t)
+            # x0_hat = predict_start_from_noise(x, t, eps), clamped; x = q_posterior_mean(x0_hat, x, t)
+            x_start = torch.add(x * recip, eps, alpha=-recipm1).clamp(-1.0, 1.0)
+            x = torch.add(x_start * coef1, x, alpha=coef2)
             if i > 0:
-                x = x + self.posterior_std[i] * noise[k + 1]
+                x = torch.add(x, noise[k + 1], alpha=std)
         return x.clamp(-1.0, 1.0)
