@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 # On CUDA ``F.mish`` is one fused kernel. On the CPU builds of torch it is scalar code (measured on
 # the benchmark machine: 4.6 ns per element, ~14x torch.sigmoid), and Mish took a third of a
 # training step, so there it is computed from one sigmoid: with s = sigmoid(x) and
