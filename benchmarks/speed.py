@@ -226,6 +226,23 @@ class Ours:
         return lambda: policy.select_action(tensor)
 
 
+class OursCompiled(Ours):
+    """The same model acting through ``policy.compile_acting()`` (torch.compile); training is not re-measured."""
+
+    name = "dql_agent_compiled"
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device):
+        super().__init__(data, device)
+        self.model.policy.compile_acting()
+        for batch in (1, 16):  # compile outside the timed calls
+            self.predict(batch)()
+            self.select_action(batch)()
+
+    def select_action(self, batch: int) -> Callable[[], Any]:
+        tensor, compiled = self.t1 if batch == 1 else self.t16, self.model.policy._compiled_select
+        return lambda: compiled(tensor)
+
+
 @contextlib.contextmanager
 def official_imports(directory: Path) -> Iterator[None]:
     """Import from the official checkout: its top-level ``agents``/``utils`` packages are put in
@@ -334,6 +351,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved ours/official repeats; medians reported")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--compile", action="store_true", help="also time predict through policy.compile_acting()")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     p.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
     return p.parse_args(argv)
@@ -362,18 +380,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     for name, (obs_dim, act_dim) in problems.items():
         data = random_data(obs_dim, act_dim)
-        agents = [Ours(data, device)]
+        agents = [Ours(data, device)] + ([OursCompiled(data, device)] if args.compile else [])
         if args.reference is not None:
             agents.append(Official(args.reference, data, device))
         flops, passes = step_flops(obs_dim, act_dim)
         res: dict[str, Any] = {"obs_dim": obs_dim, "act_dim": act_dim, "step_gflop": flops / 1e9, "passes": passes}
         samples: dict[str, dict[str, list[float]]] = {a.name: {} for a in agents}
         for agent in agents:
-            agent.train(5)  # warm-up
+            if not isinstance(agent, OursCompiled):
+                agent.train(5)  # warm-up
         for _ in range(args.repeats):  # interleaved: both see the same machine load
             for agent in agents:
                 s = samples[agent.name]
-                s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
+                if not isinstance(agent, OursCompiled):
+                    s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
                 for batch in (1, 16):
                     s.setdefault(f"predict_b{batch}_ms", []).append(
                         latency(agent.predict(batch), args.seconds / 4, device)["median_ms"]
@@ -386,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for agent_name, s in samples.items():
             r = {key: statistics.median(values) for key, values in s.items()}
             r["all"] = s
+            if "steps_per_s" not in r:
+                res[agent_name] = r
+                continue
             r["achieved_gflops"] = r["steps_per_s"] * flops / 1e9
             r["fraction_of_mm_256"] = r["achieved_gflops"] / square["256x256x256"]
             r["fraction_of_step_shapes"] = r["achieved_gflops"] / mm["step_shapes_gflops"]
@@ -398,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "predict_b16_speedup": theirs["predict_b16_ms"] / ours["predict_b16_ms"],
                 "select_action_b1_speedup": theirs["predict_b1_ms"] / ours["select_action_b1_ms"],
             }
+            if "dql_agent_compiled" in res:
+                compiled = res["dql_agent_compiled"]
+                res["ratios"]["compiled_predict_b1_speedup"] = theirs["predict_b1_ms"] / compiled["predict_b1_ms"]
+                res["ratios"]["compiled_predict_b16_speedup"] = theirs["predict_b16_ms"] / compiled["predict_b16_ms"]
         if args.profile:
             res["profile"] = profile_step(agents[0])
             print(res["profile"])
@@ -429,11 +456,28 @@ def print_problem(name: str, res: dict[str, Any], mm: dict[str, float], mm256: f
         ("select_action(tensor), 1 obs (ms)", "select_action_b1_ms", "{:.2f}", "select_action_b1_speedup"),
         ("select_action(tensor), 16 obs (ms)", "select_action_b16_ms", "{:.2f}", None),
     ]
+    if "dql_agent_compiled" in res:
+        res["dql_agent"]["compiled_predict_b1_ms"] = res["dql_agent_compiled"]["predict_b1_ms"]
+        res["dql_agent"]["compiled_predict_b16_ms"] = res["dql_agent_compiled"]["predict_b16_ms"]
+        rows += [
+            (
+                "predict with compile_acting(), 1 obs (ms)",
+                "compiled_predict_b1_ms",
+                "{:.2f}",
+                "compiled_predict_b1_speedup",
+            ),
+            (
+                "predict with compile_acting(), 16 obs (ms)",
+                "compiled_predict_b16_ms",
+                "{:.2f}",
+                "compiled_predict_b16_speedup",
+            ),
+        ]
     for label, key, fmt, ratio in rows:
         cells = [fmt.format(res[a][key]) if key in res[a] else "-" for a in agents]
         line = f"| {label} | " + " | ".join(cells) + " |"
         if "ratios" in res:
-            line += f" {res['ratios'][ratio]:.2f}x |" if ratio else " |"
+            line += f" {res['ratios'][ratio]:.2f}x |" if ratio and ratio in res["ratios"] else " |"
         print(line)
 
 
