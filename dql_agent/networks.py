@@ -158,12 +158,13 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.n_members, -1, -1)
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(b, x, w)
-            if i < last:
-                x = mish(x)
-        return x
+        return self.forward_from_first_layer(torch.baddbmm(self.biases[0], x, self.weights[0]))
+
+    def forward_from_first_layer(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the network given the first layer's pre-activation (n, B, H)."""
+        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+            h = torch.baddbmm(b, mish(h), w)
+        return h
 
 
 class Critic(nn.Module):
@@ -179,6 +180,18 @@ class Critic(nn.Module):
     def q_min(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """min over members, (B,)."""
         return self.forward(state, action).min(dim=0).values
+
+    def q_min_of_candidates(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """min-Q of n candidate actions per state: states (B, S), actions (B * n, A) state-major
+        -> (B, n). Same value as ``q_min`` on the states repeated n times, with the state's share
+        of the first layer computed once per state rather than once per candidate."""
+        batch, state_dim = states.shape
+        members, w, b = self.q.n_members, self.q.weights[0], self.q.biases[0]
+        state_part = torch.baddbmm(b, states.expand(members, -1, -1), w[:, :state_dim])  # (m, B, H)
+        action_part = torch.matmul(actions, w[:, state_dim:])  # (m, B * n, H)
+        h = action_part.view(members, batch, -1, w.shape[-1]) + state_part.unsqueeze(2)
+        q = self.q.forward_from_first_layer(h.view(members, -1, w.shape[-1]))  # (m, B * n, 1)
+        return q.view(members, batch, -1).min(dim=0).values
 
 
 class SoftUpdate:

@@ -42,7 +42,7 @@ class DiffusionQLPolicy(PolicyBase):
         actor = self.ema_actor if self.config.act_with_ema else self.actor
         noise = self.deterministic_noise_for(batch) if deterministic else None
         actions = actor.sample(observations, self.generator, noise, n_samples=n)  # (B * N, A)
-        q = self.critic_target.q_min(observations.repeat_interleave(n, dim=0), actions).view(batch, n)
+        q = self.critic_target.q_min_of_candidates(observations, actions)  # (B, N)
         if deterministic:
             choice = q.argmax(dim=1)
         else:

@@ -159,7 +159,7 @@ def sample_and_score(
     """``n`` actions per state and their min-Q: states (B, S) -> actions (B, n, A), q (B, n)."""
     batch = states.shape[0]
     actions = actor.sample(states, generator, noise, n_samples=n)  # (B * n, A), state-major
-    q = critic.q_min(states.repeat_interleave(n, dim=0), actions).view(batch, n)
+    q = critic.q_min_of_candidates(states, actions)  # (B, n)
     return actions.view(batch, n, -1), q
 
 

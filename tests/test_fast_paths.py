@@ -71,3 +71,10 @@ def test_compiled_acting_gives_the_eager_actions_and_follows_new_weights(pendulu
     eager = model.predict(obs, deterministic=False)[0]
     assert not np.allclose(eager, eager_batch)
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def test_candidate_scoring_equals_q_min_on_repeated_states():
+    critic = networks.Critic(state_dim=5, action_dim=2, n_members=2, hidden_dim=16, n_hidden=2)
+    states, actions = torch.randn(3, 5), torch.randn(3 * 4, 2)  # 4 candidates per state, state-major
+    plain = critic.q_min(states.repeat_interleave(4, dim=0), actions).view(3, 4)
+    torch.testing.assert_close(critic.q_min_of_candidates(states, actions), plain)
