@@ -227,12 +227,13 @@ class Ours:
 
 
 class OursCompiled(Ours):
-    """The same model acting through ``policy.compile_acting()`` (torch.compile); training is not re-measured."""
+    """The same model with ``compile_training()`` and ``policy.compile_acting()`` (torch.compile)."""
 
     name = "dql_agent_compiled"
 
     def __init__(self, data: dict[str, np.ndarray], device: torch.device):
         super().__init__(data, device)
+        self.model.compile_training()
         self.model.policy.compile_acting()
         for batch in (1, 16):  # compile outside the timed calls
             self.predict(batch)()
@@ -351,7 +352,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved ours/official repeats; medians reported")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    p.add_argument("--compile", action="store_true", help="also time predict through policy.compile_acting()")
+    p.add_argument("--compile", action="store_true", help="also time compile_training() and compile_acting()")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     p.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
     return p.parse_args(argv)
@@ -387,13 +388,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res: dict[str, Any] = {"obs_dim": obs_dim, "act_dim": act_dim, "step_gflop": flops / 1e9, "passes": passes}
         samples: dict[str, dict[str, list[float]]] = {a.name: {} for a in agents}
         for agent in agents:
-            if not isinstance(agent, OursCompiled):
-                agent.train(5)  # warm-up
+            agent.train(5)  # warm-up (and compilation)
         for _ in range(args.repeats):  # interleaved: both see the same machine load
             for agent in agents:
                 s = samples[agent.name]
-                if not isinstance(agent, OursCompiled):
-                    s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
+                s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
                 for batch in (1, 16):
                     s.setdefault(f"predict_b{batch}_ms", []).append(
                         latency(agent.predict(batch), args.seconds / 4, device)["median_ms"]
@@ -406,25 +405,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for agent_name, s in samples.items():
             r = {key: statistics.median(values) for key, values in s.items()}
             r["all"] = s
-            if "steps_per_s" not in r:
-                res[agent_name] = r
-                continue
             r["achieved_gflops"] = r["steps_per_s"] * flops / 1e9
             r["fraction_of_mm_256"] = r["achieved_gflops"] / square["256x256x256"]
             r["fraction_of_step_shapes"] = r["achieved_gflops"] / mm["step_shapes_gflops"]
             res[agent_name] = r
         if "official" in res:
-            ours, theirs = res["dql_agent"], res["official"]
             res["ratios"] = {
-                "train_speedup": ours["steps_per_s"] / theirs["steps_per_s"],
-                "predict_b1_speedup": theirs["predict_b1_ms"] / ours["predict_b1_ms"],
-                "predict_b16_speedup": theirs["predict_b16_ms"] / ours["predict_b16_ms"],
-                "select_action_b1_speedup": theirs["predict_b1_ms"] / ours["select_action_b1_ms"],
+                f"{agent}_{key}": speedup(res[agent][key], res["official"][key], key)
+                for agent in ("dql_agent", "dql_agent_compiled")
+                if agent in res
+                for key in ("steps_per_s", "predict_b1_ms", "predict_b16_ms")
             }
-            if "dql_agent_compiled" in res:
-                compiled = res["dql_agent_compiled"]
-                res["ratios"]["compiled_predict_b1_speedup"] = theirs["predict_b1_ms"] / compiled["predict_b1_ms"]
-                res["ratios"]["compiled_predict_b16_speedup"] = theirs["predict_b16_ms"] / compiled["predict_b16_ms"]
         if args.profile:
             res["profile"] = profile_step(agents[0])
             print(res["profile"])
@@ -443,42 +434,34 @@ def print_problem(name: str, res: dict[str, Any], mm: dict[str, float], mm256: f
         f"matmul ceiling: {mm['step_shapes_gflops']:.1f} GFLOP/s over the step's shapes "
         f"({mm['matmul_only_ms_per_step']:.1f} ms of matmuls per step), {mm256:.1f} GFLOP/s at 256^3"
     )
-    agents = [a for a in ("dql_agent", "official") if a in res]
-    print("| metric | " + " | ".join(agents) + (" | ratio (ours vs official) |" if "ratios" in res else " |"))
-    print("|---" * (len(agents) + 1 + ("ratios" in res)) + "|")
+    agents = [a for a in ("dql_agent", "dql_agent_compiled", "official") if a in res]
+    ours = [a for a in agents if a != "official"]
+    header = "| metric | " + " | ".join(agents) + " |"
+    if "official" in res:
+        header += "".join(f" {a} vs official |" for a in ours)
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
     rows = [
-        ("train steps/s", "steps_per_s", "{:.1f}", "train_speedup"),
-        ("achieved GFLOP/s", "achieved_gflops", "{:.1f}", None),
-        ("fraction of step-shape matmul ceiling", "fraction_of_step_shapes", "{:.0%}", None),
-        ("fraction of 256^3 mm", "fraction_of_mm_256", "{:.0%}", None),
-        ("predict, 1 obs (ms)", "predict_b1_ms", "{:.2f}", "predict_b1_speedup"),
-        ("predict, 16 obs (ms)", "predict_b16_ms", "{:.2f}", "predict_b16_speedup"),
-        ("select_action(tensor), 1 obs (ms)", "select_action_b1_ms", "{:.2f}", "select_action_b1_speedup"),
-        ("select_action(tensor), 16 obs (ms)", "select_action_b16_ms", "{:.2f}", None),
+        ("train steps/s", "steps_per_s", "{:.1f}", True),
+        ("achieved GFLOP/s", "achieved_gflops", "{:.1f}", False),
+        ("fraction of step-shape matmul ceiling", "fraction_of_step_shapes", "{:.0%}", False),
+        ("fraction of 256^3 mm", "fraction_of_mm_256", "{:.0%}", False),
+        ("predict, 1 obs (ms)", "predict_b1_ms", "{:.2f}", True),
+        ("predict, 16 obs (ms)", "predict_b16_ms", "{:.2f}", True),
+        ("select_action(tensor), 1 obs (ms)", "select_action_b1_ms", "{:.2f}", False),
+        ("select_action(tensor), 16 obs (ms)", "select_action_b16_ms", "{:.2f}", False),
     ]
-    if "dql_agent_compiled" in res:
-        res["dql_agent"]["compiled_predict_b1_ms"] = res["dql_agent_compiled"]["predict_b1_ms"]
-        res["dql_agent"]["compiled_predict_b16_ms"] = res["dql_agent_compiled"]["predict_b16_ms"]
-        rows += [
-            (
-                "predict with compile_acting(), 1 obs (ms)",
-                "compiled_predict_b1_ms",
-                "{:.2f}",
-                "compiled_predict_b1_speedup",
-            ),
-            (
-                "predict with compile_acting(), 16 obs (ms)",
-                "compiled_predict_b16_ms",
-                "{:.2f}",
-                "compiled_predict_b16_speedup",
-            ),
-        ]
-    for label, key, fmt, ratio in rows:
-        cells = [fmt.format(res[a][key]) if key in res[a] else "-" for a in agents]
-        line = f"| {label} | " + " | ".join(cells) + " |"
-        if "ratios" in res:
-            line += f" {res['ratios'][ratio]:.2f}x |" if ratio and ratio in res["ratios"] else " |"
+    for label, key, fmt, compare in rows:
+        line = f"| {label} | " + " | ".join(fmt.format(res[a][key]) if key in res[a] else "-" for a in agents) + " |"
+        if "official" in res:
+            for a in ours:
+                line += f" {speedup(res[a][key], res['official'][key], key):.2f}x |" if compare else " |"
         print(line)
+
+
+def speedup(ours: float, theirs: float, key: str) -> float:
+    """ours vs theirs as a speed-up: a rate divides, a latency is inverted."""
+    return ours / theirs if key == "steps_per_s" else theirs / ours
 
 
 if __name__ == "__main__":

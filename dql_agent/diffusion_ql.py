@@ -14,7 +14,7 @@ from gymnasium import spaces
 from torch.nn.utils import clip_grad_norm_
 
 from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
-from dql_agent.buffer import OfflineBuffer, transform_rewards
+from dql_agent.buffer import Batch, OfflineBuffer, transform_rewards
 from dql_agent.config import DiffusionQLConfig, make_config
 from dql_agent.networks import SoftUpdate
 from dql_agent.policy import DiffusionQLPolicy
@@ -85,6 +85,7 @@ class DiffusionQL(BaseAgent):
             ]
         self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
         self._coin_rng = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
+        self._critic_loss, self._actor_loss = self._critic_loss_eager, self._actor_loss_eager
 
         self.replay: OfflineBuffer | None = None
         if buffer is not None:
@@ -105,12 +106,21 @@ class DiffusionQL(BaseAgent):
             raise RuntimeError("DiffusionQL has no dataset: pass buffer=... or call set_buffer(buffer) before learn()")
 
     # the update ------------------------------------------------------------------------------
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        batch = self.replay.sample(cfg.batch_size, self._rng)
-        obs, act = batch.observations, batch.actions
+    def compile_training(self, **compile_kwargs: Any) -> None:
+        """Run the update's two loss computations (forward and backward) through ``torch.compile``.
 
-        # Critic: TD target from the EMA actor's next action and the target critics.
+        Same math, fused element-wise kernels (the test suite compares losses and gradients with
+        the eager step). The first step compiles (tens of seconds on a CPU, which also needs a C++
+        compiler); optimizer steps and the target updates stay eager. ``compile_kwargs`` go to
+        ``torch.compile``.
+        """
+        self._critic_loss = torch.compile(self._critic_loss_eager, **compile_kwargs)
+        self._actor_loss = torch.compile(self._actor_loss_eager, **compile_kwargs)
+
+    def _critic_loss_eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """TD loss of both critics, with the target from the EMA actor's next action and the target
+        critics: (MSE(Q1, y) + MSE(Q2, y), current Q (2, B))."""
+        cfg = self.config
         with torch.no_grad():
             if not self._bootstraps:
                 next_q = torch.zeros_like(batch.rewards)
@@ -124,8 +134,28 @@ class DiffusionQL(BaseAgent):
                 next_act = self.ema_actor.sample(batch.next_observations, self._rng)
                 next_q = self.critic_target(batch.next_observations, next_act).min(dim=0).values
             target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
-        current_q = self.critic(obs, act)  # (2, B)
-        critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        current_q = self.critic(batch.observations, batch.actions)  # (2, B)
+        return (current_q - target_q).pow(2).mean(dim=1).sum(), current_q
+
+    def _actor_loss_eager(
+        self, obs: torch.Tensor, act: torch.Tensor, normaliser: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain:
+        (actor loss, BC loss, Q loss or None when eta = 0)."""
+        bc_loss = self.actor.loss(act, obs, self._rng)
+        if self.config.eta <= 0:  # pure diffusion BC: skip the costly chain with gradients
+            return bc_loss, bc_loss, None
+        new_act = self.actor.sample(obs, self._rng)
+        q_new = self.critic(obs, new_act)  # (2, B); the critic's gradients are not asked for
+        # Normalise by the *other* critic's |Q|; the caller draws the roles at random each step.
+        q_loss = -q_new[1 - normaliser].mean() / q_new[normaliser].abs().mean().detach()
+        return bc_loss + self.config.eta * q_loss, bc_loss, q_loss
+
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        batch = self.replay.sample(cfg.batch_size, self._rng)
+
+        critic_loss, current_q = self._critic_loss(batch)
         skip = cfg.nonfinite_loss == "skip"
         if not self._loss_is_finite("critic_loss", critic_loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}
@@ -135,21 +165,16 @@ class DiffusionQL(BaseAgent):
             clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
         self.critic_optimizer.step()
 
-        # Actor: BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain.
-        bc_loss = self.actor.loss(act, obs, self._rng)
-        losses = {"critic_loss": critic_loss.detach(), "bc_loss": bc_loss.detach(), "q_mean": current_q.detach().mean()}
-        actor_loss = bc_loss
-        if cfg.eta > 0:  # eta = 0 is pure diffusion BC: skip the costly chain with gradients
-            new_act = self.actor.sample(obs, self._rng)
-            # The critic only scores here; not asking for its gradients skips work the official
-            # code does and then zeroes.
-            self.critic.requires_grad_(False)
-            q_new = self.critic(obs, new_act)  # (2, B)
+        normaliser = int(torch.rand((), generator=self._coin_rng) > 0.5)
+        # The critic only scores the actor's actions: not asking for its gradients skips work the
+        # official code does and then zeroes.
+        self.critic.requires_grad_(False)
+        try:
+            actor_loss, bc_loss, q_loss = self._actor_loss(batch.observations, batch.actions, normaliser)
+        finally:
             self.critic.requires_grad_(True)
-            # Normalise by the *other* critic's |Q|, the roles drawn at random each step.
-            i = int(torch.rand((), generator=self._coin_rng) > 0.5)
-            q_loss = -q_new[1 - i].mean() / q_new[i].abs().mean().detach()
-            actor_loss = bc_loss + cfg.eta * q_loss
+        losses = {"critic_loss": critic_loss.detach(), "bc_loss": bc_loss.detach(), "q_mean": current_q.detach().mean()}
+        if q_loss is not None:
             losses["q_loss"] = q_loss.detach()
         if not self._loss_is_finite("actor_loss", actor_loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}

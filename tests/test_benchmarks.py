@@ -53,7 +53,7 @@ def test_speed_against_the_official_code():
         ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--reference", "/tmp/official"]
     )
     assert results["hopper"]["official"]["steps_per_s"] > 0
-    assert results["hopper"]["ratios"]["train_speedup"] > 0
+    assert results["hopper"]["ratios"]["dql_agent_steps_per_s"] > 0
     assert "agents" not in sys.modules or "official" not in str(getattr(sys.modules["agents"], "__file__", ""))
 
 

@@ -27,10 +27,17 @@ def test_sigmoid_mish_matches_f_mish_in_value_and_gradient():
         torch.testing.assert_close(networks.mish(x.detach()), plain.detach(), atol=5e-6, rtol=1e-6)
 
 
-def one_step(buffer, fast: bool, monkeypatch) -> tuple[dict, dict]:
-    """Losses and gradients of the first update of a seeded model, with or without the fast Mish."""
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
+
+
+def one_step(buffer, fast: bool, monkeypatch, compiled: bool = False) -> tuple[dict, dict]:
+    """Losses and gradients of the first update of a seeded model: fast or plain Mish, compiled or eager."""
     monkeypatch.setattr(networks, "FAST_CPU_MISH", fast)
     model = DiffusionQL(buffer, seed=3, device="cpu", hidden_dim=64, n_hidden=3, diffusion_steps=5, batch_size=128)
+    if compiled:
+        model.compile_training()
     losses = model._train_step()
     grads = {f"actor.{n}": p.grad for n, p in model.actor.named_parameters()}
     grads |= {f"critic.{n}": p.grad for n, p in model.critic.named_parameters()}
@@ -48,9 +55,18 @@ def test_fast_cpu_training_step_equals_the_plain_path(pendulum_buffer, monkeypat
         torch.testing.assert_close(fast_grads[key], plain_grads[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
-)
+@needs_compiler
+def test_compiled_training_step_equals_the_eager_step(pendulum_buffer, monkeypatch):
+    compiled_losses, compiled_grads = one_step(pendulum_buffer, True, monkeypatch, compiled=True)
+    eager_losses, eager_grads = one_step(pendulum_buffer, True, monkeypatch)
+    assert set(compiled_losses) == set(eager_losses)
+    for key in eager_losses:
+        torch.testing.assert_close(compiled_losses[key], eager_losses[key], rtol=1e-5, atol=1e-6)
+    for key in eager_grads:
+        torch.testing.assert_close(compiled_grads[key], eager_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@needs_compiler
 def test_compiled_acting_gives_the_eager_actions_and_follows_new_weights(pendulum_buffer):
     model = DiffusionQL(pendulum_buffer, seed=0, device="cpu", **TINY).learn(5)
     obs = pendulum_buffer.observations[::50].numpy()  # 16 states
