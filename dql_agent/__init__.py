@@ -16,6 +16,7 @@ from dql_agent.diffusion_ql import DiffusionQL
 from dql_agent.integrations.hub import load_from_hub
 from dql_agent.policy import DiffusionQLPolicy
 from dql_agent.qvpo import QVPO, QVPOConfig, QVPOPolicy
+from dql_agent.seeds import SeedStack, train_seeds
 
 __all__ = [
     "Batch",
@@ -31,7 +32,9 @@ __all__ = [
     "QVPO",
     "QVPOConfig",
     "QVPOPolicy",
+    "SeedStack",
     "get_preset",
     "load_from_hub",
+    "train_seeds",
     "__version__",
 ]

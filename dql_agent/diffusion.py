@@ -110,16 +110,21 @@ class GaussianDiffusion(nn.Module):
         states: torch.Tensor,
         generator: torch.Generator | None = None,
         weights: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Behaviour-cloning loss: MSE between the predicted and the true noise.
 
         t ~ U{0..T-1}, eps ~ N(0, I), averaged over the batch and the action dimensions.
         actions: (B, A) in [-1, 1]; states: (B, S). ``weights`` (B,), when given, scale each
-        row's squared error before the mean (QVPO's Q-weighted loss).
+        row's squared error before the mean (QVPO's Q-weighted loss). ``t`` (B,) and ``noise``
+        (B, A), when given, replace the random draws (stacked seeds draw them per replica).
         """
         batch = actions.shape[0]
-        t = torch.randint(0, self.n_steps, (batch,), device=actions.device, generator=generator)
-        noise = torch.randn(actions.shape, device=actions.device, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.n_steps, (batch,), device=actions.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(actions.shape, device=actions.device, generator=generator)
         x_noisy = self.q_sample(actions, t, noise)
         if weights is None:
             return F.mse_loss(self.denoiser(x_noisy, t, states), noise)

@@ -19,6 +19,47 @@ from dql_agent.config import DiffusionQLConfig, make_config
 from dql_agent.networks import SoftUpdate
 from dql_agent.policy import DiffusionQLPolicy
 
+Tensors = dict[str, torch.Tensor]
+
+
+def critic_loss(policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, x: Tensors) -> tuple[torch.Tensor, Tensors]:
+    """TD loss of both critics, MSE(Q1, y) + MSE(Q2, y), with y from the EMA actor's next action
+    and the target critics. ``x``: see ``DiffusionQL.critic_inputs``; every random draw is in it."""
+    with torch.no_grad():
+        if "next_noise" not in x:  # the data never bootstraps (see DiffusionQL.set_buffer)
+            next_q = torch.zeros_like(x["rewards"])
+        elif cfg.max_q_backup:
+            n = cfg.n_max_q_samples
+            next_act = policy.ema_actor.sample(x["next_obs"], noise=x["next_noise"], n_samples=n)
+            next_q = policy.critic_target(x["next_obs"].repeat_interleave(n, dim=0), next_act)
+            # max over samples for each target critic, then the min over the two critics
+            next_q = next_q.view(2, -1, n).max(dim=2).values.min(dim=0).values
+        else:
+            next_act = policy.ema_actor.sample(x["next_obs"], noise=x["next_noise"])
+            next_q = policy.critic_target(x["next_obs"], next_act).min(dim=0).values
+        target_q = x["rewards"] + x["not_dones"] * cfg.gamma * next_q  # (B,)
+    current_q = policy.critic(x["obs"], x["act"])  # (2, B)
+    loss = (current_q - target_q).pow(2).mean(dim=1).sum()
+    return loss, {"critic_loss": loss.detach(), "q_mean": current_q.detach().mean()}
+
+
+def actor_loss(policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, x: Tensors) -> tuple[torch.Tensor, Tensors]:
+    """BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain. ``x``: the critic
+    inputs plus ``DiffusionQL.actor_inputs``."""
+    loss = bc_loss = policy.actor.loss(x["act"], x["obs"], t=x["t"], noise=x["bc_noise"])
+    losses = {"bc_loss": bc_loss.detach()}
+    if "chain_noise" in x:  # eta > 0
+        q_new = policy.critic(x["obs"], policy.actor.sample(x["obs"], noise=x["chain_noise"]))  # (2, B)
+        # Score with one critic, normalise by the other's |Q|, the roles drawn by the coin. A
+        # where() rather than an index: under vmap (stacked seeds) each replica has its own coin.
+        scored = torch.where(x["coin"], q_new[0], q_new[1])
+        other = torch.where(x["coin"], q_new[1], q_new[0])
+        q_loss = -scored.mean() / other.abs().mean().detach()
+        loss = bc_loss + cfg.eta * q_loss
+        losses["q_loss"] = q_loss.detach()
+    losses["actor_loss"] = loss.detach()
+    return loss, losses
+
 
 class DiffusionQL(BaseAgent):
     """Diffusion-QL: a diffusion policy trained with behaviour cloning plus Q-learning.
@@ -85,7 +126,7 @@ class DiffusionQL(BaseAgent):
             ]
         self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
         self._coin_rng = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
-        self._critic_loss, self._actor_loss = self._critic_loss_eager, self._actor_loss_eager
+        self._critic_loss, self._actor_loss = critic_loss, actor_loss  # compile_training() swaps these
 
         self.replay: OfflineBuffer | None = None
         if buffer is not None:
@@ -114,73 +155,66 @@ class DiffusionQL(BaseAgent):
         compiler); optimizer steps and the target updates stay eager. ``compile_kwargs`` go to
         ``torch.compile``.
         """
-        self._critic_loss = torch.compile(self._critic_loss_eager, **compile_kwargs)
-        self._actor_loss = torch.compile(self._actor_loss_eager, **compile_kwargs)
+        self._critic_loss = torch.compile(critic_loss, **compile_kwargs)
+        self._actor_loss = torch.compile(actor_loss, **compile_kwargs)
 
-    def _critic_loss_eager(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """TD loss of both critics, with the target from the EMA actor's next action and the target
-        critics: (MSE(Q1, y) + MSE(Q2, y), current Q (2, B))."""
+    def critic_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The critic half's inputs: the batch and the TD target chain's noise, drawn from this
+        model's generator (so a stack of seeds draws exactly what each single run would)."""
         cfg = self.config
-        with torch.no_grad():
-            if not self._bootstraps:
-                next_q = torch.zeros_like(batch.rewards)
-            elif cfg.max_q_backup:
-                n = cfg.n_max_q_samples
-                next_obs = batch.next_observations.repeat_interleave(n, dim=0)
-                next_act = self.ema_actor.sample(batch.next_observations, self._rng, n_samples=n)
-                # max over samples for each target critic, then the min over the two critics
-                next_q = self.critic_target(next_obs, next_act).view(2, -1, n).max(dim=2).values.min(dim=0).values
-            else:
-                next_act = self.ema_actor.sample(batch.next_observations, self._rng)
-                next_q = self.critic_target(batch.next_observations, next_act).min(dim=0).values
-            target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
-        current_q = self.critic(batch.observations, batch.actions)  # (2, B)
-        return (current_q - target_q).pow(2).mean(dim=1).sum(), current_q
+        x = {
+            "obs": batch.observations,
+            "act": batch.actions,
+            "rewards": batch.rewards,
+            "next_obs": batch.next_observations,
+            "not_dones": batch.not_dones,
+        }
+        if self._bootstraps:
+            rows = batch.rewards.shape[0] * (cfg.n_max_q_samples if cfg.max_q_backup else 1)
+            shape = (cfg.diffusion_steps, rows, self.policy.action_dim)
+            x["next_noise"] = torch.randn(shape, device=self.device, generator=self._rng)
+        return x
 
-    def _actor_loss_eager(
-        self, obs: torch.Tensor, act: torch.Tensor, normaliser: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain:
-        (actor loss, BC loss, Q loss or None when eta = 0)."""
-        bc_loss = self.actor.loss(act, obs, self._rng)
-        if self.config.eta <= 0:  # pure diffusion BC: skip the costly chain with gradients
-            return bc_loss, bc_loss, None
-        new_act = self.actor.sample(obs, self._rng)
-        q_new = self.critic(obs, new_act)  # (2, B); the critic's gradients are not asked for
-        # Normalise by the *other* critic's |Q|; the caller draws the roles at random each step.
-        q_loss = -q_new[1 - normaliser].mean() / q_new[normaliser].abs().mean().detach()
-        return bc_loss + self.config.eta * q_loss, bc_loss, q_loss
+    def actor_inputs(self) -> dict[str, torch.Tensor]:
+        """The actor half's random inputs: the critics' roles (host coin), the BC loss's steps and
+        noise, the actor chain's noise."""
+        cfg, rows, dim = self.config, self.config.batch_size, self.policy.action_dim
+        coin = torch.rand((), generator=self._coin_rng) > 0.5
+        x = {
+            "t": torch.randint(0, cfg.diffusion_steps, (rows,), device=self.device, generator=self._rng),
+            "bc_noise": torch.randn((rows, dim), device=self.device, generator=self._rng),
+        }
+        if cfg.eta > 0:  # eta = 0 is pure diffusion BC: no chain with gradients
+            x["chain_noise"] = torch.randn((cfg.diffusion_steps, rows, dim), device=self.device, generator=self._rng)
+            x["coin"] = coin.to(self.device)
+        return x
 
     def _train_step(self) -> dict[str, torch.Tensor]:
         cfg = self.config
-        batch = self.replay.sample(cfg.batch_size, self._rng)
-
-        critic_loss, current_q = self._critic_loss(batch)
+        x = self.critic_inputs(self.replay.sample(cfg.batch_size, self._rng))
+        loss, losses = self._critic_loss(self.policy, cfg, x)
         skip = cfg.nonfinite_loss == "skip"
-        if not self._loss_is_finite("critic_loss", critic_loss, skip):
+        if not self._loss_is_finite("critic_loss", loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        loss.backward()
         if cfg.grad_norm is not None:
             clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
         self.critic_optimizer.step()
 
-        normaliser = int(torch.rand((), generator=self._coin_rng) > 0.5)
+        x |= self.actor_inputs()
         # The critic only scores the actor's actions: not asking for its gradients skips work the
         # official code does and then zeroes.
         self.critic.requires_grad_(False)
         try:
-            actor_loss, bc_loss, q_loss = self._actor_loss(batch.observations, batch.actions, normaliser)
+            loss, actor_losses = self._actor_loss(self.policy, cfg, x)
         finally:
             self.critic.requires_grad_(True)
-        losses = {"critic_loss": critic_loss.detach(), "bc_loss": bc_loss.detach(), "q_mean": current_q.detach().mean()}
-        if q_loss is not None:
-            losses["q_loss"] = q_loss.detach()
-        if not self._loss_is_finite("actor_loss", actor_loss, skip):
+        losses |= actor_losses
+        if not self._loss_is_finite("actor_loss", loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}
-        losses["actor_loss"] = actor_loss.detach()
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        loss.backward()
         if cfg.grad_norm is not None:
             clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
         self.actor_optimizer.step()
@@ -210,4 +244,4 @@ class DiffusionQL(BaseAgent):
             scheduler.load_state_dict(state)
 
 
-__all__ = ["DiffusionQL"]
+__all__ = ["DiffusionQL", "actor_loss", "critic_loss"]

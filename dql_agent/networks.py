@@ -162,8 +162,10 @@ class EnsembleMLP(nn.Module):
 
     def forward_from_first_layer(self, h: torch.Tensor) -> torch.Tensor:
         """The rest of the network given the first layer's pre-activation (n, B, H)."""
-        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
-            h = torch.baddbmm(b, mish(h), w)
+        # Index, do not slice: a ParameterList slice re-wraps tensors swapped in by
+        # torch.func.functional_call as new Parameters, cutting them off from torch.func.grad.
+        for i in range(1, len(self.weights)):
+            h = torch.baddbmm(self.biases[i], mish(h), self.weights[i])
         return h
 
 
