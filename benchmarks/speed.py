@@ -389,10 +389,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         samples: dict[str, dict[str, list[float]]] = {a.name: {} for a in agents}
         for agent in agents:
             agent.train(5)  # warm-up (and compilation)
-        for _ in range(args.repeats):  # interleaved: both see the same machine load
+        # Training, then acting, each phase with the agents' repeats interleaved so all see the same
+        # machine load; acting gets its own phase, as in a control loop (no training in between).
+        for _ in range(args.repeats):
+            for agent in agents:
+                samples[agent.name].setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
+        for _ in range(args.repeats):
             for agent in agents:
                 s = samples[agent.name]
-                s.setdefault("steps_per_s", []).append(rate(agent.train, args.seconds, device))
                 for batch in (1, 16):
                     s.setdefault(f"predict_b{batch}_ms", []).append(
                         latency(agent.predict(batch), args.seconds / 4, device)["median_ms"]
