@@ -18,33 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import machine, random_data, rate  # noqa: E402  # benchmarks/ is not a package
+from speed import add_common_args, machine, random_data, rate, setup_torch  # noqa: E402  # benchmarks/ is not a package
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: OMP_NUM_THREADS if set, else all visible cores)",
-    )
+    add_common_args(p, "stacked/separate")
     p.add_argument("--seeds", type=int, default=5, help="replicas (seeds 0..N-1)")
-    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved stacked/separate repeats; medians reported")
     p.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
     return p.parse_args(argv)
 
@@ -56,14 +45,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or (int(omp) if omp.isdigit() else 0) or cores
-    torch.set_num_threads(threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device, threads = setup_torch(args)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"threads": threads}
     results: dict[str, Any] = {"machine": machine(device, threads), "settings": settings}
     print("machine:", json.dumps(results["machine"]))

@@ -339,9 +339,8 @@ def profile_step(ours: Ours, n_steps: int = 20, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reference", type=Path, default=None, help="official Diffusion-QL checkout to compare with")
+def add_common_args(p: argparse.ArgumentParser, compared: str) -> None:
+    """--device, --threads, --seconds, --repeats: shared by the speed scripts."""
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument(
         "--threads",
@@ -350,7 +349,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch threads (default: OMP_NUM_THREADS if set, else all visible cores)",
     )
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved ours/official repeats; medians reported")
+    p.add_argument("--repeats", type=int, default=3, help=f"interleaved {compared} repeats; medians reported")
+
+
+def setup_torch(args: argparse.Namespace) -> tuple[torch.device, int]:
+    """Set torch's threads (--threads, else an explicit OMP_NUM_THREADS, else all cores); the device."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.threads or (int(omp) if omp.isdigit() else 0) or cores
+    torch.set_num_threads(threads)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), threads
+    return torch.device(args.device), threads
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", type=Path, default=None, help="official Diffusion-QL checkout to compare with")
+    add_common_args(p, "ours/official")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     p.add_argument("--compile", action="store_true", help="also time compile_training() and compile_acting()")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
@@ -360,14 +376,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    omp = os.environ.get("OMP_NUM_THREADS", "")  # --threads, else an explicit OMP_NUM_THREADS, else all cores
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or (int(omp) if omp.isdigit() else 0) or cores
-    torch.set_num_threads(threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device, threads = setup_torch(args)
     if args.reference is not None and not (args.reference / "agents" / "ql_diffusion.py").exists():
         raise FileNotFoundError(f"--reference {args.reference} has no agents/ql_diffusion.py")
     problems = {name: PROBLEMS[name] for name in args.problems}
