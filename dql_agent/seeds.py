@@ -10,9 +10,10 @@ Replica i follows the trajectory of ``DiffusionQL(buffer, seed=seeds[i]).learn(n
 float rounding of batched against unbatched matmuls and reductions:
 
 - its random tensors (batch indices, the TD target's chain noise, the BC loss's steps and noise,
-  the actor chain's noise, the critic-role coin) are drawn from its own model's generators, in
-  the order and shapes of ``DiffusionQL._train_step``, then stacked and fed to the batched math
-  (vmap's own randomness stays off: a hidden draw inside would be an error);
+  the actor chain's noise, the critic-role coin) are drawn by its own model
+  (``DiffusionQL.critic_inputs``/``actor_inputs``, as the single run draws them), then stacked and
+  fed to the single run's own loss functions under vmap (vmap's own randomness stays off: a hidden
+  draw inside would be an error);
 - gradients are per replica (the grad transform sits inside vmap), clipped per replica with that
   replica's own total norm, as ``clip_grad_norm_`` does;
 - each model's parameters are views into the stacked tensors while training, and one Adam per
