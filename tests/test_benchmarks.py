@@ -80,39 +80,19 @@ def test_datasets_main_writes_minari_datasets_with_reference_scores(hopper_datas
     assert dataset.total_steps == 300
 
 
+def smoke_scores_argv(root: Path, out: Path, algos: list[str], extra: list[str]) -> list[str]:
+    """scores.py arguments for a 20-step, 1-seed, 1-episode run on the smoke medium dataset."""
+    budget = "--steps 20 --eval-every 10 --eval-episodes 1 --seeds 0 --threads 1".split()
+    dataset = ["--minari-path", str(root), "--datasets", "smoke/hopper/medium-v0"]
+    return [*dataset, "--algos", *algos, *budget, *extra, "--out", str(out)]
+
+
 def test_scores_main_runs(hopper_datasets, tmp_path):
     pytest.importorskip("matplotlib")
     scores = load_script("scores")
     root, _ = hopper_datasets
-    argv = [
-        "--minari-path",
-        str(root),
-        "--datasets",
-        "smoke/hopper/medium-v0",
-        "--algos",
-        "dql",
-        "bc-diffusion",
-        "bc-mlp",
-        "--steps",
-        "20",
-        "--eval-every",
-        "10",
-        "--eval-episodes",
-        "1",
-        "--seeds",
-        "0",
-        "--threads",
-        "1",
-        "--bandit-ql-steps",
-        "10",
-        "--bandit-bc-steps",
-        "10",
-        "--bandit-td3bc-steps",
-        "10",
-        "--out",
-        str(tmp_path),
-    ]
-    results = scores.main(argv)
+    bandit = "--bandit-ql-steps 10 --bandit-bc-steps 10 --bandit-td3bc-steps 10".split()
+    results = scores.main(smoke_scores_argv(root, tmp_path, ["dql", "bc-diffusion", "bc-mlp"], bandit))
     r = results["datasets"]["smoke/hopper/medium-v0"]
     assert set(r["mean"]) == {"dql", "bc-diffusion", "bc-mlp"}
     assert [p["step"] for p in r["curves"]["dql"][0]] == [10, 20]
@@ -124,28 +104,5 @@ def test_scores_with_d3rlpy(hopper_datasets, tmp_path):
     pytest.importorskip("d3rlpy")
     scores = load_script("scores")
     root, _ = hopper_datasets
-    argv = [
-        "--minari-path",
-        str(root),
-        "--datasets",
-        "smoke/hopper/medium-v0",
-        "--algos",
-        "td3bc",
-        "iql",
-        "--steps",
-        "20",
-        "--eval-every",
-        "10",
-        "--eval-episodes",
-        "1",
-        "--seeds",
-        "0",
-        "--threads",
-        "1",
-        "--bandit-ql-steps",
-        "0",
-        "--out",
-        str(tmp_path),
-    ]
-    results = scores.main(argv)
+    results = scores.main(smoke_scores_argv(root, tmp_path, ["td3bc", "iql"], ["--bandit-ql-steps", "0"]))
     assert set(results["datasets"]["smoke/hopper/medium-v0"]["mean"]) == {"td3bc", "iql"}

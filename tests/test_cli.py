@@ -9,6 +9,7 @@ import pytest
 from dql_agent import QVPO, DiffusionDICE, DiffusionQL, load_from_hub
 from dql_agent.cli import main
 
+QUIET = ["--episodes", "0", "--no-progress", "--device", "cpu"]  # no evaluation, no bar
 SMALL = ["--set", "hidden_dim=16", "--set", "n_hidden=2", "--set", "diffusion_steps=3", "--set", "batch_size=32"]
 
 
@@ -69,53 +70,20 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
         [
             "train",
             npz,
-            "--algo",
-            "dice",
-            "--env",
-            "Pendulum-v1",
-            "--steps",
-            "3",
-            "-o",
+            *"--algo dice --env Pendulum-v1 --steps 3 -o".split(),
             str(tmp_path / "dice"),
-            "--episodes",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--set",
-            "n_candidates=4",
-            "--set",
-            "q_ensemble_size=2",
-            "--set",
-            "behavior_batch_size=32",
-            "--set",
-            "time_dim=8",
+            *QUIET,
+            *"--set n_candidates=4 --set q_ensemble_size=2 --set behavior_batch_size=32 --set time_dim=8".split(),
             *SMALL,
         ]
     )
     assert type(load_from_hub(str(tmp_path / "dice"))) is DiffusionDICE
     main(
         [
-            "train",
-            "--algo",
-            "qvpo",
-            "--env",
-            "Pendulum-v1",
-            "--steps",
-            "40",
-            "-o",
+            *"train --algo qvpo --env Pendulum-v1 --steps 40 -o".split(),
             str(tmp_path / "qvpo"),
-            "--episodes",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--set",
-            "learning_starts=20",
-            "--set",
-            "n_diffusion_samples=4",
-            "--set",
-            "n_eval_samples=4",
+            *QUIET,
+            *"--set learning_starts=20 --set n_diffusion_samples=4 --set n_eval_samples=4".split(),
             *SMALL,
         ]
     )
