@@ -68,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for _ in range(args.repeats):  # interleaved
         samples["stacked"].append(args.seeds * rate(stacked_rounds, args.seconds, device))
         samples["separate"].append(args.seeds * rate(separate_rounds, args.seconds, device))
-    stack.unstack()
     for name, values in samples.items():
         results[name] = {"steps_per_s": statistics.median(values), "all": values}
     results["ratio"] = results["stacked"]["steps_per_s"] / results["separate"]["steps_per_s"]

@@ -4,22 +4,25 @@
 >>> model = DiffusionQL(buffer=OfflineBuffer.from_minari("mujoco/hopper/medium-v0"), env="Hopper-v5")
 >>> model.learn(total_timesteps=1_000_000, progress_bar=True)
 >>> action, _ = model.predict(obs, deterministic=True)
+
+Importing the package defines the three algorithms, and so registers them for ``load_from_hub``.
 """
 
-__version__ = "0.1.0"
-
-from dql_agent.buffer import Batch, OfflineBuffer
-from dql_agent.checkpoint import CheckpointError
-from dql_agent.config import PRESETS, DiffusionQLConfig, get_preset
+from dql_agent.base import ALGORITHMS, BaseAgent, Paper
+from dql_agent.buffer import Batch, OfflineBuffer, ReplayBuffer
+from dql_agent.checkpoint import CheckpointError, library_version
 from dql_agent.diffusion_dice import DiffusionDICE, DiffusionDICEConfig, DiffusionDICEPolicy
-from dql_agent.diffusion_ql import DiffusionQL
+from dql_agent.diffusion_ql import PRESETS, DiffusionQL, DiffusionQLConfig, DiffusionQLPolicy, get_preset
 from dql_agent.integrations.hub import load_from_hub
-from dql_agent.policy import DiffusionQLPolicy
 from dql_agent.qvpo import QVPO, QVPOConfig, QVPOPolicy
 from dql_agent.seeds import SeedStack, train_seeds
 
+__version__ = library_version()
+
 __all__ = [
+    "ALGORITHMS",
     "Batch",
+    "BaseAgent",
     "CheckpointError",
     "DiffusionDICE",
     "DiffusionDICEConfig",
@@ -29,9 +32,11 @@ __all__ = [
     "DiffusionQLPolicy",
     "OfflineBuffer",
     "PRESETS",
+    "Paper",
     "QVPO",
     "QVPOConfig",
     "QVPOPolicy",
+    "ReplayBuffer",
     "SeedStack",
     "get_preset",
     "load_from_hub",

@@ -1,9 +1,26 @@
-"""The SB3-style surface shared by every algorithm: predict, learn's loop, logger, env, save/load.
+"""BaseAgent: the SB3-style surface every algorithm shares, one learn loop, and the registry.
 
-Compatibility is by protocol, not inheritance (SB3's ``BaseAlgorithm`` insists on an env and on
-pickled zips): ``evaluate_policy`` needs ``predict``; SB3 callbacks need ``num_timesteps``,
-``logger``, ``get_env()``, ``get_vec_normalize_env()`` and ``save()``. Each algorithm class
-builds its networks and writes its own update in full; this base only drives them.
+Compatibility with SB3 is by protocol, not inheritance (SB3's ``BaseAlgorithm`` insists on an env
+and on pickled zips): ``evaluate_policy`` needs ``predict``; SB3 callbacks need ``num_timesteps``,
+``logger``, ``get_env()``, ``get_vec_normalize_env()`` and ``save()``.
+
+An algorithm is one class statement and at most four hooks::
+
+    class MyAlgo(BaseAgent, algorithm="MyAlgo", short_name="myalgo", paper=Paper(...)):
+        config_class = MyAlgoConfig
+
+        def __init__(self, buffer=None, env=None, **kw):
+            super().__init__(MyAlgoPolicy, MyAlgoConfig.from_hyperparameters(kw), buffer=buffer, env=env)
+            self.optimizer = ...                    # needs the policy built by BaseAgent.__init__
+
+        def train_step(self) -> dict[str, torch.Tensor]: ...    # one gradient step; its losses
+        def optimizers(self) -> dict[str, Optimizer]: ...       # what save(include_optimizer) keeps
+        def training_state(self): ...                           # RNG/scheduler state to resume
+        def load_training_state(self, tensors, meta): ...
+        def collect_step(self) -> Rollout: ...                  # online algorithms only
+
+The class statement registers it: :func:`dql_agent.load_from_hub` and the model card find it by
+the ``algorithm`` name saved in config.json.
 """
 
 from __future__ import annotations
@@ -14,29 +31,82 @@ import signal
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
+from dql_agent.buffer import OfflineBuffer, transform_rewards
 from dql_agent.checkpoint import (
-    FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
+    build_config,
     check_tensors,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    read_config,
     save_checkpoint,
 )
-from dql_agent.spaces import flat_dim, space_from_json, space_to_json, spaces_equal
+from dql_agent.config import ConfigBase, is_int
+from dql_agent.spaces import flat_dim, scale_actions, spaces_equal
 
 if TYPE_CHECKING:
-    from dql_agent.buffer import OfflineBuffer
+    from dql_agent.policy import PolicyBase
 
 SelfAgent = TypeVar("SelfAgent", bound="BaseAgent")
+
+
+@dataclass(frozen=True)
+class Paper:
+    """What the model card says about an algorithm's method and how to cite it."""
+
+    method_name: str
+    """Short name used in the card's first sentence, e.g. 'Diffusion-QL'."""
+    title: str
+    """Paper title."""
+    short_citation: str
+    """Authors and venue in one line, e.g. 'Wang, Hunt and Zhou, ICLR 2023'."""
+    url: str
+    """Link to the paper (arXiv abstract page)."""
+    method: str
+    """One paragraph of markdown describing the method."""
+    bibtex: str
+    """BibTeX entry, without surrounding fences."""
+
+
+ALGORITHMS: dict[str, type[BaseAgent]] = {}
+"""Algorithm name (config.json's "algorithm") -> its class; filled by the class statements."""
+
+
+def algorithm_class(name: str) -> type[BaseAgent]:
+    """The agent class registered as ``name``; ValueError listing the known ones."""
+    import dql_agent  # noqa: F401  # importing the package defines (so registers) the built-in algorithms
+
+    if name not in ALGORITHMS:
+        raise ValueError(
+            f"unknown algorithm {name!r}; this dql_agent knows {sorted(ALGORITHMS)} (a newer dql_agent may "
+            "know it, or import the module that defines it)"
+        )
+    return ALGORITHMS[name]
+
+
+class Rollout(NamedTuple):
+    """What an online algorithm's ``collect_step`` did: one VecEnv step (SB3's callback locals)."""
+
+    n_steps: int
+    """Env steps collected (``n_envs`` per VecEnv step): ``num_timesteps`` advances by this."""
+    gradient_steps: int
+    """Gradient steps to take now (0 during a warm-up)."""
+    actions: np.ndarray
+    new_obs: Any
+    rewards: np.ndarray
+    dones: np.ndarray
+    infos: list[dict[str, Any]]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -58,16 +128,7 @@ def resolve_spaces(
     buffer: OfflineBuffer | None, env: Any, observation_space: spaces.Space | None, action_space: spaces.Box | None
 ) -> tuple[spaces.Space, spaces.Box]:
     """The model's spaces: explicit ones win, then the env's, then the buffer's; dimensions must agree."""
-    env_spaces = (None, None)
-    if env is not None:
-        if isinstance(env, str):
-            import gymnasium as gym
-
-            probe = gym.make(env)
-            env_spaces = (probe.observation_space, probe.action_space)
-            probe.close()
-        else:
-            env_spaces = (env.observation_space, env.action_space)
+    env_spaces = (env.observation_space, env.action_space) if env is not None else (None, None)
     buffer_spaces = (buffer.observation_space, buffer.action_space) if buffer is not None else (None, None)
     obs_space = next((s for s in (observation_space, env_spaces[0], buffer_spaces[0]) if s is not None), None)
     act_space = next((s for s in (action_space, env_spaces[1], buffer_spaces[1]) if s is not None), None)
@@ -79,7 +140,7 @@ def resolve_spaces(
                 f"observation_space flattens to {flat_dim(obs_space)} dims, "
                 f"but the buffer's observations have {buffer.obs_dim}"
             )
-        if int(torch.tensor(act_space.shape).prod()) != buffer.action_dim:
+        if int(np.prod(act_space.shape)) != buffer.action_dim:
             raise ValueError(
                 f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}"
             )
@@ -92,7 +153,7 @@ class _InterruptFlag:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[_InterruptFlag]:
-    """Turn Ctrl-C into a flag that ``learn`` checks between gradient steps.
+    """Turn Ctrl-C into a flag that ``learn`` checks between steps.
 
     A step is never cut in half (critic updated, actor not), so an interrupted run saves a state
     that resumes exactly. A second Ctrl-C interrupts at once. Only the main thread can own SIGINT;
@@ -117,28 +178,122 @@ def deferred_interrupt() -> Iterator[_InterruptFlag]:
 
 
 class BaseAgent:
-    """Shared SB3-style surface. Subclasses define ``config_class``, ``algorithm`` and
-    ``_train_step()``, and set ``config``, ``policy``, ``device``, ``seed``, ``metadata`` and
-    their optimizers (returned by ``_optimizers()``) in ``__init__``."""
+    """The shared surface of every algorithm: SB3's attributes, ``predict``, ``learn``,
+    ``save``/``load`` and the Hub.
+
+    Offline algorithms train on an :class:`OfflineBuffer` (``set_buffer``; one timestep is one
+    gradient step); online ones override :meth:`collect_step` and train on what it collects from
+    ``env`` (one timestep is one env step).
+
+    Args:
+        policy_class: the algorithm's policy, built as ``policy_class(observation_space,
+            action_space, config)`` with the torch RNG seeded by ``seed``.
+        config: the algorithm's hyperparameters.
+        buffer: the offline dataset, or None (an online algorithm, or a model that only acts).
+        env: an env id, ``gymnasium.Env`` or VecEnv (Monitor-wrapped as SB3 does): the online
+            algorithms' experience, the offline ones' evaluation env (``get_env()``).
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', ...; data lives there.
+        seed: seeds network initialisation, the training generator and acting; None draws one
+            (saved in config.json).
+        observation_space, action_space: explicit spaces (else the env's, else the buffer's).
+        verbose: 1 prints the training logs to stdout.
+        tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
+    """
 
     algorithm: ClassVar[str]
-    config_class: ClassVar[type]
-    policy: torch.nn.Module
-    device: torch.device
-    seed: int
-    metadata: dict[str, Any]
+    """The name config.json records and the registry knows the class by."""
+    short_name: ClassVar[str]
+    """The name on the command line (``dql-agent train --algo NAME``)."""
+    paper: ClassVar[Paper | None] = None
+    """What the model card cites."""
+    online: ClassVar[bool] = False
+    """Whether the algorithm collects its own experience (it overrides :meth:`collect_step`)."""
+    config_class: ClassVar[type[ConfigBase]]
 
-    # SB3 attributes --------------------------------------------------------------------------
-    def _init_surface(self, env: Any, verbose: int, tensorboard_log: str | None) -> None:
+    def __init_subclass__(
+        cls, algorithm: str | None = None, short_name: str | None = None, paper: Paper | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.online = cls.collect_step is not BaseAgent.collect_step
+        if algorithm is not None:
+            cls.algorithm, cls.short_name, cls.paper = algorithm, short_name or algorithm.lower(), paper
+            ALGORITHMS[algorithm] = cls
+
+    def __init__(
+        self,
+        policy_class: type[PolicyBase],
+        config: ConfigBase,
+        *,
+        buffer: OfflineBuffer | None = None,
+        env: Any = None,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        observation_space: spaces.Space | None = None,
+        action_space: spaces.Box | None = None,
+        verbose: int = 0,
+        tensorboard_log: str | None = None,
+    ):
+        if buffer is not None and not isinstance(buffer, OfflineBuffer):
+            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
+        if seed is not None and not is_int(seed):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.config: Any = config
+        self.device = resolve_device(device)
+        self.seed = draw_seed() if seed is None else int(seed)
+        if env is not None:
+            from dql_agent.integrations.sb3 import wrap_env
+
+            env = wrap_env(env)
+        observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
+        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            self.policy: Any = policy_class(observation_space, action_space, config).to(self.device)
+        self.policy.set_seed(self.seed + 2)
+        # The update's random draws (batches, diffusion steps and noise): one stream, saved with
+        # the optimizer state so a resumed run draws what the uninterrupted one would.
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+
+        # SB3's attributes
         self.num_timesteps = 0
-        self._n_updates = 0
+        self.n_updates = 0
         self.verbose = verbose
         self.tensorboard_log = tensorboard_log
-        self._logger = None
-        self.env = None
+        self._logger: Any = None
+        self._total_timesteps = 0  # the target of the current learn() call (QVPO's entropy schedule)
+        self._episode_num = 0
+        self._last_obs: Any = None  # online: the observation the next collect_step acts on
+        self.ep_info_buffer: deque[dict[str, Any]] = deque(maxlen=100)
+        self.replay_buffer: Any = None
+        self.env: Any = None
         if env is not None:
             self.set_env(env)
+        if buffer is not None:
+            self.set_buffer(buffer)
 
+    # hooks ---------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One gradient step; returns its losses as detached 0-d tensors (summed on the device)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers ``save(include_optimizer=True)`` keeps, by name."""
+        return {}
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (RNG states) and JSON state (schedulers) beyond the optimizers, to resume exactly."""
+        return {"rng.train": self.generator.get_state()}, {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+        self.generator.set_state(tensors["rng.train"])
+
+    def collect_step(self) -> Rollout:
+        """Online algorithms: act in ``env`` once, store the transitions, say how many gradient
+        steps follow. Offline algorithms do not override it."""
+        raise NotImplementedError
+
+    # SB3 attributes ------------------------------------------------------------------------------
     @property
     def observation_space(self) -> spaces.Space:
         return self.policy.observation_space
@@ -148,7 +303,17 @@ class BaseAgent:
         return self.policy.action_space
 
     @property
-    def logger(self):  # noqa: ANN201 - an SB3 Logger; SB3 is imported lazily
+    def _n_updates(self) -> int:  # SB3's name
+        return self.n_updates
+
+    @property
+    def replay(self) -> Any:
+        """Deprecated name of :attr:`replay_buffer`."""
+        warnings.warn("model.replay is renamed model.replay_buffer", DeprecationWarning, stacklevel=2)
+        return self.replay_buffer
+
+    @property
+    def logger(self) -> Any:
         """The SB3 logger (``stdout`` when ``verbose >= 1``); replace it with :meth:`set_logger`."""
         if self._logger is None:
             from dql_agent.integrations.sb3 import default_logger
@@ -160,17 +325,19 @@ class BaseAgent:
         """Use an SB3 ``Logger`` (e.g. ``stable_baselines3.common.logger.configure(dir, ['csv'])``)."""
         self._logger = logger
 
-    def get_env(self):  # noqa: ANN201 - an SB3 VecEnv or None
-        """The evaluation env as an SB3 VecEnv (None when the model was built without one)."""
+    def get_env(self) -> Any:
+        """The env as an SB3 VecEnv (None when the model was built without one)."""
         return self.env
 
     def set_env(self, env: Any) -> None:
-        """Attach an env id, ``gymnasium.Env`` or VecEnv; its spaces must match the model's."""
+        """Attach an env id, ``gymnasium.Env`` or VecEnv; its spaces must match the model's.
+        An online algorithm's next ``learn`` starts from a reset of it."""
         from dql_agent.integrations.sb3 import wrap_env
 
         vec_env = wrap_env(env)
         self.check_env_spaces(vec_env.observation_space, vec_env.action_space)
         self.env = vec_env
+        self._last_obs = None
 
     def get_vec_normalize_env(self) -> None:
         return None
@@ -191,39 +358,45 @@ class BaseAgent:
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[np.ndarray, Any]:
-        """SB3's ``predict``: see :meth:`DiffusionQLPolicy.predict`."""
+        """SB3's ``predict``: see :meth:`dql_agent.policy.PolicyBase.predict`."""
         return self.policy.predict(observation, state, episode_start, deterministic)
 
-    def _training_view(self, buffer: OfflineBuffer, rewards: torch.Tensor) -> OfflineBuffer:
-        """``buffer`` as the update sees it, on the training device once: observations normalised
-        (when configured; the statistics go into the policy), actions scaled to [-1, 1], ``rewards``
-        (already transformed) in place of the raw ones."""
+    # data ----------------------------------------------------------------------------------------
+    def set_buffer(self, buffer: OfflineBuffer) -> None:
+        """Train on ``buffer``: observations normalised (when configured; the statistics go into the
+        policy), actions scaled to [-1, 1], rewards transformed, all moved to the device once."""
+        if not isinstance(buffer, OfflineBuffer):
+            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
         policy = self.policy
         if buffer.obs_dim != policy.obs_dim or buffer.action_dim != policy.action_dim:
             raise ValueError(
                 f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
                 f"obs_dim={policy.obs_dim}, action_dim={policy.action_dim}"
             )
+        rewards = transform_rewards(buffer, getattr(self.config, "reward_transform", "none"))
         if getattr(self.config, "normalize_observations", False):
             mean, std = buffer.observation_stats()
             policy.obs_mean.copy_(mean)
             policy.obs_std.copy_(std)
-        low = torch.as_tensor(self.action_space.low, dtype=torch.float32).reshape(1, -1)
-        high = torch.as_tensor(self.action_space.high, dtype=torch.float32).reshape(1, -1)
-        return buffer.replace(
+        self.replay_buffer = buffer.replace(
             observations=policy.normalize_observations(buffer.observations.to(self.device)),
             next_observations=policy.normalize_observations(buffer.next_observations.to(self.device)),
-            actions=(2.0 * (buffer.actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0),
+            actions=scale_actions(buffer.actions, self.action_space),
             rewards=rewards,
         ).to(self.device)
 
-    # training loop -----------------------------------------------------------------------------
-    def _check_can_learn(self) -> None:
-        """Raise if the model cannot train (e.g. no dataset)."""
+    def check_can_learn(self) -> None:
+        """Raise RuntimeError naming what is missing when the model has nothing to train on."""
+        if self.online and self.env is None:
+            raise RuntimeError(
+                f"{self.algorithm} has no env to collect experience from: pass env=... or call set_env(env)"
+            )
+        if not self.online and self.replay_buffer is None:
+            raise RuntimeError(
+                f"{self.algorithm} has no dataset: pass buffer=... or call set_buffer(buffer) before learn()"
+            )
 
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
+    # training ------------------------------------------------------------------------------------
     def learn(
         self: SelfAgent,
         total_timesteps: int,
@@ -231,77 +404,99 @@ class BaseAgent:
         log_interval: int = 1000,
         progress_bar: bool = False,
         reset_num_timesteps: bool = True,
-        interrupt_checkpoint: str | os.PathLike | None = None,
+        interrupt_checkpoint: str | os.PathLike[str] | None = None,
     ) -> SelfAgent:
-        """Take ``total_timesteps`` gradient steps, driving SB3 callbacks and logging.
+        """Train for ``total_timesteps`` timesteps, driving SB3 callbacks and logging.
+
+        A timestep is one gradient step for offline algorithms and one env step for online ones
+        (``n_envs`` per VecEnv step, as in SB3), each followed by its gradient steps.
 
         Args:
-            total_timesteps: gradient steps to take (offline: one timestep = one update).
+            total_timesteps: timesteps to train for.
             callback: an SB3 ``BaseCallback``, a list of them, a ``f(locals, globals)`` or None.
-                A callback returning False stops training.
-            log_interval: dump the mean losses to the logger every this many steps (0: never).
-            progress_bar: show a progress bar over the gradient steps.
-            reset_num_timesteps: start ``num_timesteps`` from 0 (False continues the count).
+                ``on_step`` runs once per timestep (per VecEnv step online); False stops training.
+            log_interval: dump the mean losses (and, online, the episode returns) to the logger
+                every this many timesteps (0: never).
+            progress_bar: show a progress bar over the timesteps.
+            reset_num_timesteps: start ``num_timesteps`` (and, online, the env) afresh; False
+                continues the count (and the episode in progress).
             interrupt_checkpoint: where to save a resumable checkpoint (weights, optimizer and RNG
                 state) if training stops on Ctrl-C or an exception; ``load`` it and call
-                ``learn(..., reset_num_timesteps=False)`` to continue exactly.
+                ``learn(..., reset_num_timesteps=False)`` to continue.
 
-        Ctrl-C finishes the current gradient step before stopping, so the model stays usable.
+        Ctrl-C finishes the current step before stopping, so the model stays usable.
         """
-        if not isinstance(total_timesteps, (int, np.integer)) or total_timesteps < 0:
+        if not is_int(total_timesteps) or total_timesteps < 0:
             raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
-        self._check_can_learn()
+        if not is_int(log_interval) or log_interval < 0:
+            raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
+        self.check_can_learn()
         from dql_agent.integrations.sb3 import make_callback
 
         if reset_num_timesteps:
-            self.num_timesteps = 0
+            self.num_timesteps, self._episode_num, self._last_obs = 0, 0, None
+            self.ep_info_buffer.clear()
         total_timesteps = int(total_timesteps) + self.num_timesteps
+        self._total_timesteps = total_timesteps
         callback = make_callback(callback, progress_bar)
         callback.init_callback(self)
         callback.on_training_start(locals(), globals())
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}
-        n_summed, start = 0, time.time()
+        n_summed, start_time, start_timesteps = 0, time.time(), self.num_timesteps
         try:
             with deferred_interrupt() as interrupt:
                 while self.num_timesteps < total_timesteps:
-                    losses = self._train_step()
-                    self.num_timesteps += 1
-                    self._n_updates += 1
-                    for key, value in losses.items():  # summed on the device: no host sync per step
-                        sums[key] = sums[key] + value if key in sums else value.clone()
-                    n_summed += 1
-                    callback.update_locals(locals())
+                    # Online, the timestep is the env step (the update sees it counted); offline it
+                    # is the gradient step, counted once done.
+                    rollout = self.collect_step() if self.online else None
+                    if rollout is not None:
+                        self.num_timesteps += rollout.n_steps
+                        self._episode_num += int(np.sum(rollout.dones))
+                        self.ep_info_buffer.extend(info["episode"] for info in rollout.infos if "episode" in info)
+                    for _ in range(1 if rollout is None else rollout.gradient_steps):
+                        losses = self.train_step()
+                        self.n_updates += 1
+                        for key, value in losses.items():  # summed on the device: no host sync per step
+                            sums[key] = sums[key] + value if key in sums else value.clone()
+                        n_summed += 1
+                    if rollout is None:
+                        self.num_timesteps += 1
+                    callback.update_locals({**locals(), **(rollout._asdict() if rollout is not None else {})})
                     if not callback.on_step():
                         break
-                    if log_interval and self.num_timesteps % log_interval == 0:
-                        self._dump_logs(sums, n_summed, start)
+                    step = rollout.n_steps if rollout is not None else 1
+                    if (
+                        log_interval
+                        and self.num_timesteps // log_interval > (self.num_timesteps - step) // log_interval
+                    ):
+                        self.dump_logs(sums, n_summed, start_time, start_timesteps)
                         sums, n_summed = {}, 0
                     if interrupt.requested:
-                        raise KeyboardInterrupt(f"training interrupted after gradient step {self._n_updates}")
+                        raise KeyboardInterrupt(f"training interrupted after timestep {self.num_timesteps}")
         except BaseException:
             self.policy.eval()
             if interrupt_checkpoint is not None:
                 self.save(interrupt_checkpoint, include_optimizer=True)
                 warnings.warn(
-                    f"training stopped at gradient step {self._n_updates}; resumable checkpoint saved to "
-                    f"{interrupt_checkpoint}",
+                    f"training stopped at timestep {self.num_timesteps} (gradient step {self.n_updates}); "
+                    f"resumable checkpoint saved to {interrupt_checkpoint}",
                     stacklevel=2,
                 )
             raise
         if n_summed and log_interval:
-            self._dump_logs(sums, n_summed, start)
+            self.dump_logs(sums, n_summed, start_time, start_timesteps)
         self.policy.eval()
         callback.on_training_end()
         return self
 
-    def _loss_is_finite(self, name: str, loss: torch.Tensor, skip: bool) -> bool:
+    def loss_is_finite(self, name: str, loss: torch.Tensor, skip: bool) -> bool:
         """False (skip this batch) or FloatingPointError when ``loss`` is NaN/inf, before any
         weight sees it. One host read per loss: free on the CPU, a sync on a GPU."""
         loss = loss.detach()
         if bool(torch.isfinite(loss)):
             return True
-        step = self._n_updates + 1
+        step = self.n_updates + 1
         if skip:
             warnings.warn(f"{name} is {float(loss)} at gradient step {step}: skipping the batch", stacklevel=3)
             return False
@@ -310,60 +505,54 @@ class BaseAgent:
             "(rewards/observations scale), lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
         )
 
-    def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start: float) -> None:
+    def dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:
+        """Write the mean of ``n`` steps' summed losses (``train/*``), episode statistics
+        (``rollout/*``) and timing (``time/*``) to the logger, and dump it at ``num_timesteps``."""
+        logger = self.logger
+        if self.ep_info_buffer:
+            logger.record("rollout/ep_rew_mean", float(np.mean([e["r"] for e in self.ep_info_buffer])))
+            logger.record("rollout/ep_len_mean", float(np.mean([e["l"] for e in self.ep_info_buffer])))
+        if self._episode_num:
+            logger.record("time/episodes", self._episode_num, exclude="tensorboard")
         for key, value in sums.items():
-            self.logger.record(f"train/{key}", float(value) / n)
-        self.logger.record("train/n_updates", self._n_updates)
-        elapsed = max(time.time() - start, 1e-9)
-        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
-        self.logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
-        self.logger.record("time/fps", int(self.num_timesteps / elapsed))
-        self.logger.dump(step=self.num_timesteps)
+            logger.record(f"train/{key}", float(value) / n)
+        if n:
+            logger.record("train/n_updates", self.n_updates, exclude="tensorboard")
+        elapsed = max(time.time() - start_time, 1e-9)
+        logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
+        logger.record("time/fps", int((self.num_timesteps - start_timesteps) / elapsed))
+        logger.dump(step=self.num_timesteps)
 
-    # checkpoints -------------------------------------------------------------------------------
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {}
-
-    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Extra tensors (RNG states) and JSON state (schedulers) needed to resume exactly."""
-        return {}, {}
-
-    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        pass
-
-    def save(self, path: str | os.PathLike, include_optimizer: bool = False) -> None:
+    # checkpoints ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], include_optimizer: bool = False) -> None:
         """Write ``model.safetensors`` + ``config.json`` to the directory ``path`` (a ``.zip``
         archive of them when ``path`` ends in ``.zip``). ``include_optimizer`` adds the
         optimizer, scheduler and RNG state so :meth:`learn` can resume where it stopped."""
-        from dql_agent import __version__
-
-        config = {
-            "format_version": FORMAT_VERSION,
-            "library": "dql_agent",
-            "library_version": __version__,
-            "algorithm": self.algorithm,
-            "config": self.config.to_dict(),
-            "observation_space": space_to_json(self.observation_space),
-            "action_space": space_to_json(self.action_space),
-            "num_timesteps": int(self.num_timesteps),
-            "seed": self.seed,
-            "metadata": self.metadata,
-        }
+        config = build_config(
+            algorithm=self.algorithm,
+            hyperparameters=self.config.to_dict(),
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            num_timesteps=self.num_timesteps,
+            seed=self.seed,
+            metadata=self.metadata,
+        )
         checkpoint = Checkpoint(config, dict(self.policy.state_dict()))
         if include_optimizer:
-            tensors, meta = self._training_state()
-            for name, optimizer in self._optimizers().items():
+            tensors, meta = self.training_state()
+            for name, optimizer in self.optimizers().items():
                 opt_tensors, opt_meta = optimizer_to_tensors(name, optimizer)
                 tensors.update(opt_tensors)
                 meta[name] = opt_meta
-            meta["n_updates"] = self._n_updates
+            meta["n_updates"] = self.n_updates
             checkpoint.optimizer_tensors, checkpoint.optimizer_meta = tensors, meta
         save_checkpoint(path, checkpoint)
 
     @classmethod
     def load(
         cls: type[SelfAgent],
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         env: Any = None,
         device: str | torch.device = "auto",
         include_optimizer: bool = True,
@@ -375,10 +564,10 @@ class BaseAgent:
         ``n_action_samples``); optimizer/RNG state is restored when present so ``learn`` resumes.
         """
         checkpoint = load_checkpoint(path, include_optimizer=include_optimizer)
-        return cls._from_checkpoint(checkpoint, str(path), env=env, device=device, **overrides)
+        return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, **overrides)
 
     @classmethod
-    def _from_checkpoint(
+    def from_checkpoint(
         cls: type[SelfAgent],
         checkpoint: Checkpoint,
         where: str,
@@ -386,31 +575,35 @@ class BaseAgent:
         device: str | torch.device = "auto",
         **overrides: Any,
     ) -> SelfAgent:
-        saved = checkpoint.config
-        if saved["algorithm"] != cls.algorithm:
+        """A model of this class from a parsed checkpoint; ``where`` names it in errors."""
+        saved = read_config(checkpoint.config, where)
+        if saved.algorithm != cls.algorithm:
             raise CheckpointError(
-                f"{where}/config.json holds a {saved['algorithm']} model; load it with that class "
+                f"{where}/config.json holds a {saved.algorithm} model; load it with that class "
                 f"(or dql_agent.load_from_hub, which picks the class) instead of {cls.algorithm}"
             )
         try:
-            config = cls.config_class.from_dict({**saved["config"], **overrides})
-            observation_space = space_from_json(saved["observation_space"], "observation_space")
-            action_space = space_from_json(saved["action_space"], "action_space")
-            model = cls._build_empty(config, observation_space, action_space, device, saved["seed"])
+            config = cls.config_class.from_dict({**saved.hyperparameters, **overrides})
+            model = cls(
+                observation_space=saved.observation_space,
+                action_space=saved.action_space,
+                device=device,
+                seed=saved.seed,
+                **config.to_dict(),
+            )
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{where}/config.json: {error}") from None
-        model.metadata = dict(saved["metadata"])
-        expected = model.policy.state_dict()
-        check_tensors(expected, checkpoint.tensors, f"{where}/model.safetensors")
+        model.metadata = dict(saved.metadata)
+        check_tensors(model.policy.state_dict(), checkpoint.tensors, f"{where}/model.safetensors")
         model.policy.load_state_dict(checkpoint.tensors)
-        model.num_timesteps = saved["num_timesteps"]
+        model.num_timesteps = saved.num_timesteps
         if checkpoint.optimizer_tensors is not None:
             meta = checkpoint.optimizer_meta
             try:
-                for name, optimizer in model._optimizers().items():
+                for name, optimizer in model.optimizers().items():
                     optimizer_from_tensors(name, optimizer, checkpoint.optimizer_tensors, meta[name])
-                model._n_updates = int(meta["n_updates"])
-                model._load_training_state(checkpoint.optimizer_tensors, meta)
+                model.n_updates = int(meta["n_updates"])
+                model.load_training_state(checkpoint.optimizer_tensors, meta)
             except (KeyError, ValueError, RuntimeError, TypeError) as error:
                 raise CheckpointError(f"{where}/optimizer.safetensors does not match the model: {error!r}") from None
         if env is not None:
@@ -418,25 +611,7 @@ class BaseAgent:
         model.policy.eval()
         return model
 
-    @classmethod
-    def _build_empty(
-        cls: type[SelfAgent],
-        config: Any,
-        observation_space: spaces.Space,
-        action_space: spaces.Box,
-        device: str | torch.device,
-        seed: int | None,
-    ) -> SelfAgent:
-        """A model with the given config and spaces and no data, to load weights into."""
-        return cls(
-            observation_space=observation_space,
-            action_space=action_space,
-            device=device,
-            seed=seed,
-            **config.to_dict(),
-        )
-
-    # Hugging Face Hub --------------------------------------------------------------------------
+    # Hugging Face Hub ----------------------------------------------------------------------------
     def push_to_hub(
         self,
         repo_id: str,
@@ -476,12 +651,12 @@ class BaseAgent:
     @classmethod
     def load_from_hub(
         cls: type[SelfAgent],
-        repo_id: str | os.PathLike,
+        repo_id: str | os.PathLike[str],
         *,
         revision: str | None = None,
         device: str | torch.device = "auto",
         token: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
     ) -> SelfAgent:
         """Load a model from the Hub repo ``repo_id`` (or a local checkpoint directory).
@@ -493,7 +668,7 @@ class BaseAgent:
         """
         from dql_agent.integrations.hub import load_from_hub
 
-        return load_from_hub(
+        model: SelfAgent = load_from_hub(
             cls,
             repo_id,
             revision=revision,
@@ -502,3 +677,4 @@ class BaseAgent:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
+        return model

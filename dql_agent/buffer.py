@@ -251,6 +251,53 @@ def sample_batch(source: Any, size: int, batch_size: int, generator: torch.Gener
     )
 
 
+class ReplayBuffer:
+    """The online algorithms' ring buffer of flat transitions, resident on the training device.
+
+    Actions are stored in [-1, 1]; ``terminals`` holds true terminations only (a time-limit
+    truncation is stored as not terminal, with the real final observation as next observation).
+    CPU storage is allocated with ``torch.empty`` so untouched capacity costs no memory.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
+        self.capacity, self.device = capacity, device
+        self.observations = torch.empty((capacity, obs_dim), device=device)
+        self.actions = torch.empty((capacity, action_dim), device=device)
+        self.rewards = torch.empty(capacity, device=device)
+        self.next_observations = torch.empty((capacity, obs_dim), device=device)
+        self.terminals = torch.empty(capacity, dtype=torch.bool, device=device)
+        self.pos, self.size = 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(
+        self,
+        observations: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_observations: np.ndarray,
+        terminals: np.ndarray,
+    ) -> None:
+        """Append one row per env: (n, obs_dim), (n, A), (n,), (n, obs_dim), (n,) bool."""
+        n = len(rewards)
+        index = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
+        for store, value in (
+            (self.observations, observations),
+            (self.actions, actions),
+            (self.rewards, rewards),
+            (self.next_observations, next_observations),
+            (self.terminals, terminals),
+        ):
+            store[index] = torch.as_tensor(value, dtype=store.dtype).to(self.device)
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """Uniform batch with replacement; indices are drawn on the buffer's device."""
+        return sample_batch(self, self.size, batch_size, generator)
+
+
 def _infer_action_space(actions: np.ndarray) -> spaces.Box:
     if np.abs(actions).max() <= 1.0:
         return spaces.Box(-1.0, 1.0, (actions.shape[1],), np.float32)
@@ -325,10 +372,31 @@ def _minari_metadata(dataset: Any) -> dict[str, Any]:
     return out
 
 
-def transform_rewards(rewards: torch.Tensor, kind: str) -> torch.Tensor:
-    """The official reward transforms: 'none', 'cql_antmaze' (4 (r - 0.5)), 'normalize' (z-score)."""
+REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize", "iql_locomotion", "iql_antmaze")
+
+
+def transform_rewards(buffer: OfflineBuffer, kind: str) -> torch.Tensor:
+    """The reward transforms of the official codes, as a new tensor.
+
+    'none'; 'cql_antmaze': 4 (r - 0.5); 'normalize': z-score; 'iql_locomotion': r * 1000 /
+    (max - min episode return); 'iql_antmaze': 0 if r > 0 else -1.
+    """
+    rewards = buffer.rewards
     if kind == "cql_antmaze":
         return (rewards - 0.5) * 4.0
     if kind == "normalize":
         return (rewards - rewards.mean()) / rewards.std().clamp(min=1e-8)
+    if kind == "iql_locomotion":
+        returns = buffer.episode_returns()
+        spread = float(returns.max() - returns.min())
+        if not spread > 0:
+            raise ValueError(
+                f"reward_transform='iql_locomotion' needs episodes with different returns, but all "
+                f"{len(returns)} episode(s) return {returns.max():.6g}; use reward_transform='none' or 'normalize'"
+            )
+        return rewards * (1000.0 / spread)
+    if kind == "iql_antmaze":
+        return torch.where(rewards > 0, 0.0, -1.0).to(rewards.dtype)
+    if kind != "none":
+        raise ValueError(f"reward_transform must be one of {REWARD_TRANSFORMS}, got {kind!r}")
     return rewards.clone()

@@ -10,6 +10,7 @@ code.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gymnasium import spaces
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+
+from dql_agent.spaces import space_from_json, space_to_json
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -45,6 +49,78 @@ CONFIG_KEYS = (
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupted or incompatible; the message names the file."""
+
+
+def library_version() -> str:
+    """This dql_agent's version, from the installed package's metadata."""
+    try:
+        return importlib.metadata.version("dql_agent")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+# config.json -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SavedConfig:
+    """config.json as a model is rebuilt from it (the checks of :func:`parse_config` passed)."""
+
+    algorithm: str
+    hyperparameters: dict[str, Any]
+    observation_space: spaces.Space
+    action_space: spaces.Box
+    num_timesteps: int
+    seed: int
+    metadata: dict[str, Any]
+
+
+def build_config(
+    *,
+    algorithm: str,
+    hyperparameters: dict[str, Any],
+    observation_space: spaces.Space,
+    action_space: spaces.Box,
+    num_timesteps: int,
+    seed: int,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """The config.json of a model, every key of ``CONFIG_KEYS`` but ``model_sha256`` (added by
+    :func:`save_checkpoint` once the weights are serialised)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": "dql_agent",
+        "library_version": library_version(),
+        "algorithm": algorithm,
+        "config": hyperparameters,
+        "observation_space": space_to_json(observation_space),
+        "action_space": space_to_json(action_space),
+        "num_timesteps": int(num_timesteps),
+        "seed": seed,
+        "metadata": metadata,
+    }
+
+
+def read_config(config: dict[str, Any], where: str) -> SavedConfig:
+    """The parts of a parsed config.json a model is rebuilt from; bad spaces or seed are a
+    CheckpointError naming ``where``."""
+    try:
+        observation_space = space_from_json(config["observation_space"], "observation_space")
+        action_space = space_from_json(config["action_space"], "action_space")
+    except ValueError as error:
+        raise CheckpointError(f"{where}/{CONFIG_FILE}: {error}") from None
+    seed = config["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CheckpointError(f"{where}/{CONFIG_FILE}: seed must be an int, got {seed!r}")
+    if not isinstance(action_space, spaces.Box):
+        raise CheckpointError(f"{where}/{CONFIG_FILE}: action_space must be a Box, got {type(action_space).__name__}")
+    return SavedConfig(
+        algorithm=config["algorithm"],
+        hyperparameters=dict(config["config"]),
+        observation_space=observation_space,
+        action_space=action_space,
+        num_timesteps=config["num_timesteps"],
+        seed=seed,
+        metadata=dict(config["metadata"]),
+    )
 
 
 @dataclass

@@ -148,26 +148,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print("warning: the agent did not beat both the noisy half and random actions", file=sys.stderr)
 
 
-ALGORITHMS = {"dql": "DiffusionQL", "qvpo": "QVPO", "dice": "DiffusionDICE"}
+def algorithms_by_short_name() -> dict[str, Any]:
+    """The registered algorithms by their command-line name (importing dql_agent registers them)."""
+    from dql_agent.base import ALGORITHMS
+
+    return {cls.short_name: cls for cls in ALGORITHMS.values()}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import dql_agent
-
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
 
-    cls = getattr(dql_agent, ALGORITHMS[args.algo])
+    cls = algorithms_by_short_name()[args.algo]
     overrides = _parse_overrides(args.set)
     if args.preset is not None:
-        if args.algo != "dql":
+        if cls.algorithm != "DiffusionQL":
             raise SystemExit("--preset holds Diffusion-QL's per-task settings: use it with --algo dql")
         overrides["preset"] = args.preset
-    if args.algo == "qvpo":  # online: it collects its own data from the env
+    if cls.online:  # it collects its own data from the env
         if args.dataset is not None or args.env is None:
-            raise SystemExit("--algo qvpo trains online: pass --env ENV_ID and no DATASET")
+            raise SystemExit(f"--algo {args.algo} trains online: pass --env ENV_ID and no DATASET")
         env = args.env
         model = cls(env, device=args.device, seed=args.seed, verbose=1, **overrides)
     else:
@@ -249,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "train an agent: offline on a Minari id or D4RL .npz/.hdf5 file, or online (qvpo)")
     p.add_argument("dataset", nargs="?", help="Minari id or .npz/.hdf5 file (offline algorithms)")
-    p.add_argument("--algo", choices=sorted(ALGORITHMS), default="dql", help="dql (default), dice or qvpo (online)")
+    algos = algorithms_by_short_name()
+    help_algo = ", ".join(
+        f"{n} ({c.algorithm}, {'online' if c.online else 'offline'})" for n, c in sorted(algos.items())
+    )
+    p.add_argument("--algo", choices=sorted(algos), default="dql", help=help_algo)
     p.add_argument("-o", "--output", required=True, help="model directory (or .zip) to write")
     p.add_argument("--env", help="env id for spaces and evaluation (default: the dataset's)")
     p.add_argument("--preset", help="task preset, e.g. hopper-medium")

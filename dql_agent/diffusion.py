@@ -9,12 +9,16 @@ clamped to [-1, 1] at every reverse step and the final sample clamped again. Act
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 BETA_SCHEDULES = ("vp", "linear", "cosine")
+
+Guidance = Callable[[torch.Tensor, int], torch.Tensor]
+"""guidance(x_t, t) -> grad_x log g(x_t, t): a gradient added to the score at reverse step t."""
 
 
 def vp_beta_schedule(n_steps: int) -> torch.Tensor:
@@ -137,6 +141,8 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         n_samples: int = 1,
+        guidance: Guidance | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Run the whole reverse chain; gradients flow when the caller has them enabled.
 
@@ -144,6 +150,11 @@ class GaussianDiffusion(nn.Module):
         (B * n_samples, A) in [-1, 1]. ``noise`` (T, B * n_samples, A), when given, replaces the
         random draws: ``noise[0]`` is x_T and ``noise[k]`` the noise added at the step that
         produces x_{T-1-k}, so a fixed tensor gives a fixed action (deterministic acting).
+
+        ``guidance(x_t, t)``, when given, returns a gradient g added to the score at each step,
+        scaled by ``guidance_scale``. The score of x_t is -eps / sqrt(1 - abar_t), so the predicted
+        noise becomes eps - guidance_scale * sqrt(1 - abar_t) * g (classifier guidance;
+        Diffusion-DICE passes grad_a of its guidance network).
         """
         device = states.device
         shape = (states.shape[0] * n_samples, self.action_dim)
@@ -159,6 +170,8 @@ class GaussianDiffusion(nn.Module):
         for k, i in enumerate(reversed(range(self.n_steps))):
             recip, recipm1, coef1, coef2, std = self._reverse_constants[i]
             eps = self.denoiser.forward_from_features(x, state_features + time_features[i])
+            if guidance is not None:
+                eps = eps - guidance_scale * self.sqrt_one_minus_alphas_cumprod[i] * guidance(x, i)
             # x0_hat = predict_start_from_noise(x, t, eps), clamped; x = q_posterior_mean(x0_hat, x, t)
             x_start = torch.add(x * recip, eps, alpha=-recipm1).clamp(-1.0, 1.0)
             x = torch.add(x_start * coef1, x, alpha=coef2)

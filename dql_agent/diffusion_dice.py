@@ -16,9 +16,10 @@ action during training):
 3. a guidance network W(s, a_t, t) trained with the exp-dual loss E[w e^{-W} + W] over noised
    dataset actions, whose minimiser is W = log E[w(s, a_0) | a_t, s].
 
-Acting adds ``guidance_scale * grad_a W`` to the behaviour score at every reverse step
-(:func:`guided_sample`), draws ``n_candidates`` actions per state and keeps one by Q: the argmax
-of the Q-ensemble mean (``deterministic=True``) or a softmax draw.
+Acting adds ``guidance_scale * grad_a W`` to the behaviour score at every reverse step (the
+shared sampler's guidance, :meth:`GaussianDiffusion.sample`), draws ``n_action_samples`` actions
+per state and keeps one by Q: the argmax of the Q-ensemble mean (``deterministic=True``) or a
+softmax draw.
 
 Differences from the official code, all forced by the shared core: the behaviour model is the
 library's discrete DDPM (``diffusion_steps`` ancestral steps of the 'vp' schedule, x0 clamped to
@@ -32,20 +33,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from gymnasium import spaces
 from torch import nn
 
-from dql_agent.acting import PolicyBase
-from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
-from dql_agent.buffer import OfflineBuffer, transform_rewards
-from dql_agent.config import ConfigBase, check_field, is_int, make_config
+from dql_agent.base import BaseAgent, Paper
+from dql_agent.buffer import REWARD_TRANSFORMS, OfflineBuffer
+from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate
+from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate, optimize
+from dql_agent.policy import PolicyBase
 
-DICE_REWARD_TRANSFORMS = ("none", "iql_locomotion", "iql_antmaze", "cql_antmaze", "normalize")
 WEIGHT_MIN, WEIGHT_MAX = 1e-40, 100.0  # clamp of the ratio w, as in the official code
 ENERGY_FLOOR = -80.0  # W below this no longer grows e^{-W} in the dual loss (official constant)
 
@@ -53,6 +53,8 @@ ENERGY_FLOOR = -80.0  # W below this no longer grows e^{-W} in the dual loss (of
 @dataclass(frozen=True)
 class DiffusionDICEConfig(ConfigBase):
     """Hyperparameters of Diffusion-DICE. Defaults reproduce the official D4RL MuJoCo run."""
+
+    renamed: ClassVar[dict[str, str]] = {"n_candidates": "n_action_samples"}
 
     value_learning_rate: float = 3e-4
     """AdamW learning rate of V, the twin Q and the Q-ensemble (official `value_lr`)."""
@@ -87,9 +89,10 @@ class DiffusionDICEConfig(ConfigBase):
     q_ensemble_size: int = 10
     """Members of the Q-ensemble used to select among candidates (official `q_ensemble_num`: 10
     MuJoCo, 0 AntMaze); 0 selects with the first target Q head instead."""
-    n_candidates: int = 16
+    n_action_samples: int = 16
     """Guided samples per observation when acting, one kept by Q (official `--inference_sample`,
-    default 1, which its README asks to set per task; 16 is our choice, not the reference's)."""
+    default 1, which its README asks to set per task; 16 is our choice, not the reference's).
+    Was ``n_candidates``."""
     selection_temperature: float = 1.0
     """Softmax temperature over Q for stochastic acting (official softmax filter: 1)."""
     lr_decay: bool = False
@@ -124,7 +127,7 @@ class DiffusionDICEConfig(ConfigBase):
             "behavior_batch_size",
             "n_noisy_copies",
             "diffusion_steps",
-            "n_candidates",
+            "n_action_samples",
             "lr_decay_steps",
             "hidden_dim",
             "n_hidden",
@@ -156,9 +159,9 @@ class DiffusionDICEConfig(ConfigBase):
             self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
         )
         check_field(
-            self.reward_transform in DICE_REWARD_TRANSFORMS,
+            self.reward_transform in REWARD_TRANSFORMS,
             "reward_transform",
-            f"one of {DICE_REWARD_TRANSFORMS}",
+            f"one of {REWARD_TRANSFORMS}",
             self.reward_transform,
         )
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
@@ -215,57 +218,11 @@ def guidance_dual_loss(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tens
     return torch.mean(weight * torch.exp(sp - m) + torch.exp(-m) * energy)
 
 
-def guided_sample(
-    diffusion: GaussianDiffusion,
-    guidance: nn.Module,
-    states: torch.Tensor,
-    guidance_scale: float,
-    generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
-    n_samples: int = 1,
-) -> torch.Tensor:
-    """The behaviour model's reverse chain with the guidance gradient added to its score.
-
-    The score of x_t is -eps / sqrt(1 - abar_t), so adding ``guidance_scale * grad_x W(s, x_t, t)``
-    to it replaces the predicted noise by eps - guidance_scale * sqrt(1 - abar_t) * grad_x W; the
-    step is otherwise :meth:`GaussianDiffusion.sample`'s (x0 clamped to [-1, 1], posterior mean,
-    posterior noise). Arguments and output as there: states (B, S) -> (B * n_samples, A),
-    state-major; ``noise`` (T, B * n_samples, A) fixes the draws. No graph is kept.
-    """
-    device = states.device
-    shape = (states.shape[0] * n_samples, diffusion.action_dim)
-    if noise is None:
-        noise = torch.randn((diffusion.n_steps, *shape), device=device, generator=generator)
-    denoiser = diffusion.denoiser
-    with torch.no_grad():
-        state_features = denoiser.state_features(states)  # (B, H)
-        time_features = denoiser.time_features(torch.arange(diffusion.n_steps, device=device))  # (T, H)
-    if n_samples > 1:
-        state_features = state_features.repeat_interleave(n_samples, dim=0)  # (B * n, H)
-        states = states.repeat_interleave(n_samples, dim=0)  # (B * n, S)
-    x = noise[0]
-    for k, i in enumerate(reversed(range(diffusion.n_steps))):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        with torch.no_grad():
-            eps = denoiser.forward_from_features(x, state_features + time_features[i])
-        if guidance_scale > 0:
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(guidance(x_in, t, states).sum(), x_in)
-            eps = eps - guidance_scale * diffusion.sqrt_one_minus_alphas_cumprod[i] * grad
-        with torch.no_grad():
-            x_start = diffusion.predict_start_from_noise(x, t[:1], eps).clamp(-1.0, 1.0)
-            x = diffusion.q_posterior_mean(x_start, x, t[:1])
-            if i > 0:
-                x = x + diffusion.posterior_std[i] * noise[k + 1]
-    return x.detach().clamp(-1.0, 1.0)
-
-
 # policy ----------------------------------------------------------------------------------------
 class DiffusionDICEPolicy(PolicyBase):
     """Behaviour diffusion model, V, twin Q with targets, Q-ensemble, guidance net W, and acting.
 
-    Acting (guide, then select): ``n_candidates`` guided samples per observation, scored by the
+    Acting (guide, then select): ``n_action_samples`` guided samples per observation, scored by the
     Q-ensemble mean (the first target Q head when ``q_ensemble_size=0``); the argmax with fixed
     noise when ``deterministic`` (the same observation always gives the same action), else a draw
     from softmax(Q / ``selection_temperature``).
@@ -277,7 +234,7 @@ class DiffusionDICEPolicy(PolicyBase):
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionDICEConfig):
-        super().__init__(observation_space, action_space, config, config.n_candidates)
+        super().__init__(observation_space, action_space, config)
         s, a, h = self.obs_dim, self.action_dim, config.hidden_dim
         denoiser = NoiseMLP(s, a, h, config.behavior_n_hidden, config.time_dim)
         self.behavior = GaussianDiffusion(denoiser, a, config.diffusion_steps, config.beta_schedule)
@@ -293,26 +250,62 @@ class DiffusionDICEPolicy(PolicyBase):
             return self.q_ensemble(observations, actions).mean(dim=0)
         return self.critic_target(observations, actions)[0]
 
+    def guidance_gradient(self, states: torch.Tensor) -> Any:
+        """grad_a W(s, a_t, t) for ``states`` (one row per sample): the guidance the shared sampler
+        adds to the behaviour score."""
+
+        def gradient(x: torch.Tensor, step: int) -> torch.Tensor:
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.guidance(x_in, t, states).sum(), x_in)
+            return grad
+
+        return gradient
+
     @torch.no_grad()
     def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         """Guide, then select: normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
         cfg = self.config
-        batch, n = observations.shape[0], cfg.n_candidates
+        batch, n = observations.shape[0], cfg.n_action_samples
         noise = self.deterministic_noise_for(batch) if deterministic else None
-        actions = guided_sample(
-            self.behavior, self.guidance, observations, cfg.guidance_scale, self.generator, noise, n_samples=n
+        repeated = observations.repeat_interleave(n, dim=0)  # (B * N, S)
+        guidance = self.guidance_gradient(repeated) if cfg.guidance_scale > 0 else None
+        candidates = self.behavior.sample(
+            observations, self.generator, noise, n_samples=n, guidance=guidance, guidance_scale=cfg.guidance_scale
         )  # (B * N, A)
-        q = self.selection_q(observations.repeat_interleave(n, dim=0), actions).view(batch, n)
-        if deterministic:
-            choice = q.argmax(dim=1)
-        else:
-            probs = torch.softmax(q / cfg.selection_temperature, dim=1)
-            choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        return actions.view(batch, n, self.action_dim)[torch.arange(batch, device=choice.device), choice]
+        q = self.selection_q(repeated, candidates).view(batch, n)
+        return self.pick(candidates, q, deterministic, cfg.selection_temperature)
 
 
 # the algorithm ---------------------------------------------------------------------------------
-class DiffusionDICE(BaseAgent):
+DIFFUSION_DICE_PAPER = Paper(
+    method_name="Diffusion-DICE",
+    title="Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning",
+    short_citation="Mao, Xu, Zhang, Zhan and Zhang, NeurIPS 2024",
+    url="https://arxiv.org/abs/2407.20109",
+    method=(
+        "Diffusion-DICE trains a behaviour diffusion model on the dataset, DICE values (V and twin Q) "
+        "with a piecewise f-divergence dual giving the optimal distribution ratio w, and a guidance "
+        "network W(s, a_t, t) = log E[w | a_t, s] learned from noised dataset actions only. Acting adds "
+        "the guidance gradient to the behaviour score (guide) and keeps the best of a few candidates "
+        "by Q (select)."
+    ),
+    bibtex=(
+        "@inproceedings{mao2024diffusiondice,\n"
+        "  title     = {Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning},\n"
+        "  author    = {Mao, Liyuan and Xu, Haoran and Zhang, Weinan and Zhan, Xianyuan and Zhang, Amy},\n"
+        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
+        "  year      = {2024},\n"
+        "  eprint    = {2407.20109},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2407.20109}\n"
+        "}"
+    ),
+)
+
+
+class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", paper=DIFFUSION_DICE_PAPER):
     """Diffusion-DICE: behaviour diffusion + DICE values + in-sample guidance, guide-then-select.
 
     Each ``learn`` step (one timestep) is: a behaviour-model step (during the first
@@ -330,11 +323,12 @@ class DiffusionDICE(BaseAgent):
         verbose: 1 prints the training logs to stdout.
         tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
         **hyperparameters: any field of :class:`DiffusionDICEConfig` (``alpha``,
-            ``guidance_scale``, ``n_candidates``, ``n_noisy_copies``, ``diffusion_steps``, ...).
+            ``guidance_scale``, ``n_action_samples``, ``n_noisy_copies``, ``diffusion_steps``, ...).
     """
 
-    algorithm = "DiffusionDICE"
     config_class = DiffusionDICEConfig
+    config: DiffusionDICEConfig
+    policy: DiffusionDICEPolicy
 
     def __init__(
         self,
@@ -349,22 +343,23 @@ class DiffusionDICE(BaseAgent):
         tensorboard_log: str | None = None,
         **hyperparameters: Any,
     ):
-        if buffer is not None and not isinstance(buffer, OfflineBuffer):
-            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
-        self.config = make_config(DiffusionDICEConfig, hyperparameters)
-        self.device = resolve_device(device)
-        self.seed = draw_seed() if seed is None else int(seed)
-        observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
-        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
-
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(self.seed)
-            self.policy = DiffusionDICEPolicy(observation_space, action_space, self.config).to(self.device)
-        self.policy.set_seed(self.seed + 2)
-        cfg, p = self.config, self.policy
+        cfg = DiffusionDICEConfig.from_hyperparameters(hyperparameters)
+        super().__init__(
+            DiffusionDICEPolicy,
+            cfg,
+            buffer=buffer,
+            env=env,
+            device=device,
+            seed=seed,
+            observation_space=observation_space,
+            action_space=action_space,
+            verbose=verbose,
+            tensorboard_log=tensorboard_log,
+        )
+        p = self.policy
         self.behavior, self.value, self.guidance = p.behavior, p.value, p.guidance
         self.critic, self.critic_target, self.q_ensemble = p.critic, p.critic_target, p.q_ensemble
-        self._update_critic_target = SoftUpdate(self.critic_target, self.critic)
+        self.update_critic_target = SoftUpdate(self.critic_target, self.critic)
 
         def adamw(module: nn.Module, lr: float) -> torch.optim.AdamW:
             return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -384,98 +379,68 @@ class DiffusionDICE(BaseAgent):
                 for opt in decayed
                 if opt is not None
             ]
-        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
-
-        self.replay: OfflineBuffer | None = None
-        if buffer is not None:
-            self.set_buffer(buffer)
-        self._init_surface(env, verbose, tensorboard_log)
-
-    # data ------------------------------------------------------------------------------------
-    def set_buffer(self, buffer: OfflineBuffer) -> None:
-        """Use ``buffer`` for training: observations normalised (when configured), actions
-        scaled to [-1, 1], rewards transformed, all moved to the training device once."""
-        self.replay = self._training_view(buffer, dice_rewards(buffer, self.config.reward_transform))
-
-    def _check_can_learn(self) -> None:
-        if self.replay is None:
-            raise RuntimeError(
-                "DiffusionDICE has no dataset: pass buffer=... or call set_buffer(buffer) before learn()"
-            )
 
     # the update ------------------------------------------------------------------------------
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        cfg = self.config
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, replay = self.config, self.replay_buffer
         losses: dict[str, torch.Tensor] = {}
 
         # 1. Behaviour model: eps-MSE on dataset actions (the official pre-training stage).
-        if cfg.behavior_steps is None or self._n_updates < cfg.behavior_steps:
-            bc_batch = self.replay.sample(cfg.behavior_batch_size, self._rng)
-            bc_loss = self.behavior.loss(bc_batch.actions, bc_batch.observations, self._rng)
-            self.behavior_optimizer.zero_grad(set_to_none=True)
-            bc_loss.backward()
-            self.behavior_optimizer.step()
+        if cfg.behavior_steps is None or self.n_updates < cfg.behavior_steps:
+            bc_batch = replay.sample(cfg.behavior_batch_size, self.generator)
+            bc_loss = self.behavior.loss(bc_batch.actions, bc_batch.observations, self.generator)
+            optimize(self.behavior_optimizer, bc_loss)
             losses["bc_loss"] = bc_loss.detach()
 
-        batch = self.replay.sample(cfg.batch_size, self._rng)
+        batch = replay.sample(cfg.batch_size, self.generator)
         obs, act = batch.observations, batch.actions
 
         # 2. V: the piecewise f-divergence dual, E[f*((Q_targ - V) / alpha) + V / alpha].
         with torch.no_grad():
             target_q = self.critic_target.q_min(obs, act)  # (B,)
         v = self.value(obs)  # (B,)
-        residual = (target_q - v) / cfg.alpha
-        value_loss = torch.mean(f_star(residual) + v / cfg.alpha)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        value_loss.backward()
-        self.value_optimizer.step()
+        value_loss = torch.mean(f_star((target_q - v) / cfg.alpha) + v / cfg.alpha)
+        optimize(self.value_optimizer, value_loss)
 
         # 3. Twin Q and the Q-ensemble: y = r + gamma (1 - d) V(s') (no target V).
         with torch.no_grad():
             y = batch.rewards + batch.not_dones * cfg.gamma * self.value(batch.next_observations)  # (B,)
         q = self.critic(obs, act)  # (2, B)
         critic_loss = (q - y).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_optimizer.step()
-        if self.q_ensemble is not None:
+        optimize(self.critic_optimizer, critic_loss)
+        if self.q_ensemble is not None and self.ensemble_optimizer is not None:
             ensemble_loss = (self.q_ensemble(obs, act) - y).pow(2).mean()
-            self.ensemble_optimizer.zero_grad(set_to_none=True)
-            ensemble_loss.backward()
-            self.ensemble_optimizer.step()
+            optimize(self.ensemble_optimizer, ensemble_loss)
             losses["ensemble_loss"] = ensemble_loss.detach()
-        self._update_critic_target(cfg.tau)
+        self.update_critic_target(cfg.tau)
 
         # 4. Guidance W(s, a_t, t) -> log E[w | a_t, s] over M noisy copies of each dataset action,
         #    one step t per state shared by its copies, one noise per copy.
         with torch.no_grad():
             weight = dice_weight((self.critic_target.q_min(obs, act) - self.value(obs)) / cfg.alpha)  # (B,)
         m = cfg.n_noisy_copies
-        t = torch.randint(0, cfg.diffusion_steps, (obs.shape[0],), device=obs.device, generator=self._rng)
+        t = torch.randint(0, cfg.diffusion_steps, (obs.shape[0],), device=obs.device, generator=self.generator)
         t = t.repeat_interleave(m)  # (B * M,)
         clean = act.repeat_interleave(m, dim=0)  # (B * M, A)
-        noise = torch.randn(clean.shape, device=clean.device, generator=self._rng)
+        noise = torch.randn(clean.shape, device=clean.device, generator=self.generator)
         noisy = self.behavior.q_sample(clean, t, noise)
         energy = self.guidance(noisy, t, obs.repeat_interleave(m, dim=0)).view(-1, m)  # (B, M)
         guidance_loss = guidance_dual_loss(weight[:, None], energy)
-        self.guidance_optimizer.zero_grad(set_to_none=True)
-        guidance_loss.backward()
-        self.guidance_optimizer.step()
+        optimize(self.guidance_optimizer, guidance_loss)
 
         for scheduler in self.lr_schedulers:
             scheduler.step()
-        losses.update(
-            value_loss=value_loss.detach(),
-            critic_loss=critic_loss.detach(),
-            guidance_loss=guidance_loss.detach(),
-            v_mean=v.detach().mean(),
-            q_mean=q.detach().mean(),
-            weight_mean=weight.mean(),
-        )
-        return losses
+        return losses | {
+            "value_loss": value_loss.detach(),
+            "critic_loss": critic_loss.detach(),
+            "guidance_loss": guidance_loss.detach(),
+            "v_mean": v.detach().mean(),
+            "q_mean": q.detach().mean(),
+            "weight_mean": weight.mean(),
+        }
 
     # checkpoints -----------------------------------------------------------------------------
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         optimizers = {
             "behavior_optimizer": self.behavior_optimizer,
             "value_optimizer": self.value_optimizer,
@@ -486,33 +451,15 @@ class DiffusionDICE(BaseAgent):
             optimizers["ensemble_optimizer"] = self.ensemble_optimizer
         return optimizers
 
-    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"rng.train": self._rng.get_state()}
-        meta = {"lr_schedulers": [s.state_dict() for s in self.lr_schedulers]}
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().training_state()
+        meta["lr_schedulers"] = [s.state_dict() for s in self.lr_schedulers]
         return tensors, meta
 
-    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self._rng.set_state(tensors["rng.train"])
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_training_state(tensors, meta)
         for scheduler, state in zip(self.lr_schedulers, meta.get("lr_schedulers", []), strict=False):
             scheduler.load_state_dict(state)
 
 
-def dice_rewards(buffer: OfflineBuffer, kind: str) -> torch.Tensor:
-    """The official code's reward shaping: 'iql_locomotion' scales by 1000 / (max - min episode
-    return), 'iql_antmaze' maps r > 0 to 0 and the rest to -1; other kinds as Diffusion-QL's."""
-    rewards = buffer.rewards
-    if kind == "iql_locomotion":
-        returns = buffer.episode_returns()
-        spread = float(returns.max() - returns.min())
-        if not spread > 0:
-            raise ValueError(
-                f"reward_transform='iql_locomotion' needs episodes with different returns, but all "
-                f"{len(returns)} episode(s) return {returns.max():.6g}; use reward_transform='none' or 'normalize'"
-            )
-        return rewards * (1000.0 / spread)
-    if kind == "iql_antmaze":
-        return torch.where(rewards > 0, 0.0, -1.0).to(rewards.dtype)
-    return transform_rewards(rewards, kind)
-
-
-__all__ = ["DiffusionDICE", "DiffusionDICEConfig", "DiffusionDICEPolicy", "guided_sample"]
+__all__ = ["DiffusionDICE", "DiffusionDICEConfig", "DiffusionDICEPolicy"]

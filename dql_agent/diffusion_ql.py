@@ -1,59 +1,267 @@
-"""DiffusionQL: the Diffusion-QL update and its SB3-style surface.
+"""Diffusion-QL: config and presets, policy, the update's two losses, the agent.
 
 Paper: Wang, Hunt, Zhou, "Diffusion Policies as an Expressive Policy Class for Offline
 Reinforcement Learning", ICLR 2023, https://arxiv.org/abs/2208.06193. Defaults follow the
-official implementation's D4RL locomotion runs (see ``DiffusionQLConfig``).
+official implementation's D4RL locomotion runs (see ``DiffusionQLConfig``), per-task settings
+are ``PRESETS``.
+
+One update (:meth:`DiffusionQL.train_step`), as the official code runs it:
+
+1. critic: y = r + gamma * (1 - terminal) * min_i Q'_i(s', a'), a' drawn by the EMA actor (with
+   ``max_q_backup``: the max over ``n_max_q_samples`` draws per critic, then the min); loss
+   MSE(Q1, y) + MSE(Q2, y) (:func:`critic_loss`);
+2. actor: bc_loss + eta * q_loss, bc_loss the diffusion eps-MSE on dataset actions and
+   q_loss = -Q_i(s, a) / |Q_j(s, a)|.mean() on actions sampled through the whole chain with
+   gradients, the roles of the two critics drawn at random (:func:`actor_loss`);
+3. the EMA actor every ``ema_update_every`` steps from ``ema_start_step``; Polyak target critics.
+
+Acting: ``n_action_samples`` candidates per observation, scored by the target critics' min-Q,
+one kept by softmax over Q (argmax with fixed noise when ``deterministic``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from gymnasium import spaces
-from torch.nn.utils import clip_grad_norm_
 
-from dql_agent.base import BaseAgent, draw_seed, resolve_device, resolve_spaces
-from dql_agent.buffer import Batch, OfflineBuffer, transform_rewards
-from dql_agent.config import DiffusionQLConfig, make_config
-from dql_agent.networks import SoftUpdate
-from dql_agent.policy import DiffusionQLPolicy
+from dql_agent.base import BaseAgent, Paper
+from dql_agent.buffer import Batch, OfflineBuffer
+from dql_agent.config import ConfigBase, check_field, is_int
+from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
+from dql_agent.policy import PolicyBase
 
-Tensors = dict[str, torch.Tensor]
+DQL_REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
 
 
-def critic_loss(policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, x: Tensors) -> tuple[torch.Tensor, Tensors]:
+# configuration ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiffusionQLConfig(ConfigBase):
+    """Hyperparameters of Diffusion-QL. Defaults reproduce the official D4RL locomotion run."""
+
+    learning_rate: float = 3e-4
+    """Actor (diffusion policy) Adam learning rate; the per-task `lr` of the official code."""
+    critic_learning_rate: float = 3e-4
+    """Critic Adam learning rate; fixed at 3e-4 for every task in the official code."""
+    batch_size: int = 256
+    """Transitions per gradient step, sampled uniformly with replacement."""
+    gamma: float = 0.99
+    """Discount factor of the TD target."""
+    tau: float = 0.005
+    """Polyak rate of the target critics, applied every step."""
+    eta: float = 1.0
+    """Weight of the Q-term in the actor loss: bc_loss + eta * q_loss."""
+    diffusion_steps: int = 5
+    """Number of diffusion steps T."""
+    beta_schedule: str = "vp"
+    """Noise schedule: 'vp', 'linear' or 'cosine'."""
+    grad_norm: float | None = 1.0
+    """Max gradient norm for actor and critic (one shared value); None disables clipping."""
+    max_q_backup: bool = False
+    """TD target from the max over `n_max_q_samples` next actions per critic, then the min."""
+    n_max_q_samples: int = 10
+    """Next-action samples per state for the max-Q backup."""
+    ema_decay: float = 0.995
+    """Decay of the EMA actor that produces the TD target's next actions."""
+    ema_update_every: int = 5
+    """The EMA actor is updated every this many gradient steps..."""
+    ema_start_step: int = 1000
+    """...from this step on; before it the EMA actor stays the initial actor."""
+    lr_decay: bool = False
+    """Cosine-anneal both learning rates to 0 over `lr_decay_steps`."""
+    lr_decay_steps: int = 1_000_000
+    """Length of the cosine decay in gradient steps (used when `lr_decay`)."""
+    n_action_samples: int = 50
+    """Candidate actions per observation when acting; one is picked by the target critics' min-Q."""
+    act_with_ema: bool = False
+    """Act with the EMA actor instead of the online actor (the official code uses the online one)."""
+    reward_transform: str = "none"
+    """'none', 'cql_antmaze' (r <- 4 (r - 0.5)) or 'normalize' (r <- (r - mean) / std)."""
+    normalize_observations: bool = False
+    """Standardise observations with dataset mean/std (the official code uses raw observations)."""
+    hidden_dim: int = 256
+    """Width of the denoiser and critic MLPs."""
+    n_hidden: int = 3
+    """Hidden layers of the denoiser and critic MLPs."""
+    time_dim: int = 16
+    """Size of the denoiser's sinusoidal time embedding."""
+    nonfinite_loss: str = "raise"
+    """A NaN/inf loss: 'raise' (FloatingPointError naming the step) or 'skip' the batch."""
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "critic_learning_rate"):
+            check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in (
+            "batch_size",
+            "diffusion_steps",
+            "n_max_q_samples",
+            "ema_update_every",
+            "lr_decay_steps",
+            "n_action_samples",
+            "hidden_dim",
+            "n_hidden",
+        ):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
+        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
+        check_field(0.0 <= self.ema_decay <= 1.0, "ema_decay", "in [0, 1]", self.ema_decay)
+        check_field(self.eta >= 0.0, "eta", ">= 0", self.eta)
+        check_field(self.ema_start_step >= 0, "ema_start_step", ">= 0", self.ema_start_step)
+        check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
+        check_field(
+            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
+        )
+        check_field(
+            self.reward_transform in DQL_REWARD_TRANSFORMS,
+            "reward_transform",
+            f"one of {DQL_REWARD_TRANSFORMS}",
+            self.reward_transform,
+        )
+        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_field(
+            self.nonfinite_loss in ("raise", "skip"), "nonfinite_loss", "'raise' or 'skip'", self.nonfinite_loss
+        )
+
+
+# Per-task settings of the official code (main.py's hyperparameter dictionary; see
+# reference/diffusion_ql.md section 2). `total_timesteps` is the paper's training length in gradient
+# steps (epochs x 1000); it is a suggestion for `learn`, not a config field.
+_PRESET_TABLE = {
+    # task: (learning_rate, eta, max_q_backup, reward_transform, epochs, grad_norm)
+    "halfcheetah-medium": (3e-4, 1.0, False, "none", 2000, 9.0),
+    "hopper-medium": (3e-4, 1.0, False, "none", 2000, 9.0),
+    "walker2d-medium": (3e-4, 1.0, False, "none", 2000, 1.0),
+    "halfcheetah-medium-replay": (3e-4, 1.0, False, "none", 2000, 2.0),
+    "hopper-medium-replay": (3e-4, 1.0, False, "none", 2000, 4.0),
+    "walker2d-medium-replay": (3e-4, 1.0, False, "none", 2000, 4.0),
+    "halfcheetah-medium-expert": (3e-4, 1.0, False, "none", 2000, 7.0),
+    "hopper-medium-expert": (3e-4, 1.0, False, "none", 2000, 5.0),
+    "walker2d-medium-expert": (3e-4, 1.0, False, "none", 2000, 5.0),
+    "antmaze-umaze": (3e-4, 0.5, False, "cql_antmaze", 1000, 2.0),
+    "antmaze-umaze-diverse": (3e-4, 2.0, True, "cql_antmaze", 1000, 3.0),
+    "antmaze-medium-play": (1e-3, 2.0, True, "cql_antmaze", 1000, 2.0),
+    "antmaze-medium-diverse": (3e-4, 3.0, True, "cql_antmaze", 1000, 1.0),
+    "antmaze-large-play": (3e-4, 4.5, True, "cql_antmaze", 1000, 10.0),
+    "antmaze-large-diverse": (3e-4, 3.5, True, "cql_antmaze", 1000, 7.0),
+    "pen-human": (3e-5, 0.15, False, "normalize", 1000, 7.0),
+    "pen-cloned": (3e-5, 0.1, False, "normalize", 1000, 8.0),
+    "kitchen-complete": (3e-4, 0.005, False, "none", 250, 9.0),
+    "kitchen-partial": (3e-4, 0.005, False, "none", 1000, 10.0),
+    "kitchen-mixed": (3e-4, 0.005, False, "none", 1000, 10.0),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    task: {"learning_rate": lr, "eta": eta, "max_q_backup": max_q, "reward_transform": reward, "grad_norm": gn}
+    for task, (lr, eta, max_q, reward, _, gn) in _PRESET_TABLE.items()
+}
+PRESET_TOTAL_TIMESTEPS: dict[str, int] = {task: epochs * 1000 for task, (*_, epochs, _) in _PRESET_TABLE.items()}
+
+
+def preset_name(name: str) -> str:
+    """Normalise 'hopper-medium-v2', 'mujoco/hopper/medium-v0' or 'Hopper-Medium' to a preset key."""
+    key = name.strip().lower().replace("/", "-").replace("_", "-")
+    if key.startswith("mujoco-") or key.startswith("d4rl-"):
+        key = key.split("-", 1)[1]
+    head, _, tail = key.rpartition("-v")
+    if head and tail.isdigit():
+        key = head
+    if key not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return key
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """Hyperparameter overrides of the official code for a task, e.g. ``get_preset('hopper-medium')``."""
+    return dict(PRESETS[preset_name(name)])
+
+
+# policy ----------------------------------------------------------------------------------------
+class DiffusionQLPolicy(PolicyBase):
+    """Diffusion actor, its EMA copy, twin critics and their targets, plus action selection.
+
+    ``predict`` is SB3's (see :class:`PolicyBase`).
+
+    Args:
+        observation_space: Box or Dict-of-Box space of the environment.
+        action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
+        config: hyperparameters (network sizes, diffusion steps, schedule, acting).
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionQLConfig):
+        super().__init__(observation_space, action_space, config)
+        denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
+        self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
+        self.ema_actor = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+
+    @torch.no_grad()
+    def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Best-of-N diffusion samples for normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
+        batch, n = observations.shape[0], self.config.n_action_samples
+        actor = self.ema_actor if self.config.act_with_ema else self.actor
+        noise = self.deterministic_noise_for(batch) if deterministic else None
+        candidates = actor.sample(observations, self.generator, noise, n_samples=n)  # (B * N, A)
+        q = self.critic_target.q_min_of_candidates(observations, candidates)  # (B, N)
+        return self.pick(candidates, q, deterministic)
+
+
+# the update's two losses -----------------------------------------------------------------------
+class ActorNoise(NamedTuple):
+    """The actor half's random draws (see :meth:`DiffusionQL.actor_inputs`)."""
+
+    t: torch.Tensor  # (B,) diffusion steps of the BC loss
+    bc_noise: torch.Tensor  # (B, A) noise of the BC loss
+    chain_noise: torch.Tensor | None  # (T, B, A) noise of the chain sampled with gradients; None when eta = 0
+    coin: torch.Tensor | None  # () bool: True scores with critic 1 and normalises by critic 2; None when eta = 0
+
+
+def critic_loss(
+    policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, batch: Batch, next_noise: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TD loss of both critics, MSE(Q1, y) + MSE(Q2, y), with y from the EMA actor's next action
-    and the target critics. ``x``: see ``DiffusionQL.critic_inputs``; every random draw is in it."""
+    and the target critics.
+
+    ``next_noise`` (T, B * k, A) is the chain noise of the k next actions per state (k =
+    ``n_max_q_samples`` with ``max_q_backup``, else 1); None when the data never bootstraps
+    (every row terminal, a contextual bandit), where y = r and no chain runs.
+    """
     with torch.no_grad():
-        if "next_noise" not in x:  # the data never bootstraps (see DiffusionQL.set_buffer)
-            next_q = torch.zeros_like(x["rewards"])
+        if next_noise is None:
+            next_q = torch.zeros_like(batch.rewards)
         elif cfg.max_q_backup:
             n = cfg.n_max_q_samples
-            next_act = policy.ema_actor.sample(x["next_obs"], noise=x["next_noise"], n_samples=n)
-            next_q = policy.critic_target(x["next_obs"].repeat_interleave(n, dim=0), next_act)
+            next_act = policy.ema_actor.sample(batch.next_observations, noise=next_noise, n_samples=n)
+            next_q = policy.critic_target(batch.next_observations.repeat_interleave(n, dim=0), next_act)
             # max over samples for each target critic, then the min over the two critics
             next_q = next_q.view(2, -1, n).max(dim=2).values.min(dim=0).values
         else:
-            next_act = policy.ema_actor.sample(x["next_obs"], noise=x["next_noise"])
-            next_q = policy.critic_target(x["next_obs"], next_act).min(dim=0).values
-        target_q = x["rewards"] + x["not_dones"] * cfg.gamma * next_q  # (B,)
-    current_q = policy.critic(x["obs"], x["act"])  # (2, B)
+            next_act = policy.ema_actor.sample(batch.next_observations, noise=next_noise)
+            next_q = policy.critic_target(batch.next_observations, next_act).min(dim=0).values
+        target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
+    current_q = policy.critic(batch.observations, batch.actions)  # (2, B)
     loss = (current_q - target_q).pow(2).mean(dim=1).sum()
     return loss, {"critic_loss": loss.detach(), "q_mean": current_q.detach().mean()}
 
 
-def actor_loss(policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, x: Tensors) -> tuple[torch.Tensor, Tensors]:
-    """BC (eps-MSE) + eta * Q-term on actions sampled through the whole chain. ``x``: the critic
-    inputs plus ``DiffusionQL.actor_inputs``."""
-    loss = bc_loss = policy.actor.loss(x["act"], x["obs"], t=x["t"], noise=x["bc_noise"])
+def actor_loss(
+    policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, batch: Batch, noise: ActorNoise
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """bc_loss + eta * q_loss on the batch's states; with eta = 0 pure diffusion BC (no chain)."""
+    loss = bc_loss = policy.actor.loss(batch.actions, batch.observations, t=noise.t, noise=noise.bc_noise)
     losses = {"bc_loss": bc_loss.detach()}
-    if "chain_noise" in x:  # eta > 0
-        q_new = policy.critic(x["obs"], policy.actor.sample(x["obs"], noise=x["chain_noise"]))  # (2, B)
+    if cfg.eta > 0:
+        assert noise.chain_noise is not None and noise.coin is not None  # drawn whenever eta > 0
+        q_new = policy.critic(batch.observations, policy.actor.sample(batch.observations, noise=noise.chain_noise))
         # Score with one critic, normalise by the other's |Q|, the roles drawn by the coin. A
         # where() rather than an index: under vmap (stacked seeds) each replica has its own coin.
-        scored = torch.where(x["coin"], q_new[0], q_new[1])
-        other = torch.where(x["coin"], q_new[1], q_new[0])
+        scored = torch.where(noise.coin, q_new[0], q_new[1])
+        other = torch.where(noise.coin, q_new[1], q_new[0])
         q_loss = -scored.mean() / other.abs().mean().detach()
         loss = bc_loss + cfg.eta * q_loss
         losses["q_loss"] = q_loss.detach()
@@ -61,7 +269,36 @@ def actor_loss(policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, x: Tensors) ->
     return loss, losses
 
 
-class DiffusionQL(BaseAgent):
+# the agent -------------------------------------------------------------------------------------
+DIFFUSION_QL_PAPER = Paper(
+    method_name="Diffusion-QL",
+    title="Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning",
+    short_citation="Wang, Hunt and Zhou, ICLR 2023",
+    url="https://arxiv.org/abs/2208.06193",
+    method=(
+        "Diffusion-QL represents the policy as a conditional diffusion model (a DDPM over actions, "
+        "conditioned on the observation, with a few denoising steps). The actor loss is the "
+        "diffusion behaviour-cloning loss plus `eta` times a Q-learning term that pushes sampled "
+        "actions towards high values of twin critics, which are trained with TD targets from an "
+        "EMA copy of the actor. At acting time several candidate actions are sampled per "
+        "observation and the one the critics rate highest is taken."
+    ),
+    bibtex=(
+        "@inproceedings{wang2023diffusion,\n"
+        "  title     = {Diffusion Policies as an Expressive Policy Class for Offline "
+        "Reinforcement Learning},\n"
+        "  author    = {Wang, Zhendong and Hunt, Jonathan J. and Zhou, Mingyuan},\n"
+        "  booktitle = {International Conference on Learning Representations (ICLR)},\n"
+        "  year      = {2023},\n"
+        "  eprint    = {2208.06193},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2208.06193}\n"
+        "}"
+    ),
+)
+
+
+class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DIFFUSION_QL_PAPER):
     """Diffusion-QL: a diffusion policy trained with behaviour cloning plus Q-learning.
 
     Args:
@@ -72,7 +309,7 @@ class DiffusionQL(BaseAgent):
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...; the dataset is moved there once.
         seed: seeds network initialisation, batch sampling, diffusion noise and acting.
         preset: task preset of the official code, e.g. 'hopper-medium', 'antmaze-large-play'
-            (see ``dql_agent.config.PRESETS``); explicit keyword arguments override it.
+            (see ``dql_agent.PRESETS``); explicit keyword arguments override it.
         observation_space, action_space: explicit spaces (else from env, else from buffer).
         verbose: 1 prints the training logs to stdout.
         tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
@@ -81,8 +318,9 @@ class DiffusionQL(BaseAgent):
             ``grad_norm``, ``max_q_backup``, ``ema_decay``, ``n_action_samples``, ...).
     """
 
-    algorithm = "DiffusionQL"
     config_class = DiffusionQLConfig
+    config: DiffusionQLConfig
+    policy: DiffusionQLPolicy
 
     def __init__(
         self,
@@ -98,55 +336,44 @@ class DiffusionQL(BaseAgent):
         tensorboard_log: str | None = None,
         **hyperparameters: Any,
     ):
-        if buffer is not None and not isinstance(buffer, OfflineBuffer):
-            raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
-        self.config = make_config(DiffusionQLConfig, hyperparameters, preset)
-        self.device = resolve_device(device)
-        self.seed = draw_seed() if seed is None else int(seed)
-        observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
-        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
+        config = DiffusionQLConfig.from_hyperparameters(hyperparameters, get_preset(preset) if preset else None)
+        self.bootstraps = True  # set_buffer (called by BaseAgent.__init__) checks the data
+        super().__init__(
+            DiffusionQLPolicy,
+            config,
+            buffer=buffer,
+            env=env,
+            device=device,
+            seed=seed,
+            observation_space=observation_space,
+            action_space=action_space,
+            verbose=verbose,
+            tensorboard_log=tensorboard_log,
+        )
         if preset is not None:
             self.metadata["preset"] = preset
-
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(self.seed)
-            self.policy = DiffusionQLPolicy(observation_space, action_space, self.config).to(self.device)
-        self.policy.set_seed(self.seed + 2)
-        self.actor, self.ema_actor = self.policy.actor, self.policy.ema_actor
-        self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
-        self._update_ema = SoftUpdate(self.ema_actor, self.actor)
-        self._update_critic_target = SoftUpdate(self.critic_target, self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=self.config.learning_rate)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.critic_learning_rate)
+        policy = self.policy
+        self.actor, self.ema_actor = policy.actor, policy.ema_actor
+        self.critic, self.critic_target = policy.critic, policy.critic_target
+        self.update_ema = SoftUpdate(self.ema_actor, self.actor)
+        self.update_critic_target = SoftUpdate(self.critic_target, self.critic)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.learning_rate)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_learning_rate)
         self.lr_schedulers = []
-        if self.config.lr_decay:
+        if config.lr_decay:
             self.lr_schedulers = [
-                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.lr_decay_steps, eta_min=0.0)
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.lr_decay_steps, eta_min=0.0)
                 for opt in (self.actor_optimizer, self.critic_optimizer)
             ]
-        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        self._coin_rng = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
-        self._critic_loss, self._actor_loss = critic_loss, actor_loss  # compile_training() swaps these
+        self.coin_generator = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
+        self.compute_critic_loss, self.compute_actor_loss = critic_loss, actor_loss  # compile_training() swaps
 
-        self.replay: OfflineBuffer | None = None
-        if buffer is not None:
-            self.set_buffer(buffer)
-        self._init_surface(env, verbose, tensorboard_log)
-
-    # data ------------------------------------------------------------------------------------
     def set_buffer(self, buffer: OfflineBuffer) -> None:
-        """Use ``buffer`` for training: observations normalised (when configured), actions
-        scaled to [-1, 1], rewards transformed, all moved to the training device once."""
-        self.replay = self._training_view(buffer, transform_rewards(buffer.rewards, self.config.reward_transform))
+        super().set_buffer(buffer)
         # A dataset of one-step episodes (a contextual bandit) never bootstraps: y = r exactly,
         # so the next-action chain of the TD target can be skipped. Checked once, not per step.
-        self._bootstraps = not bool(buffer.terminals.all())
+        self.bootstraps = not bool(buffer.terminals.all())
 
-    def _check_can_learn(self) -> None:
-        if self.replay is None:
-            raise RuntimeError("DiffusionQL has no dataset: pass buffer=... or call set_buffer(buffer) before learn()")
-
-    # the update ------------------------------------------------------------------------------
     def compile_training(self, **compile_kwargs: Any) -> None:
         """Run the update's two loss computations (forward and backward) through ``torch.compile``.
 
@@ -155,93 +382,88 @@ class DiffusionQL(BaseAgent):
         compiler); optimizer steps and the target updates stay eager. ``compile_kwargs`` go to
         ``torch.compile``.
         """
-        self._critic_loss = torch.compile(critic_loss, **compile_kwargs)
-        self._actor_loss = torch.compile(actor_loss, **compile_kwargs)
+        self.compute_critic_loss = torch.compile(critic_loss, **compile_kwargs)
+        self.compute_actor_loss = torch.compile(actor_loss, **compile_kwargs)
 
-    def critic_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The critic half's inputs: the batch and the TD target chain's noise, drawn from this
-        model's generator (so a stack of seeds draws exactly what each single run would)."""
+    # the update ------------------------------------------------------------------------------
+    def critic_inputs(self) -> tuple[Batch, torch.Tensor | None]:
+        """The critic half's inputs, drawn from this model's generator: a batch and the TD target
+        chain's noise (None when the data never bootstraps)."""
         cfg = self.config
-        x = {
-            "obs": batch.observations,
-            "act": batch.actions,
-            "rewards": batch.rewards,
-            "next_obs": batch.next_observations,
-            "not_dones": batch.not_dones,
-        }
-        if self._bootstraps:
-            rows = batch.rewards.shape[0] * (cfg.n_max_q_samples if cfg.max_q_backup else 1)
-            shape = (cfg.diffusion_steps, rows, self.policy.action_dim)
-            x["next_noise"] = torch.randn(shape, device=self.device, generator=self._rng)
-        return x
+        batch = self.replay_buffer.sample(cfg.batch_size, self.generator)
+        if not self.bootstraps:
+            return batch, None
+        rows = cfg.batch_size * (cfg.n_max_q_samples if cfg.max_q_backup else 1)
+        shape = (cfg.diffusion_steps, rows, self.policy.action_dim)
+        return batch, torch.randn(shape, device=self.device, generator=self.generator)
 
-    def actor_inputs(self) -> dict[str, torch.Tensor]:
-        """The actor half's random inputs: the critics' roles (host coin), the BC loss's steps and
-        noise, the actor chain's noise."""
+    def actor_inputs(self) -> ActorNoise:
+        """The actor half's random draws: the critics' roles (a host coin), the BC loss's steps
+        and noise, the actor chain's noise."""
         cfg, rows, dim = self.config, self.config.batch_size, self.policy.action_dim
-        coin = torch.rand((), generator=self._coin_rng) > 0.5
-        x = {
-            "t": torch.randint(0, cfg.diffusion_steps, (rows,), device=self.device, generator=self._rng),
-            "bc_noise": torch.randn((rows, dim), device=self.device, generator=self._rng),
-        }
-        if cfg.eta > 0:  # eta = 0 is pure diffusion BC: no chain with gradients
-            x["chain_noise"] = torch.randn((cfg.diffusion_steps, rows, dim), device=self.device, generator=self._rng)
-            x["coin"] = coin.to(self.device)
-        return x
+        coin = torch.rand((), generator=self.coin_generator) > 0.5
+        t = torch.randint(0, cfg.diffusion_steps, (rows,), device=self.device, generator=self.generator)
+        bc_noise = torch.randn((rows, dim), device=self.device, generator=self.generator)
+        if cfg.eta == 0:  # pure diffusion BC: no chain with gradients
+            return ActorNoise(t, bc_noise, None, None)
+        chain_noise = torch.randn((cfg.diffusion_steps, rows, dim), device=self.device, generator=self.generator)
+        return ActorNoise(t, bc_noise, chain_noise, coin.to(self.device))
 
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        x = self.critic_inputs(self.replay.sample(cfg.batch_size, self._rng))
-        loss, losses = self._critic_loss(self.policy, cfg, x)
-        skip = cfg.nonfinite_loss == "skip"
-        if not self._loss_is_finite("critic_loss", loss, skip):
+    def update_targets(self) -> None:
+        """After both halves: the EMA actor on its schedule, the target critics, the LR schedules."""
+        cfg, step = self.config, self.n_updates
+        if step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step:
+            self.update_ema(1.0 - cfg.ema_decay)
+        self.update_critic_target(cfg.tau)
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, skip = self.config, self.config.nonfinite_loss == "skip"
+        batch, next_noise = self.critic_inputs()
+        loss, losses = self.compute_critic_loss(self.policy, cfg, batch, next_noise)
+        if not self.loss_is_finite("critic_loss", loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_norm is not None:
-            clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
-        self.critic_optimizer.step()
+        optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm)
 
-        x |= self.actor_inputs()
+        noise = self.actor_inputs()
         # The critic only scores the actor's actions: not asking for its gradients skips work the
         # official code does and then zeroes.
         self.critic.requires_grad_(False)
         try:
-            loss, actor_losses = self._actor_loss(self.policy, cfg, x)
+            loss, actor_losses = self.compute_actor_loss(self.policy, cfg, batch, noise)
         finally:
             self.critic.requires_grad_(True)
-        losses |= actor_losses
-        if not self._loss_is_finite("actor_loss", loss, skip):
+        if not self.loss_is_finite("actor_loss", loss, skip):
             return {"skipped_batches": torch.ones((), device=self.device)}
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_norm is not None:
-            clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
-        self.actor_optimizer.step()
-
-        # EMA actor every `ema_update_every` steps from `ema_start_step`; targets every step.
-        step = self._n_updates
-        if step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step:
-            self._update_ema(1.0 - cfg.ema_decay)
-        self._update_critic_target(cfg.tau)
-        for scheduler in self.lr_schedulers:
-            scheduler.step()
-        return losses
+        optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm)
+        self.update_targets()
+        return losses | actor_losses
 
     # checkpoints -----------------------------------------------------------------------------
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer}
 
-    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"rng.train": self._rng.get_state(), "rng.coin": self._coin_rng.get_state()}
-        meta = {"lr_schedulers": [s.state_dict() for s in self.lr_schedulers]}
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().training_state()
+        tensors["rng.coin"] = self.coin_generator.get_state()
+        meta["lr_schedulers"] = [s.state_dict() for s in self.lr_schedulers]
         return tensors, meta
 
-    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self._rng.set_state(tensors["rng.train"])
-        self._coin_rng.set_state(tensors["rng.coin"])
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_training_state(tensors, meta)
+        self.coin_generator.set_state(tensors["rng.coin"])
         for scheduler, state in zip(self.lr_schedulers, meta.get("lr_schedulers", []), strict=False):
             scheduler.load_state_dict(state)
 
 
-__all__ = ["DiffusionQL", "actor_loss", "critic_loss"]
+__all__ = [
+    "PRESETS",
+    "ActorNoise",
+    "DiffusionQL",
+    "DiffusionQLConfig",
+    "DiffusionQLPolicy",
+    "actor_loss",
+    "critic_loss",
+    "get_preset",
+]

@@ -1,50 +1,199 @@
-"""DiffusionQLPolicy: the networks of Diffusion-QL and how they pick an action."""
+"""The policy base every algorithm's policy extends: SB3's ``predict``, fixed noise, best-of-N.
+
+``predict(observation)`` accepts one observation or a batch ``(n_envs, *obs_shape)`` (Box or
+Dict-of-Box spaces) and answers with the same batching; the functions at the bottom do the
+checking and flattening on the way in and the Box scaling on the way out, so every policy
+behaves alike. Every algorithm acts the same way: draw N candidate actions per observation
+(fixed noise when deterministic), score them with a Q function, keep one (:meth:`PolicyBase.pick`).
+"""
 
 from __future__ import annotations
 
-import copy
+from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
+from torch import nn
 
-from dql_agent.acting import PolicyBase
-from dql_agent.config import DiffusionQLConfig
-from dql_agent.diffusion import GaussianDiffusion
-from dql_agent.networks import Critic, NoiseMLP
+from dql_agent.spaces import check_action_space, check_observation_space, flat_dim, flatten_batch, unscale_actions
+
+# Fixed seed of the noise behind deterministic actions: the same observation gives the same
+# action in every call, process and after save/load.
+DETERMINISTIC_NOISE_SEED = 0
 
 
-class DiffusionQLPolicy(PolicyBase):
-    """Diffusion actor, its EMA copy, twin critics and their targets, plus action selection.
+class PolicyBase(nn.Module):
+    """What every policy shares: its spaces, observation statistics, the fixed noise behind
+    deterministic actions, a seeded generator for stochastic ones, and SB3's ``predict``.
 
-    Acting follows the official code: draw ``n_action_samples`` candidates from the actor for
-    each observation, score them with the target critics' min-Q and pick one by softmax over Q
-    (``deterministic=False``) or the argmax (``deterministic=True``, with fixed noise so the
-    same observation always gives the same action). ``predict`` is SB3's (see ``PolicyBase``).
+    Subclasses build their networks and define ``select_action(observations, deterministic)``
+    on normalised (B, obs_dim) tensors, returning (B, act_dim) actions in [-1, 1].
 
     Args:
-        observation_space: Box or Dict-of-Box space of the environment.
+        observation_space: Box or Dict-of-Box space (flattened, see :mod:`dql_agent.spaces`).
         action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
-        config: hyperparameters (network sizes, diffusion steps, schedule, acting).
+        config: the algorithm's config: ``diffusion_steps`` and ``n_action_samples`` (the
+            candidates per observation when acting deterministically) size the fixed noise;
+            ``normalize_observations``, if the config has it, turns on the observation statistics.
     """
 
-    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionQLConfig):
-        super().__init__(observation_space, action_space, config, config.n_action_samples)
-        denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
-        self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
-        self.ema_actor = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: Any):
+        super().__init__()
+        check_observation_space(observation_space)
+        check_action_space(action_space)
+        self.observation_space, self.action_space, self.config = observation_space, action_space, config
+        self.obs_dim, self.action_dim = flat_dim(observation_space), int(np.prod(action_space.shape))
+        self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
+        self.register_buffer("obs_std", torch.ones(self.obs_dim))
+        noise = torch.randn(
+            (config.diffusion_steps, config.n_action_samples, self.action_dim),
+            generator=torch.Generator().manual_seed(DETERMINISTIC_NOISE_SEED),
+        )
+        self.register_buffer("deterministic_noise", noise, persistent=False)  # (T, N, A)
+        self._generator: torch.Generator | None = None
+        self._seed: int | None = None
+        self._compiled_select: Any = None  # set by compile_acting()
 
-    @torch.no_grad()
+    @property
+    def device(self) -> torch.device:
+        return self.obs_mean.device
+
+    def set_seed(self, seed: int | None) -> None:
+        """Seed the generator behind stochastic (``deterministic=False``) actions."""
+        self._seed, self._generator = seed, None
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            if self._seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self._seed)
+        return self._generator
+
+    def deterministic_noise_for(self, batch: int) -> torch.Tensor:
+        """The fixed noise repeated for ``batch`` observations: (T, batch * N, A), state-major."""
+        steps, n, dim = self.deterministic_noise.shape
+        return self.deterministic_noise.unsqueeze(1).expand(-1, batch, -1, -1).reshape(steps, batch * n, dim)
+
+    def pick(
+        self, candidates: torch.Tensor, q: torch.Tensor, deterministic: bool, temperature: float | None = 1.0
+    ) -> torch.Tensor:
+        """Keep one of N candidates per observation by Q: candidates (B * N, A) state-major, q (B, N) -> (B, A).
+
+        The argmax when ``deterministic`` or ``temperature`` is None (greedy acting), else a draw
+        from softmax(q / temperature) with the policy's seeded generator.
+        """
+        batch, n = q.shape
+        candidates = candidates.view(batch, n, -1)
+        if deterministic or temperature is None:
+            return best_of(candidates, q)[0]
+        logits = q if temperature == 1.0 else q / temperature
+        choice = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=self.generator).squeeze(1)
+        return candidates[torch.arange(batch, device=choice.device), choice]
+
+    def normalize_observations(self, observations: torch.Tensor) -> torch.Tensor:
+        """Apply the dataset's observation statistics (identity unless ``normalize_observations``)."""
+        if not getattr(self.config, "normalize_observations", False):
+            return observations
+        return (observations - self.obs_mean) / self.obs_std
+
     def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Best-of-N diffusion samples for normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
-        batch, n = observations.shape[0], self.config.n_action_samples
-        actor = self.ema_actor if self.config.act_with_ema else self.actor
-        noise = self.deterministic_noise_for(batch) if deterministic else None
-        actions = actor.sample(observations, self.generator, noise, n_samples=n)  # (B * N, A)
-        q = self.critic_target.q_min_of_candidates(observations, actions)  # (B, N)
-        if deterministic:
-            choice = q.argmax(dim=1)
-        else:
-            choice = torch.multinomial(torch.softmax(q, dim=1), 1, generator=self.generator).squeeze(1)
-        return actions.view(batch, n, self.action_dim)[torch.arange(batch, device=choice.device), choice]
+        raise NotImplementedError
+
+    def compile_acting(self, **compile_kwargs: Any) -> None:
+        """Run ``predict``'s action selection through ``torch.compile`` (same math, fused kernels).
+
+        Acting on one observation is a chain of small layers where per-op overhead rivals the
+        arithmetic; compiling fuses the element-wise work (see docs/BENCHMARKS.md for the measured
+        gain). The first call of each batch size and ``deterministic`` flag compiles (seconds; on
+        CPU a C++ compiler is needed). Weights loaded later are picked up. ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``mode="max-autotune"``).
+        """
+        self._compiled_select = torch.compile(self.select_action, **compile_kwargs)
+
+    def predict(
+        self,
+        observation: Any,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Any]:
+        """SB3's ``predict``: one observation or a batch ``(n_envs, *obs_shape)`` in, same batching out.
+
+        Actions come back in the action space's bounds. ``state`` is returned unchanged (the
+        policies have no recurrent state) and ``episode_start`` is ignored.
+        """
+        observations, vectorized = observations_to_array(self.observation_space, observation)
+        tensor = self.normalize_observations(torch.as_tensor(observations, device=self.device))
+        with torch.no_grad():
+            select = self._compiled_select or self.select_action
+            actions = select(tensor, deterministic).cpu().numpy()
+        return actions_to_env(actions, self.action_space, vectorized), state
+
+
+def best_of(candidates: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest-Q candidate of each observation and its Q: (B, N, A), (B, N) -> (B, A), (B,)."""
+    q_best, index = q.max(dim=1)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), index], q_best
+
+
+def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.ndarray, bool]:
+    """Check and flatten an observation or a batch: returns ((B, obs_dim) float32, batched?)."""
+    if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+        raise ValueError(
+            "observation is an (obs, info) tuple: pass only the observation, e.g. "
+            "`obs, info = env.reset(); model.predict(obs)`"
+        )
+    if isinstance(space, spaces.Dict):
+        if not isinstance(observation, dict):
+            raise TypeError(
+                f"observation must be a dict for a Dict observation space, got {type(observation).__name__}"
+            )
+        missing = [k for k in space.spaces if k not in observation]
+        if missing:
+            raise ValueError(f"observation is missing key(s) {missing}; expected keys {list(space.spaces)}")
+        # batching is read off the first Box entry, as SB3 does for Dict spaces
+        probe, leaf_space = _first_leaf(observation, space)
+    else:
+        probe, leaf_space = observation, space
+    probe = _as_numeric(probe, "observation")
+    shape = leaf_space.shape
+    if probe.shape == shape:
+        vectorized, batch = False, 1
+    elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
+        vectorized, batch = True, probe.shape[0]
+    else:
+        raise ValueError(
+            f"observation has shape {probe.shape}; expected {shape} for one observation or "
+            f"(n_envs, {', '.join(map(str, shape))}) for a batch"
+        )
+    flat = _as_numeric(flatten_batch(space, observation, batch), "observation").astype(np.float32)
+    if not np.all(np.isfinite(flat)):
+        bad = ~np.isfinite(flat)
+        raise ValueError(
+            f"observation contains {int(bad.sum())} NaN/inf value(s) at flat index {np.argwhere(bad)[0].tolist()}"
+        )
+    return flat, vectorized
+
+
+def actions_to_env(actions: np.ndarray, action_space: spaces.Box, vectorized: bool) -> np.ndarray:
+    """(B, act_dim) actions in [-1, 1] -> the Box's units and shape, batched like the observation."""
+    actions = unscale_actions(actions, action_space).reshape(-1, *action_space.shape)
+    return actions if vectorized else actions[0]
+
+
+def _first_leaf(observation: dict, space: spaces.Dict) -> tuple[Any, spaces.Box]:
+    while isinstance(space, spaces.Dict):
+        key = next(iter(space.spaces))
+        space, observation = space[key], observation[key]
+    return observation, space
+
+
+def _as_numeric(value: Any, name: str) -> np.ndarray:
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
+    return array

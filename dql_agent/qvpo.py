@@ -6,7 +6,7 @@ Defaults follow the official code (github.com/wadx2019/qvpo, ``main.py`` argpars
 ``--weighted --aug``; see ``QVPOConfig``), with one deliberate fix: a time-limit truncation is
 not a terminal state here (the official gym-0.21 loop bootstraps from neither).
 
-One update (``QVPO._train_step``), every environment step once the random warm-up is over:
+One update (:meth:`QVPO.train_step`), every environment step once the random warm-up is over:
 
 1. critic: y = r + gamma * (1 - terminal) * max_k min(Q1', Q2')(s', a'_k) over ``n_target_samples``
    actions of the target actor, scored by the target critics; loss MSE(Q1, y) + MSE(Q2, y);
@@ -18,29 +18,26 @@ One update (``QVPO._train_step``), every environment step once the random warm-u
 3. Polyak averaging of the target critics and the target actor.
 
 Acting: best-of-K by the current critics' min-Q; K = ``n_behavior_samples`` when exploring
-(``predict(deterministic=False)`` and data collection), ``n_eval_samples`` with fixed noise when
+(``predict(deterministic=False)`` and data collection), ``n_action_samples`` with fixed noise when
 ``deterministic=True``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
-from torch.nn.utils import clip_grad_norm_
 
-from dql_agent.acting import PolicyBase
-from dql_agent.base import BaseAgent, draw_seed, resolve_device
-from dql_agent.buffer import Batch, sample_batch
-from dql_agent.config import ConfigBase, check_field, is_int, make_config
+from dql_agent.base import BaseAgent, Paper, Rollout
+from dql_agent.buffer import ReplayBuffer
+from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.networks import Critic, NoiseMLP, SoftUpdate
+from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
+from dql_agent.policy import PolicyBase, best_of
 from dql_agent.spaces import flatten_batch, unscale_actions
 
 Q_TRANSFORMS = ("qadv", "qrelu")
@@ -50,6 +47,8 @@ Q_TRANSFORMS = ("qadv", "qrelu")
 @dataclass(frozen=True)
 class QVPOConfig(ConfigBase):
     """Hyperparameters of QVPO. Defaults are the official code's (identical for every task)."""
+
+    renamed: ClassVar[dict[str, str]] = {"n_eval_samples": "n_action_samples"}
 
     learning_rate: float = 1e-4
     """Actor (diffusion policy) Adam learning rate (official `--diffusion_lr`)."""
@@ -92,8 +91,9 @@ class QVPOConfig(ConfigBase):
     """K_b: candidates per state when exploring; the argmax of min-Q is taken (`--behavior_sample`)."""
     n_target_samples: int = 4
     """K_t: target-actor candidates per next state in the TD target (`--target_sample`)."""
-    n_eval_samples: int = 32
-    """Candidates per state for ``predict(deterministic=True)`` (`--eval_sample`; its help text says 512)."""
+    n_action_samples: int = 32
+    """Candidates per state for ``predict(deterministic=True)`` (official `--eval_sample`; its help
+    text says 512). Was ``n_eval_samples``."""
     hidden_dim: int = 256
     """Width of the denoiser and critic MLPs."""
     n_hidden: int = 3
@@ -112,7 +112,7 @@ class QVPOConfig(ConfigBase):
             "n_diffusion_samples",
             "n_behavior_samples",
             "n_target_samples",
-            "n_eval_samples",
+            "n_action_samples",
             "hidden_dim",
             "n_hidden",
         ):
@@ -163,12 +163,6 @@ def sample_and_score(
     return actions.view(batch, n, -1), q
 
 
-def best_of(actions: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The argmax-Q candidate of each state: (B, n, A), (B, n) -> (B, A), (B,)."""
-    q_best, index = q.max(dim=1)
-    return actions[torch.arange(actions.shape[0], device=actions.device), index], q_best
-
-
 # policy ----------------------------------------------------------------------------------------
 class QVPOPolicy(PolicyBase):
     """Diffusion actor and its target, twin critics and their targets, plus action selection.
@@ -180,7 +174,7 @@ class QVPOPolicy(PolicyBase):
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: QVPOConfig):
-        super().__init__(observation_space, action_space, config, config.n_eval_samples)
+        super().__init__(observation_space, action_space, config)
         denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
         self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
@@ -195,69 +189,56 @@ class QVPOPolicy(PolicyBase):
         """Best-of-K by the current critics' min-Q: (B, S) -> (B, A) in [-1, 1].
 
         ``deterministic=False``: K = ``n_behavior_samples`` fresh samples (the behaviour policy).
-        ``deterministic=True``: K = ``n_eval_samples`` from fixed noise, so an observation always
+        ``deterministic=True``: K = ``n_action_samples`` from fixed noise, so an observation always
         gives the same action (also after save/load and in another process).
         """
         if deterministic:
-            n, noise = self.config.n_eval_samples, self.deterministic_noise_for(observations.shape[0])
+            n, noise = self.config.n_action_samples, self.deterministic_noise_for(observations.shape[0])
         else:
             n, noise = self.config.n_behavior_samples, None
         generator = self.generator if generator is None else generator
-        actions, q = sample_and_score(self.actor, self.critic, observations, n, generator, noise)
-        return best_of(actions, q)[0]
-
-
-# replay buffer ---------------------------------------------------------------------------------
-class ReplayBuffer:
-    """A ring buffer of flat transitions resident on the training device.
-
-    Actions are stored in [-1, 1]; ``terminals`` holds true terminations only (a time-limit
-    truncation is stored as not terminal, with the real final observation as next observation).
-    CPU storage is allocated with ``torch.empty`` so untouched capacity costs no memory.
-    """
-
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
-        self.capacity, self.device = capacity, device
-        self.observations = torch.empty((capacity, obs_dim), device=device)
-        self.actions = torch.empty((capacity, action_dim), device=device)
-        self.rewards = torch.empty(capacity, device=device)
-        self.next_observations = torch.empty((capacity, obs_dim), device=device)
-        self.terminals = torch.empty(capacity, dtype=torch.bool, device=device)
-        self.pos, self.size = 0, 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(
-        self,
-        observations: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_observations: np.ndarray,
-        terminals: np.ndarray,
-    ) -> None:
-        """Append one row per env: (n, obs_dim), (n, A), (n,), (n, obs_dim), (n,) bool."""
-        n = len(rewards)
-        index = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for store, value in (
-            (self.observations, observations),
-            (self.actions, actions),
-            (self.rewards, rewards),
-            (self.next_observations, next_observations),
-            (self.terminals, terminals),
-        ):
-            store[index] = torch.as_tensor(value, dtype=store.dtype).to(self.device)
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        """Uniform batch with replacement; indices are drawn on the buffer's device."""
-        return sample_batch(self, self.size, batch_size, generator)
+        candidates = self.actor.sample(observations, generator, noise, n_samples=n)  # (B * K, A)
+        q = self.critic.q_min_of_candidates(observations, candidates)  # (B, K)
+        return self.pick(candidates, q, deterministic, temperature=None)  # greedy either way
 
 
 # the algorithm ---------------------------------------------------------------------------------
-class QVPO(BaseAgent):
+QVPO_PAPER = Paper(
+    method_name="QVPO",
+    title="Diffusion-based Reinforcement Learning via Q-weighted Variational Policy Optimization",
+    short_citation="Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, NeurIPS 2024",
+    url="https://arxiv.org/abs/2405.16173",
+    method=(
+        "QVPO trains a diffusion policy online. For each state it draws several actions from the "
+        "current policy, keeps the one twin critics rate highest and trains the diffusion model "
+        "on it with the denoising loss weighted by its advantage over the samples' mean Q value; "
+        "actions drawn uniformly from the action box, weighted by a decaying entropy coefficient, "
+        "keep the policy exploring. The agent acts, and builds its TD targets, by taking the "
+        "best-rated of a few sampled actions."
+    ),
+    bibtex=(
+        "@inproceedings{ding2024diffusionbased,\n"
+        "  title     = {Diffusion-based Reinforcement Learning via Q-weighted Variational Policy "
+        "Optimization},\n"
+        "  author    = {Ding, Shutong and Hu, Ke and Zhang, Zhenhao and Ren, Kan and Zhang, Weinan and "
+        "Yu, Jingyi and Wang, Jingya and Shi, Ye},\n"
+        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
+        "  year      = {2024},\n"
+        "  eprint    = {2405.16173},\n"
+        "  archivePrefix = {arXiv},\n"
+        "  url       = {https://arxiv.org/abs/2405.16173}\n"
+        "}"
+    ),
+)
+
+
+class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
     """QVPO: online RL with a diffusion policy trained by a Q-weighted variational loss.
+
+    ``learn`` collects experience like SB3's off-policy algorithms: ``num_timesteps`` counts env
+    steps (``n_envs`` per VecEnv step), actions are uniformly random while ``num_timesteps <
+    learning_starts``, then ``utd_ratio`` gradient steps follow each collected transition;
+    callbacks' ``on_step`` runs once per VecEnv step.
 
     Args:
         env: env id, ``gymnasium.Env`` or SB3 VecEnv to train on (Monitor-wrapped when it is an id
@@ -272,8 +253,10 @@ class QVPO(BaseAgent):
             ``n_diffusion_samples``, ``n_entropy_samples``, ``n_behavior_samples``, ...).
     """
 
-    algorithm: ClassVar[str] = "QVPO"
-    config_class: ClassVar[type] = QVPOConfig
+    config_class = QVPOConfig
+    config: QVPOConfig
+    policy: QVPOPolicy
+    replay_buffer: ReplayBuffer | None
 
     def __init__(
         self,
@@ -287,52 +270,29 @@ class QVPO(BaseAgent):
         action_space: spaces.Box | None = None,
         **hyperparameters: Any,
     ):
-        self.config = make_config(QVPOConfig, hyperparameters)
-        self.device = resolve_device(device)
-        self.seed = draw_seed() if seed is None else int(seed)
-        if env is not None:
-            from dql_agent.integrations.sb3 import wrap_env
-
-            env = wrap_env(env)
-            observation_space = env.observation_space if observation_space is None else observation_space
-            action_space = env.action_space if action_space is None else action_space
-        if observation_space is None or action_space is None:
-            raise ValueError("cannot tell the spaces: pass env=, or observation_space= and action_space=")
-        self.metadata: dict[str, Any] = {}
-        env_id = _env_id(env)
+        cfg = QVPOConfig.from_hyperparameters(hyperparameters)
+        super().__init__(
+            QVPOPolicy,
+            cfg,
+            env=env,
+            device=device,
+            seed=seed,
+            observation_space=observation_space,
+            action_space=action_space,
+            verbose=verbose,
+            tensorboard_log=tensorboard_log,
+        )
+        env_id = _env_id(self.env)
         if env_id is not None:
             self.metadata["env_id"] = env_id
-
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(self.seed)
-            self.policy = QVPOPolicy(observation_space, action_space, self.config).to(self.device)
-        self.policy.set_seed(self.seed + 2)
         self.actor, self.actor_target = self.policy.actor, self.policy.actor_target
         self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
-        self._update_targets = (SoftUpdate(self.critic_target, self.critic), SoftUpdate(self.actor_target, self.actor))
-        cfg = self.config
+        self.update_targets = (SoftUpdate(self.critic_target, self.critic), SoftUpdate(self.actor_target, self.actor))
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
         self.critic_optimizer = torch.optim.Adam(
             self.critic.parameters(), lr=cfg.critic_learning_rate, eps=cfg.adam_eps
         )
-        self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        self._np_rng = np.random.default_rng(self.seed + 1)  # warm-up actions
-        self.replay_buffer: ReplayBuffer | None = None
-        self._last_obs: Any = None
-        self._episode_num = 0
-        self._total_timesteps = 0
-        self.ep_info_buffer: deque = deque(maxlen=100)
-        self._init_surface(env, verbose, tensorboard_log)
-
-    # env -------------------------------------------------------------------------------------
-    def set_env(self, env: Any) -> None:
-        """Attach an env id, ``gymnasium.Env`` or VecEnv to train on; its spaces must match."""
-        super().set_env(env)
-        self._last_obs = None  # the next learn() starts from a reset
-
-    def _check_can_learn(self) -> None:
-        if self.env is None:
-            raise RuntimeError("QVPO has no env to collect experience from: pass env=... or call set_env(env)")
+        self.warmup_rng = np.random.default_rng(self.seed + 1)  # uniform actions of the warm-up
 
     @property
     def entropy_coef(self) -> float:
@@ -340,150 +300,30 @@ class QVPO(BaseAgent):
         decay = self.config.entropy_decay_steps or self._total_timesteps
         return self.config.entropy_coef(self.num_timesteps, decay)
 
-    # the update ------------------------------------------------------------------------------
-    def _train_step(self) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        batch = self.replay_buffer.sample(cfg.batch_size, self._rng)
-
-        # Critic: TD target from the best of K_t target-actor samples under the target critics.
-        with torch.no_grad():
-            _, next_q = sample_and_score(
-                self.actor_target, self.critic_target, batch.next_observations, cfg.n_target_samples, self._rng
-            )
-            target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q.max(dim=1).values  # (B,)
-        current_q = self.critic(batch.observations, batch.actions)  # (2, B)
-        critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        if cfg.grad_norm is not None:
-            clip_grad_norm_(self.critic.parameters(), cfg.grad_norm)
-        self.critic_optimizer.step()
-
-        # Actor: the best of N_d current-policy samples per (fresh) state, weighted by its advantage
-        # over the samples' mean Q, plus N_e uniform actions weighted by omega_ent * that weight.
-        states = self.replay_buffer.sample(cfg.batch_size, self._rng).observations  # (B, S)
-        candidates, q = sample_and_score(self.actor, self.critic, states, cfg.n_diffusion_samples, self._rng)
-        best_actions, q_best = best_of(candidates, q)  # (B, A), (B,)
-        if cfg.q_transform == "qadv":
-            weights = (q_best - q.mean(dim=1)).clamp(min=0.0)
-        else:  # qrelu
-            weights = q_best.clamp(min=0.0)
-        entropy_coef = self.entropy_coef
-        actions, weight_rows, state_rows = best_actions, weights, states
-        if cfg.n_entropy_samples > 0 and entropy_coef > 0:
-            n = cfg.n_entropy_samples
-            uniform = torch.rand((states.shape[0] * n, self.policy.action_dim), device=self.device, generator=self._rng)
-            actions = torch.cat([best_actions, 2.0 * uniform - 1.0])
-            state_rows = torch.cat([states, states.repeat_interleave(n, dim=0)])
-            weight_rows = torch.cat([weights, entropy_coef * weights.repeat_interleave(n)])
-        actor_loss = self.actor.loss(actions, state_rows, self._rng, weights=weight_rows)  # the official WeightedL2
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        if cfg.grad_norm is not None:
-            clip_grad_norm_(self.actor.parameters(), cfg.grad_norm)
-        self.actor_optimizer.step()
-
-        for update in self._update_targets:
-            update(cfg.tau)
-        return {
-            "critic_loss": critic_loss.detach(),
-            "actor_loss": actor_loss.detach(),
-            "q_mean": current_q.detach().mean(),
-            "weight_mean": weights.mean(),
-        }
-
     # experience collection -------------------------------------------------------------------
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: Any = None,
-        log_interval: int = 4,
-        progress_bar: bool = False,
-        reset_num_timesteps: bool = True,
-    ) -> QVPO:
-        """Collect ``total_timesteps`` env steps, updating after each one past the warm-up.
-
-        As SB3's off-policy algorithms: ``num_timesteps`` counts env steps (``n_envs`` per VecEnv
-        step), callbacks' ``on_step`` runs once per VecEnv step (False stops training), actions
-        are uniformly random while ``num_timesteps < learning_starts``, then ``utd_ratio``
-        gradient steps follow each collected transition.
-
-        Args:
-            total_timesteps: env steps to collect.
-            callback: an SB3 ``BaseCallback``, a list of them, a ``f(locals, globals)`` or None.
-            log_interval: dump the logs every this many finished episodes (0: never).
-            progress_bar: show SB3's progress bar over env steps.
-            reset_num_timesteps: start ``num_timesteps`` (and the env) afresh; False continues
-                the count, the episode in progress and the entropy schedule.
-        """
-        if not is_int(total_timesteps) or total_timesteps < 0:
-            raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
-        if not is_int(log_interval) or log_interval < 0:
-            raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
-        self._check_can_learn()
-        from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
-
-        from dql_agent.integrations.sb3 import make_callback
-
+    def collect_step(self) -> Rollout:
+        """One VecEnv step: random actions during the warm-up, then the behaviour policy
+        (best of ``n_behavior_samples`` by min-Q); stores the transitions."""
         cfg, env = self.config, self.env
         n_envs = env.num_envs
-        if reset_num_timesteps:
-            self.num_timesteps, self._episode_num = 0, 0
-            self.ep_info_buffer.clear()
-            self._last_obs = None
-        total_timesteps = int(total_timesteps) + self.num_timesteps
-        self._total_timesteps = total_timesteps
         if self.replay_buffer is None:
             self.replay_buffer = ReplayBuffer(cfg.buffer_size, self.policy.obs_dim, self.policy.action_dim, self.device)
         if self._last_obs is None:
             env.seed(self.seed)
             self._last_obs = env.reset()
-
-        callback = make_callback(callback, False)
-        if progress_bar:  # SB3's own bar advances by n_envs per step, as num_timesteps does
-            callback = CallbackList([callback, ProgressBarCallback()])
-        callback.init_callback(self)
-        callback.on_training_start(locals(), globals())
-        self.policy.train()
-        space, action_shape = self.observation_space, self.action_space.shape
-        sums: dict[str, torch.Tensor] = {}
-        n_summed, start, start_timesteps = 0, time.time(), self.num_timesteps
-        while self.num_timesteps < total_timesteps:
-            obs = flatten_batch(space, self._last_obs, n_envs).astype(np.float32)  # (n_envs, S)
-            if self.num_timesteps < cfg.learning_starts:
-                scaled = self._np_rng.uniform(-1.0, 1.0, (n_envs, self.policy.action_dim)).astype(np.float32)
-            else:
-                tensor = torch.as_tensor(obs, device=self.device)
-                scaled = self.policy.select_action(tensor, deterministic=False, generator=self._rng).cpu().numpy()
-            actions = unscale_actions(scaled, self.action_space).reshape(n_envs, *action_shape)
-            new_obs, rewards, dones, infos = env.step(actions)
-            self.num_timesteps += n_envs
-
-            next_obs, terminals = self._transition_ends(new_obs, dones, infos)
-            self.replay_buffer.add(obs, scaled, np.asarray(rewards, np.float32), next_obs, terminals)
-            self.ep_info_buffer.extend(info["episode"] for info in infos if "episode" in info)
-            self._last_obs = new_obs
-
-            callback.update_locals(locals())
-            if not callback.on_step():
-                break
-
-            if self.num_timesteps >= cfg.learning_starts:
-                for _ in range(cfg.utd_ratio * n_envs):
-                    losses = self._train_step()
-                    self._n_updates += 1
-                    for key, value in losses.items():  # summed on the device: no host sync per step
-                        sums[key] = sums[key] + value if key in sums else value.clone()
-                    n_summed += 1
-            for done in dones:
-                if done:
-                    self._episode_num += 1
-                    if log_interval and self._episode_num % log_interval == 0:
-                        self._dump_rollout_logs(sums, n_summed, start, start_timesteps)
-                        sums, n_summed = {}, 0
-        self.policy.eval()
-        callback.on_training_end()
-        return self
+        obs = flatten_batch(self.observation_space, self._last_obs, n_envs).astype(np.float32)  # (n_envs, S)
+        if self.num_timesteps < cfg.learning_starts:
+            scaled = self.warmup_rng.uniform(-1.0, 1.0, (n_envs, self.policy.action_dim)).astype(np.float32)
+        else:
+            tensor = torch.as_tensor(obs, device=self.device)
+            scaled = self.policy.select_action(tensor, deterministic=False, generator=self.generator).cpu().numpy()
+        actions = unscale_actions(scaled, self.action_space).reshape(n_envs, *self.action_space.shape)
+        new_obs, rewards, dones, infos = env.step(actions)
+        next_obs, terminals = self._transition_ends(new_obs, dones, infos)
+        self.replay_buffer.add(obs, scaled, np.asarray(rewards, np.float32), next_obs, terminals)
+        self._last_obs = new_obs
+        learning = self.num_timesteps + n_envs >= cfg.learning_starts  # counted once this step is
+        return Rollout(n_envs, cfg.utd_ratio * n_envs if learning else 0, actions, new_obs, rewards, dones, infos)
 
     def _transition_ends(self, new_obs: Any, dones: np.ndarray, infos: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Next observations and terminal flags of a VecEnv step.
@@ -504,38 +344,71 @@ class QVPO(BaseAgent):
             terminals[i] = not infos[i].get("TimeLimit.truncated", False)
         return next_obs, terminals
 
-    def _dump_rollout_logs(self, sums: dict[str, torch.Tensor], n: int, start: float, start_timesteps: int) -> None:
-        elapsed = max(time.time() - start, 1e-9)
-        self.logger.record("time/episodes", self._episode_num, exclude="tensorboard")
-        if self.ep_info_buffer:
-            self.logger.record("rollout/ep_rew_mean", float(np.mean([e["r"] for e in self.ep_info_buffer])))
-            self.logger.record("rollout/ep_len_mean", float(np.mean([e["l"] for e in self.ep_info_buffer])))
-        self.logger.record("time/fps", int((self.num_timesteps - start_timesteps) / elapsed))
-        self.logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
-        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
-        for key, value in sums.items():
-            self.logger.record(f"train/{key}", float(value) / n)
-        if n:
-            self.logger.record("train/entropy_coef", self.entropy_coef)
-            self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.dump(step=self.num_timesteps)
+    # the update ------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, replay = self.config, self.replay_buffer
+        assert replay is not None  # collect_step runs first
+        batch = replay.sample(cfg.batch_size, self.generator)
+
+        # Critic: TD target from the best of K_t target-actor samples under the target critics.
+        with torch.no_grad():
+            _, next_q = sample_and_score(
+                self.actor_target, self.critic_target, batch.next_observations, cfg.n_target_samples, self.generator
+            )
+            target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q.max(dim=1).values  # (B,)
+        current_q = self.critic(batch.observations, batch.actions)  # (2, B)
+        critic_loss = (current_q - target_q).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
+        optimize(self.critic_optimizer, critic_loss, grad_norm=cfg.grad_norm)
+
+        # Actor: the best of N_d current-policy samples per (fresh) state, weighted by its advantage
+        # over the samples' mean Q, plus N_e uniform actions weighted by omega_ent * that weight.
+        states = replay.sample(cfg.batch_size, self.generator).observations  # (B, S)
+        candidates, q = sample_and_score(self.actor, self.critic, states, cfg.n_diffusion_samples, self.generator)
+        best_actions, q_best = best_of(candidates, q)  # (B, A), (B,)
+        if cfg.q_transform == "qadv":
+            weights = (q_best - q.mean(dim=1)).clamp(min=0.0)
+        else:  # qrelu
+            weights = q_best.clamp(min=0.0)
+        entropy_coef = self.entropy_coef
+        actions, weight_rows, state_rows = best_actions, weights, states
+        if cfg.n_entropy_samples > 0 and entropy_coef > 0:
+            n = cfg.n_entropy_samples
+            shape = (states.shape[0] * n, self.policy.action_dim)
+            uniform = torch.rand(shape, device=self.device, generator=self.generator)
+            actions = torch.cat([best_actions, 2.0 * uniform - 1.0])
+            state_rows = torch.cat([states, states.repeat_interleave(n, dim=0)])
+            weight_rows = torch.cat([weights, entropy_coef * weights.repeat_interleave(n)])
+        actor_loss = self.actor.loss(
+            actions, state_rows, self.generator, weights=weight_rows
+        )  # the official WeightedL2
+        optimize(self.actor_optimizer, actor_loss, grad_norm=cfg.grad_norm)
+
+        for update in self.update_targets:
+            update(cfg.tau)
+        self.logger.record("train/entropy_coef", entropy_coef)  # its value now, not a mean
+        return {
+            "critic_loss": critic_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "q_mean": current_q.detach().mean(),
+            "weight_mean": weights.mean(),
+        }
 
     # checkpoints -----------------------------------------------------------------------------
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor_optimizer": self.actor_optimizer, "critic_optimizer": self.critic_optimizer}
 
-    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"rng.train": self._rng.get_state()}
-        meta = {
-            "np_rng": self._np_rng.bit_generator.state,
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().training_state()
+        meta |= {
+            "np_rng": self.warmup_rng.bit_generator.state,
             "episode_num": self._episode_num,
             "total_timesteps": self._total_timesteps,
         }
         return tensors, meta
 
-    def _load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self._rng.set_state(tensors["rng.train"])
-        self._np_rng.bit_generator.state = meta["np_rng"]
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_training_state(tensors, meta)
+        self.warmup_rng.bit_generator.state = meta["np_rng"]
         self._episode_num = int(meta["episode_num"])
         self._total_timesteps = int(meta["total_timesteps"])
 
@@ -557,4 +430,4 @@ def _env_id(vec_env: Any) -> str | None:
     return getattr(spec, "id", None)
 
 
-__all__ = ["QVPO", "QVPOConfig", "QVPOPolicy", "ReplayBuffer"]
+__all__ = ["QVPO", "QVPOConfig", "QVPOPolicy"]

@@ -1,28 +1,21 @@
-"""Several seeds in one process: independent DiffusionQL replicas trained as one batched update.
+"""Several seeds in one process: independent DiffusionQL replicas whose losses run as one batched pass.
 
 ``train_seeds(buffer, [0, 1, 2, 3, 4], n)`` builds one ordinary ``DiffusionQL`` per seed (so each
-starts exactly as a separate run would), stacks the parameters of their four networks along a
-leading replica dimension and runs the Diffusion-QL update of all replicas at once with
-``torch.func.vmap`` over ``torch.func.grad_and_value`` of ``functional_call``: every layer becomes
-one batched matmul over the replicas instead of one small matmul per run.
+starts exactly as a separate run would) and trains them in lockstep. Each step stacks the
+replicas' parameters along a leading dimension and computes every replica's losses and gradients
+at once with ``torch.func.vmap`` over ``torch.func.grad_and_value`` of the single run's own loss
+functions (:func:`dql_agent.diffusion_ql.critic_loss` / ``actor_loss``): every layer becomes one
+batched matmul over the replicas instead of one small matmul per run.
 
-Replica i follows the trajectory of ``DiffusionQL(buffer, seed=seeds[i]).learn(n)``, up to the
-float rounding of batched against unbatched matmuls and reductions:
+Everything else is each model's own public API, so replica i follows the trajectory of
+``DiffusionQL(buffer, seed=seeds[i]).learn(n)`` up to the float rounding of batched against
+unbatched matmuls and reductions:
 
-- its random tensors (batch indices, the TD target's chain noise, the BC loss's steps and noise,
-  the actor chain's noise, the critic-role coin) are drawn by its own model
-  (``DiffusionQL.critic_inputs``/``actor_inputs``, as the single run draws them), then stacked and
-  fed to the single run's own loss functions under vmap (vmap's own randomness stays off: a hidden
-  draw inside would be an error);
-- gradients are per replica (the grad transform sits inside vmap), clipped per replica with that
-  replica's own total norm, as ``clip_grad_norm_`` does;
-- each model's parameters are views into the stacked tensors while training, and one Adam per
-  network steps all replicas' parameters (one state per parameter, so each replica keeps its own
-  step count: a skipped batch is skipped exactly); EMA and target updates, the EMA schedule and
-  the NaN/inf guard are those of the single run.
-
-What is not per replica: with ``lr_decay`` the cosine schedule is shared, so a replica that
-skipped a batch (``nonfinite_loss='skip'``) runs one schedule step ahead of its single run.
+- its random inputs are drawn by the model itself (``critic_inputs`` / ``actor_inputs``);
+- its gradients go to its own optimizer through :func:`dql_agent.networks.optimize` (clipped by
+  its own total norm, its own Adam state and step count);
+- its EMA actor, target critics and learning-rate schedule move with ``update_targets``;
+- a NaN/inf loss raises naming the replica's seed, or skips that replica's batch only.
 """
 
 from __future__ import annotations
@@ -37,12 +30,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from dql_agent.buffer import OfflineBuffer
-from dql_agent.config import DiffusionQLConfig
-from dql_agent.diffusion_ql import DiffusionQL, actor_loss, critic_loss
+from dql_agent.buffer import Batch, OfflineBuffer
+from dql_agent.diffusion_ql import ActorNoise, DiffusionQL, DiffusionQLConfig, actor_loss, critic_loss
+from dql_agent.networks import optimize
 
 Params = dict[str, torch.Tensor]
-LossFn = Callable[[Params, Params, Params], tuple[torch.Tensor, Params]]
 NETWORKS = ("actor", "ema_actor", "critic", "critic_target")
 
 
@@ -57,7 +49,7 @@ def train_seeds(
     verbose: int = 0,
     **hyperparameters: Any,
 ) -> list[DiffusionQL]:
-    """Train one DiffusionQL per seed on ``buffer``, all replicas in one batched update.
+    """Train one DiffusionQL per seed on ``buffer``, all replicas' losses in one batched pass.
 
     Much cheaper than separate runs where a single run leaves the device idle (a GPU at batch
     256); on a CPU the matmuls are the same work either way.
@@ -69,7 +61,7 @@ def train_seeds(
             float rounding.
         total_timesteps: gradient steps per replica.
         device: 'auto', 'cpu', 'cuda', ...
-        preset: task preset of the official code (see ``dql_agent.config.PRESETS``).
+        preset: task preset of the official code (see ``dql_agent.PRESETS``).
         log_interval: every this many steps each model writes its mean losses to its own SB3
             logger (``train/critic_loss``, ...; stdout with ``verbose=1``); 0 never.
         verbose: passed to each model.
@@ -91,13 +83,9 @@ def train_seeds(
         model = DiffusionQL(buffer, device=device, seed=seed, preset=preset, verbose=verbose, **hyperparameters)
         if models:
             # Same buffer and config give the same training view: keep one copy on the device.
-            model.replay = models[0].replay
+            model.replay_buffer = models[0].replay_buffer
         models.append(model)
-    stack = SeedStack(models)
-    try:
-        stack.learn(int(total_timesteps), int(log_interval))
-    finally:
-        stack.unstack()
+    SeedStack(models).learn(int(total_timesteps), int(log_interval))
     return models
 
 
@@ -119,23 +107,40 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 class _ReplicaMath(nn.Module):
-    """One replica's losses (``diffusion_ql.critic_loss``/``actor_loss``, the single run's own code)
-    as a module, so ``torch.func.functional_call`` can swap in that replica's parameter slices."""
+    """One replica's losses (the single run's own functions) as a module, so
+    ``torch.func.functional_call`` can swap in that replica's slice of the stacked parameters."""
 
     def __init__(self, model: DiffusionQL):
         super().__init__()
         self.policy, self.config = model.policy, model.config
 
-    def forward(self, stage: str, x: Params) -> tuple[torch.Tensor, Params]:
-        return (critic_loss if stage == "critic" else actor_loss)(self.policy, self.config, x)
+    def forward(self, stage: str, batch: Batch, noise: Any) -> tuple[torch.Tensor, Params]:
+        if stage == "critic":
+            return critic_loss(self.policy, self.config, batch, noise)
+        return actor_loss(self.policy, self.config, batch, noise)
+
+
+def _stack(values: Sequence[Any]) -> Any:
+    """Stack a field of each replica's inputs (a tensor, a NamedTuple of them, or None)."""
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return type(first)(*(_stack(list(field)) for field in zip(*values, strict=True)))
+    return torch.stack(list(values))
+
+
+def _in_dims(value: Any) -> Any:
+    """vmap's in_dims for ``value``: 0 for every tensor, None where an input is absent."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return type(value)(*(_in_dims(field) for field in value))
+    return 0
 
 
 class SeedStack:
-    """DiffusionQL models of one config trained in lockstep; see the module docstring.
-
-    While it lives, each model's parameters are views into ``self.params`` (name -> (R, ...));
-    :meth:`unstack` gives each model its own copy and its share of the optimizer state.
-    """
+    """DiffusionQL models of one config trained in lockstep; see the module docstring."""
 
     def __init__(self, models: Sequence[DiffusionQL]):
         self.models = list(models)
@@ -147,7 +152,7 @@ class SeedStack:
             for field, ours, theirs in (
                 ("config", first.config, model.config),
                 ("device", first.device, model.device),
-                ("gradient step (_n_updates; the EMA schedule is shared)", first._n_updates, model._n_updates),
+                ("gradient step (n_updates; the EMA schedule is shared)", first.n_updates, model.n_updates),
             ):
                 if ours != theirs:
                     raise ValueError(
@@ -156,67 +161,48 @@ class SeedStack:
                     )
         self.device = first.device
         self.math = _ReplicaMath(first)
-        per_model = [dict(_ReplicaMath(m).named_parameters()) for m in self.models]
-        self.names = {net: [n for n in per_model[0] if n.startswith(f"policy.{net}.")] for net in NETWORKS}
-        self.params: Params = {}
-        for name in per_model[0]:
-            self.params[name] = torch.stack([p[name].detach() for p in per_model])
-            for i, p in enumerate(per_model):
-                p[name].data = self.params[name][i]  # the model's Parameter now lives in the stack
-        self._replica_params = per_model
-        # One Adam per network over every replica's own Parameter objects (views into the stack):
-        # elementwise, so exactly each replica's Adam, with one state (and step count) per replica.
-        self.optimizers = {
-            net: torch.optim.Adam([p[n] for p in per_model for n in self.names[net]], lr=lr)
-            for net, lr in (("actor", self.config.learning_rate), ("critic", self.config.critic_learning_rate))
+        # Each model's parameters by network, in the order of its own optimizers.
+        self.parameters = [{net: list(getattr(m.policy, net).parameters()) for net in NETWORKS} for m in self.models]
+        self.names = {
+            net: [f"policy.{net}.{n}" for n, _ in getattr(first.policy, net).named_parameters()] for net in NETWORKS
         }
-        self.schedulers = []
-        if self.config.lr_decay:
-            self.schedulers = [
-                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.lr_decay_steps, eta_min=0.0)
-                for opt in self.optimizers.values()
-            ]
-        # Models that trained before (e.g. loaded with their optimizer state) carry on exactly.
-        for net, shared in self.optimizers.items():
-            for model in self.models:
-                own = model._optimizers()[f"{net}_optimizer"]
-                shared.state.update({p: own.state[p] for p in own.param_groups[0]["params"] if p in own.state})
-        for shared, own in zip(self.schedulers, first.lr_schedulers, strict=True):
-            shared.load_state_dict(own.state_dict())
-        for net, shared in self.optimizers.items():
-            shared.param_groups[0]["lr"] = first._optimizers()[f"{net}_optimizer"].param_groups[0]["lr"]
-        self._stacked_now = True
-        self._critic_grad = vmap(grad_and_value(self._loss("critic"), has_aux=True))
-        self._actor_grad = vmap(grad_and_value(self._loss("actor"), has_aux=True))
-
-    def _loss(self, stage: str) -> LossFn:
-        """loss(trained params, frozen params, inputs) of one replica, for grad_and_value."""
-
-        def loss(trained: Params, frozen: Params, x: Params) -> tuple[torch.Tensor, Params]:
-            return functional_call(self.math, {**trained, **frozen}, (stage, x))
-
-        return loss
-
-    def _network(self, net: str) -> Params:
-        return {n: self.params[n] for n in self.names[net]}
+        self._gradients: dict[str, Callable[..., Any]] = {}
 
     # one update of every replica -----------------------------------------------------------------
+    def _stacked(self, *nets: str) -> Params:
+        """The named parameters of ``nets``, each stacked over the replicas (a copy, no autograd)."""
+        with torch.no_grad():
+            return {
+                name: torch.stack([params[net][i] for params in self.parameters])
+                for net in nets
+                for i, name in enumerate(self.names[net])
+            }
+
+    def _gradient(self, stage: str, inputs: Any) -> Callable[..., Any]:
+        """vmap over replicas of grad_and_value of the stage's loss (built once per input layout)."""
+        key = f"{stage}{_in_dims(inputs)}"
+        if key not in self._gradients:
+
+            def loss(trained: Params, frozen: Params, batch: Batch, noise: Any) -> tuple[torch.Tensor, Params]:
+                return functional_call(self.math, {**trained, **frozen}, (stage, batch, noise))
+
+            dims = (0, 0, 0, _in_dims(inputs))
+            self._gradients[key] = vmap(grad_and_value(loss, has_aux=True), in_dims=dims)
+        return self._gradients[key]
+
     def train_step(self) -> dict[str, torch.Tensor]:
         """One gradient step of every replica, counted as ``learn`` counts it; returns the losses,
         each (R,), with 0 and ``skipped_batches`` 1 where a replica skipped its batch."""
-        if not self._stacked_now:
-            raise RuntimeError("this SeedStack was unstacked; build a new one to train the models together")
-        cfg, models = self.config, self.models
-        first = models[0]
+        models = self.models
         active = [True] * len(models)
-        b = cfg.batch_size
 
         # Critic. Each replica draws its batch and TD chain noise as its single run does.
-        inputs = [m.critic_inputs(m.replay.sample(b, m._rng)) for m in models]
-        x = {key: torch.stack([i[key] for i in inputs]) for key in inputs[0]}
-        frozen = self._network("ema_actor") | self._network("critic_target")
-        grads, (_, critic_losses) = self._critic_grad(self._network("critic"), frozen, x)
-        self._check_finite("critic_loss", critic_losses["critic_loss"], active)
+        inputs = [m.critic_inputs() for m in models]
+        batch = _stack([b for b, _ in inputs])
+        next_noise = _stack([n for _, n in inputs])
+        frozen = self._stacked("ema_actor", "critic_target")
+        grads, (_, losses) = self._gradient("critic", next_noise)(self._stacked("critic"), frozen, batch, next_noise)
+        self._check_finite("critic_loss", losses["critic_loss"], active)
         self._apply("critic", grads, active)
 
         # Actor. Draws per replica still taking the step; one that skipped gets zeros (its losses are
@@ -224,42 +210,23 @@ class SeedStack:
         draws = [m.actor_inputs() if taking else None for m, taking in zip(models, active, strict=True)]
         like = next((d for d in draws if d is not None), None)
         if like is not None:
-            for key, value in like.items():
-                x[key] = torch.stack([torch.zeros_like(value) if d is None else d[key] for d in draws]).to(self.device)
-        losses = dict(critic_losses)
-        if like is not None:
+            noise = _stack([d if d is not None else _zeros_like(like) for d in draws])
             # The updated critics score the new actions as frozen inputs: no gradients for them.
-            grads, (_, actor_losses) = self._actor_grad(self._network("actor"), self._network("critic"), x)
+            trained, frozen = self._stacked("actor"), self._stacked("critic")
+            grads, (_, actor_losses) = self._gradient("actor", noise)(trained, frozen, batch, noise)
             self._check_finite("actor_loss", actor_losses["actor_loss"], active)
             self._apply("actor", grads, active)
-            losses.update(actor_losses)
-
-        # EMA actor every `ema_update_every` steps from `ema_start_step`; targets every step.
-        step = first._n_updates
-        update_ema = step % cfg.ema_update_every == 0 and step >= cfg.ema_start_step
-        if all(active):  # one fused call over the stacks
-            if update_ema:
-                torch._foreach_lerp_(self._stacked("ema_actor"), self._stacked("actor"), 1.0 - cfg.ema_decay)
-            torch._foreach_lerp_(self._stacked("critic_target"), self._stacked("critic"), cfg.tau)
-        else:
-            for m in (m for m, taking in zip(models, active, strict=True) if taking):
-                if update_ema:
-                    m._update_ema(1.0 - cfg.ema_decay)
-                m._update_critic_target(cfg.tau)
-        if any(active):
-            for scheduler in self.schedulers:
-                scheduler.step()
-        for model in models:
+            losses = losses | actor_losses
+        for model, taking in zip(models, active, strict=True):
+            if taking:
+                model.update_targets()
             model.num_timesteps += 1
-            model._n_updates += 1
+            model.n_updates += 1
         if not all(active):  # as the single run reports a skipped batch
-            taking = torch.tensor(active, device=self.device)
-            losses = {k: torch.where(taking, v, 0.0) for k, v in losses.items()}
-            losses["skipped_batches"] = (~taking).float()
+            taking_now = torch.tensor(active, device=self.device)
+            losses = {k: torch.where(taking_now, v, 0.0) for k, v in losses.items()}
+            losses["skipped_batches"] = (~taking_now).float()
         return losses
-
-    def _stacked(self, net: str) -> list[torch.Tensor]:
-        return [self.params[n] for n in self.names[net]]
 
     def _check_finite(self, name: str, losses: torch.Tensor, active: list[bool]) -> None:
         """The single run's NaN/inf guard, per replica: raise naming the seed, or mark it skipped.
@@ -267,7 +234,7 @@ class SeedStack:
         finite = torch.isfinite(losses).tolist()
         if all(finite):
             return
-        step = self.models[0]._n_updates + 1
+        step = self.models[0].n_updates + 1
         for i, (ok, model) in enumerate(zip(finite, self.models, strict=True)):
             if ok or not active[i]:
                 continue
@@ -287,28 +254,20 @@ class SeedStack:
             )
 
     def _apply(self, net: str, grads: Params, active: list[bool]) -> None:
-        """Clip each replica's gradient by its own total norm, then one Adam step of the replicas taking it."""
-        max_norm = self.config.grad_norm
-        if max_norm is not None:
-            # clip_grad_norm_ per replica: the norm over that replica's slices of every tensor.
-            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()])  # (P, R)
-            coef = (max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6)).clamp(max=1.0)  # (R,)
-            torch._foreach_mul_(list(grads.values()), [coef.view(-1, *[1] * (g.dim() - 1)) for g in grads.values()])
-        for i, (params, taking) in enumerate(zip(self._replica_params, active, strict=True)):
-            if taking:  # a replica with no .grad is left alone by Adam (state and step count too)
-                for name, g in grads.items():
-                    params[name].grad = g[i]
-        self.optimizers[net].step()
-        self.optimizers[net].zero_grad(set_to_none=True)
+        """Each replica still taking the step gives its gradient slice to its own optimizer."""
+        for i, (model, taking) in enumerate(zip(self.models, active, strict=True)):
+            if taking:
+                optimizer = model.critic_optimizer if net == "critic" else model.actor_optimizer
+                optimize(optimizer, grads=[grads[name][i] for name in self.names[net]], grad_norm=self.config.grad_norm)
 
     # the loop ------------------------------------------------------------------------------------
     def learn(self, total_timesteps: int, log_interval: int = 1000) -> SeedStack:
         """``total_timesteps`` steps of every replica, with ``learn``'s bookkeeping and logging."""
         for model in self.models:
-            model._check_can_learn()
+            model.check_can_learn()
             model.policy.train()
         sums: dict[str, torch.Tensor] = {}
-        n_summed, start = 0, time.time()
+        n_summed, start_time, start_timesteps = 0, time.time(), self.models[0].num_timesteps
         try:
             for _ in range(total_timesteps):
                 losses = self.train_step()
@@ -316,38 +275,22 @@ class SeedStack:
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 n_summed += 1
                 if log_interval and self.models[0].num_timesteps % log_interval == 0:
-                    self._dump_logs(sums, n_summed, start)
+                    self._dump_logs(sums, n_summed, start_time, start_timesteps)
                     sums, n_summed = {}, 0
             if n_summed and log_interval:
-                self._dump_logs(sums, n_summed, start)
+                self._dump_logs(sums, n_summed, start_time, start_timesteps)
         finally:
             for model in self.models:
                 model.policy.eval()
         return self
 
-    def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start: float) -> None:
+    def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:
         for i, model in enumerate(self.models):
-            model._dump_logs({k: v[i] for k, v in sums.items()}, n, start)
+            model.dump_logs({k: v[i] for k, v in sums.items()}, n, start_time, start_timesteps)
 
-    def unstack(self) -> None:
-        """End the stack: each model gets its own copy of its weights and its share of the
-        optimizer and scheduler state, as if it had trained alone."""
-        if not self._stacked_now:
-            return
-        self._stacked_now = False
-        for params in self._replica_params:
-            for p in params.values():
-                p.data = p.data.clone()
-        for net, shared in self.optimizers.items():
-            for model in self.models:
-                own = model._optimizers()[f"{net}_optimizer"]
-                for p in own.param_groups[0]["params"]:
-                    if p in shared.state:
-                        own.state[p] = shared.state[p]
-                own.param_groups[0]["lr"] = shared.param_groups[0]["lr"]
-        for model in self.models:
-            for own, shared in zip(model.lr_schedulers, self.schedulers, strict=True):
-                own.load_state_dict(shared.state_dict())
+
+def _zeros_like(noise: ActorNoise) -> ActorNoise:
+    return ActorNoise(*(None if v is None else torch.zeros_like(v) for v in noise))
 
 
 __all__ = ["SeedStack", "train_seeds"]

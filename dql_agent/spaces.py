@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 from gymnasium import spaces
 
 
@@ -62,15 +63,17 @@ def flatten_batch(space: spaces.Space, observations: Any, batch_size: int | None
     return array.reshape(array.shape[0] if batch_size is None else batch_size, -1)
 
 
-def scale_actions(actions: np.ndarray, space: spaces.Box) -> np.ndarray:
-    """Map Box-bounded actions to [-1, 1]."""
-    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
-    return (2.0 * (actions - low) / (high - low) - 1.0).astype(np.float32)
+def scale_actions(actions: torch.Tensor, space: spaces.Box) -> torch.Tensor:
+    """Box-bounded actions (N, act_dim) -> the networks' units, [-1, 1] (clamped), float32."""
+    low = torch.as_tensor(space.low, dtype=torch.float32, device=actions.device).reshape(1, -1)
+    high = torch.as_tensor(space.high, dtype=torch.float32, device=actions.device).reshape(1, -1)
+    return (2.0 * (actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
 
 
 def unscale_actions(actions: np.ndarray, space: spaces.Box) -> np.ndarray:
-    """Map [-1, 1] back to the Box bounds (and clip, as SB3 does)."""
-    low, high = space.low, space.high
+    """The networks' units, [-1, 1], back to the Box: (N, act_dim) -> (N, act_dim), clipped to the
+    bounds as SB3 does, in the Box's dtype."""
+    low, high = space.low.reshape(1, -1), space.high.reshape(1, -1)
     return np.clip(low + 0.5 * (actions + 1.0) * (high - low), low, high).astype(space.dtype)
 
 

@@ -19,21 +19,21 @@ this module (``dql_agent`` does, for ``dql_agent.load_from_hub``) stays cheap.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
+from dql_agent.base import algorithm_class
 from dql_agent.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     Checkpoint,
     CheckpointError,
+    library_version,
     load_checkpoint,
     parse_config,
     parse_safetensors,
@@ -46,18 +46,14 @@ if TYPE_CHECKING:
     from dql_agent.base import BaseAgent
 
 __all__ = [
-    "PAPERS",
     "README_FILE",
     "RESULTS_FILE",
     "VIDEO_FILE",
     "HubNotFoundError",
-    "Paper",
-    "algorithm_class",
     "evaluate",
     "load_from_hub",
     "make_model_card",
     "push_to_hub",
-    "register_algorithm",
     "write_hub_folder",
 ]
 
@@ -81,149 +77,6 @@ class HubNotFoundError(FileNotFoundError):
     ) -> None:
         super().__init__(message)
         self.repo_id, self.path_in_repo, self.revision = repo_id, path_in_repo, revision
-
-
-# algorithms and their papers ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Paper:
-    """What the model card says about an algorithm's method and how to cite it."""
-
-    method_name: str
-    """Short name used in the card's first sentence, e.g. 'Diffusion-QL'."""
-    title: str
-    """Paper title."""
-    short_citation: str
-    """Authors and venue in one line, e.g. 'Wang, Hunt and Zhou, ICLR 2023'."""
-    url: str
-    """Link to the paper (arXiv abstract page)."""
-    method: str
-    """One paragraph of markdown describing the method."""
-    bibtex: str
-    """BibTeX entry, without surrounding fences."""
-
-
-DIFFUSION_QL_PAPER = Paper(
-    method_name="Diffusion-QL",
-    title="Diffusion Policies as an Expressive Policy Class for Offline Reinforcement Learning",
-    short_citation="Wang, Hunt and Zhou, ICLR 2023",
-    url="https://arxiv.org/abs/2208.06193",
-    method=(
-        "Diffusion-QL represents the policy as a conditional diffusion model (a DDPM over actions, "
-        "conditioned on the observation, with a few denoising steps). The actor loss is the "
-        "diffusion behaviour-cloning loss plus `eta` times a Q-learning term that pushes sampled "
-        "actions towards high values of twin critics, which are trained with TD targets from an "
-        "EMA copy of the actor. At acting time several candidate actions are sampled per "
-        "observation and the one the critics rate highest is taken."
-    ),
-    bibtex=(
-        "@inproceedings{wang2023diffusion,\n"
-        "  title     = {Diffusion Policies as an Expressive Policy Class for Offline "
-        "Reinforcement Learning},\n"
-        "  author    = {Wang, Zhendong and Hunt, Jonathan J. and Zhou, Mingyuan},\n"
-        "  booktitle = {International Conference on Learning Representations (ICLR)},\n"
-        "  year      = {2023},\n"
-        "  eprint    = {2208.06193},\n"
-        "  archivePrefix = {arXiv},\n"
-        "  url       = {https://arxiv.org/abs/2208.06193}\n"
-        "}"
-    ),
-)
-
-DIFFUSION_DICE_PAPER = Paper(
-    method_name="Diffusion-DICE",
-    title="Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning",
-    short_citation="Mao, Xu, Zhang, Zhan and Zhang, NeurIPS 2024",
-    url="https://arxiv.org/abs/2407.20109",
-    method=(
-        "Diffusion-DICE trains a behaviour diffusion model on the dataset, DICE values (V and twin Q) "
-        "with a piecewise f-divergence dual giving the optimal distribution ratio w, and a guidance "
-        "network W(s, a_t, t) = log E[w | a_t, s] learned from noised dataset actions only. Acting adds "
-        "the guidance gradient to the behaviour score (guide) and keeps the best of a few candidates "
-        "by Q (select)."
-    ),
-    bibtex=(
-        "@inproceedings{mao2024diffusiondice,\n"
-        "  title     = {Diffusion-DICE: In-Sample Diffusion Guidance for Offline Reinforcement Learning},\n"
-        "  author    = {Mao, Liyuan and Xu, Haoran and Zhang, Weinan and Zhan, Xianyuan and Zhang, Amy},\n"
-        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
-        "  year      = {2024},\n"
-        "  eprint    = {2407.20109},\n"
-        "  archivePrefix = {arXiv},\n"
-        "  url       = {https://arxiv.org/abs/2407.20109}\n"
-        "}"
-    ),
-)
-
-QVPO_PAPER = Paper(
-    method_name="QVPO",
-    title="Diffusion-based Reinforcement Learning via Q-weighted Variational Policy Optimization",
-    short_citation="Ding, Hu, Zhang, Ren, Zhang, Yu, Wang and Shi, NeurIPS 2024",
-    url="https://arxiv.org/abs/2405.16173",
-    method=(
-        "QVPO trains a diffusion policy online. For each state it draws several actions from the "
-        "current policy, keeps the one twin critics rate highest and trains the diffusion model "
-        "on it with the denoising loss weighted by its advantage over the samples' mean Q value; "
-        "actions drawn uniformly from the action box, weighted by a decaying entropy coefficient, "
-        "keep the policy exploring. The agent acts, and builds its TD targets, by taking the "
-        "best-rated of a few sampled actions."
-    ),
-    bibtex=(
-        "@inproceedings{ding2024diffusionbased,\n"
-        "  title     = {Diffusion-based Reinforcement Learning via Q-weighted Variational Policy "
-        "Optimization},\n"
-        "  author    = {Ding, Shutong and Hu, Ke and Zhang, Zhenhao and Ren, Kan and Zhang, Weinan and "
-        "Yu, Jingyi and Wang, Jingya and Shi, Ye},\n"
-        "  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},\n"
-        "  year      = {2024},\n"
-        "  eprint    = {2405.16173},\n"
-        "  archivePrefix = {arXiv},\n"
-        "  url       = {https://arxiv.org/abs/2405.16173}\n"
-        "}"
-    ),
-)
-
-PAPERS: dict[str, Paper] = {
-    "DiffusionQL": DIFFUSION_QL_PAPER,
-    "DiffusionDICE": DIFFUSION_DICE_PAPER,
-    "QVPO": QVPO_PAPER,
-}
-"""Algorithm name (``cls.algorithm``, ``config.json``'s "algorithm") -> its paper for the card."""
-
-# Built-in algorithms, imported on first use ("module:attribute") to keep this module cheap.
-_BUILTIN_ALGORITHMS: dict[str, str] = {
-    "DiffusionQL": "dql_agent.diffusion_ql:DiffusionQL",
-    "DiffusionDICE": "dql_agent.diffusion_dice:DiffusionDICE",
-    "QVPO": "dql_agent.qvpo:QVPO",
-}
-_ALGORITHMS: dict[str, type] = {}
-
-
-def register_algorithm(cls: type, paper: Paper | None = None) -> type:
-    """Make ``cls`` loadable by :func:`load_from_hub` under ``cls.algorithm``; returns ``cls``.
-
-    ``paper`` (optional) is what the model card cites for it. Usable as a class decorator.
-    """
-    name = getattr(cls, "algorithm", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls!r} has no 'algorithm' class attribute (a str) to register under")
-    _ALGORITHMS[name] = cls
-    if paper is not None:
-        PAPERS[name] = paper
-    return cls
-
-
-def algorithm_class(name: str) -> type:
-    """The agent class registered (or built in) as ``name``; ValueError listing the known ones."""
-    if name not in _ALGORITHMS and name in _BUILTIN_ALGORITHMS:
-        module, attribute = _BUILTIN_ALGORITHMS[name].split(":")
-        _ALGORITHMS[name] = getattr(importlib.import_module(module), attribute)
-    if name not in _ALGORITHMS:
-        known = sorted(set(_ALGORITHMS) | set(_BUILTIN_ALGORITHMS))
-        raise ValueError(
-            f"unknown algorithm {name!r}; this dql_agent knows {known} (a newer dql_agent may "
-            "know it, or register the class with dql_agent.integrations.hub.register_algorithm)"
-        )
-    return _ALGORITHMS[name]
 
 
 # evaluation --------------------------------------------------------------------------------------
@@ -313,12 +166,13 @@ def make_model_card(
 
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from dql_agent import __version__
-
     algorithm = model.algorithm
-    paper = PAPERS.get(algorithm)
+    paper = model.paper
     if paper is None:
-        raise ValueError(f"no paper registered for algorithm {algorithm!r}: add one to PAPERS")
+        raise ValueError(
+            f"{type(model).__name__} names no paper for its card: declare it as "
+            f"class {type(model).__name__}(BaseAgent, algorithm=..., paper=Paper(...))"
+        )
     meta = model.metadata
     env_id = (results or {}).get("env_id") or meta.get("env_id")
     dataset_id = meta.get("dataset_id")
@@ -371,7 +225,7 @@ def make_model_card(
         hyperparameters=[(k, _format_value(v)) for k, v in model.config.to_dict().items()],
         num_timesteps=int(model.num_timesteps),
         seed=model.seed,
-        library_version=__version__,
+        library_version=library_version(),
     )
 
 
@@ -519,8 +373,6 @@ def _download(
         RevisionNotFoundError,
     )
 
-    from dql_agent import __version__
-
     at = f" at revision {revision!r}" if revision else ""
     try:
         return Path(
@@ -532,7 +384,7 @@ def _download(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 library_name="dql_agent",
-                library_version=__version__,
+                library_version=library_version(),
             )
         )
     except GatedRepoError as error:
@@ -636,7 +488,7 @@ def load_from_hub(
     Called as ``load_from_hub(repo_id)`` (this is ``dql_agent.load_from_hub``) or
     ``load_from_hub(cls_or_None, repo_id)``: with a class, ``config.json`` must name that
     algorithm; without one the class comes from ``config.json``'s "algorithm" (see
-    :func:`register_algorithm`).
+    :data:`dql_agent.base.ALGORITHMS`, filled by each algorithm's class statement).
 
     Args:
         cls_or_repo_id: the agent class, None, or (alone) the repo id.
@@ -673,4 +525,4 @@ def load_from_hub(
         checkpoint, where, agent_cls = _download_checkpoint(
             str(repo_id), revision, token, cache_dir, local_files_only, cls
         )
-    return agent_cls._from_checkpoint(checkpoint, where, device=device)
+    return agent_cls.from_checkpoint(checkpoint, where, device=device)

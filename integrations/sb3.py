@@ -13,6 +13,8 @@ from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
+from dql_agent.spaces import unscale_actions
+
 
 def replay_buffer_to_transitions(replay_buffer: ReplayBuffer) -> dict[str, np.ndarray]:
     """Flat transition arrays from an SB3 ``ReplayBuffer`` (all envs, valid rows only).
@@ -44,11 +46,9 @@ def replay_buffer_to_transitions(replay_buffer: ReplayBuffer) -> dict[str, np.nd
 
     dones = flat(replay_buffer.dones).ravel().astype(bool)
     timeouts = flat(replay_buffer.timeouts).ravel().astype(bool)
-    actions = flat(replay_buffer.actions).astype(np.float64)
-    action_space = replay_buffer.action_space
-    if isinstance(action_space, spaces.Box):
-        low, high = action_space.low.reshape(1, -1), action_space.high.reshape(1, -1)
-        actions = low + 0.5 * (np.clip(actions, -1.0, 1.0) + 1.0) * (high - low)
+    actions = flat(replay_buffer.actions)
+    if isinstance(replay_buffer.action_space, spaces.Box):
+        actions = unscale_actions(actions, replay_buffer.action_space)
     return {
         "observations": flat(obs).astype(np.float32),
         "actions": actions.astype(np.float32),
@@ -59,8 +59,9 @@ def replay_buffer_to_transitions(replay_buffer: ReplayBuffer) -> dict[str, np.nd
     }
 
 
-class GradientStepProgressBar(BaseCallback):
-    """A tqdm/rich progress bar over gradient steps that, unlike SB3's, needs no training env."""
+class TimestepProgressBar(BaseCallback):
+    """A tqdm/rich progress bar over ``learn``'s timesteps (gradient steps offline, env steps
+    online) that, unlike SB3's, needs no training env."""
 
     def _on_training_start(self) -> None:
         import warnings
@@ -69,10 +70,12 @@ class GradientStepProgressBar(BaseCallback):
         from tqdm.rich import tqdm
 
         warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # as SB3 does
-        self.pbar = tqdm(total=self.locals["total_timesteps"] - self.model.num_timesteps)
+        self.shown = self.model.num_timesteps
+        self.pbar = tqdm(total=self.locals["total_timesteps"] - self.shown)
 
     def _on_step(self) -> bool:
-        self.pbar.update(1)
+        self.pbar.update(self.model.num_timesteps - self.shown)
+        self.shown = self.model.num_timesteps
         return True
 
     def _on_training_end(self) -> None:
@@ -93,7 +96,7 @@ def make_callback(callback: Any, progress_bar: bool) -> BaseCallback:
             )
         callback = ConvertCallback(callback)
     if progress_bar:
-        callback = CallbackList([callback, GradientStepProgressBar()])
+        callback = CallbackList([callback, TimestepProgressBar()])
     return callback
 
 

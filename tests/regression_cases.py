@@ -11,7 +11,11 @@ algorithms, a seeded Pendulum for QVPO) and records:
 module writes the stored outputs and the old-format checkpoints; run it only when a change of
 behaviour is deliberate, and commit the new files on their own, saying why:
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py
+    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py                  # regression.json
+    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py --checkpoints    # and the checkpoints
+
+The checkpoints stand for models saved by earlier releases: rewrite them only when the checkpoint
+format itself changes (the resume part of regression.json always starts from the committed ones).
 """
 
 from __future__ import annotations
@@ -91,9 +95,9 @@ CASES: dict[str, dict[str, Any]] = {
     },
 }
 EPISODE_STEPS = 4  # QVPO's Pendulum episodes are cut to this many steps (several resets per run)
-# learn's log_interval per case. QVPO's counts finished episodes (SB3's off-policy convention);
-# with 4-step episodes, 1 episode dumps at the same points as 4 env steps would.
-LOG_EVERY = {"dql": 1, "dql_max_q": 1, "dql_bandit": 1, "dql_bc": 1, "dice": 1, "qvpo": 1}
+# learn's log_interval per case, in timesteps. QVPO's counted finished episodes before the one
+# learn loop; with 4-step episodes, 4 env steps dump at the points 1 episode did.
+LOG_EVERY = {"dql": 1, "dql_max_q": 1, "dql_bandit": 1, "dql_bc": 1, "dice": 1, "qvpo": EPISODE_STEPS}
 
 
 class Recorder(KVWriter):
@@ -211,13 +215,15 @@ def resume_case(name: str, checkpoint: Path) -> dict[str, Any]:
     return {"loaded": loaded, "resumed": {"logged": logs, **fingerprint(model)}}
 
 
-def regenerate() -> None:
-    """Write tests/data/regression.json and tests/data/checkpoints/<case>/ from the code as it is."""
+def regenerate(checkpoints: bool) -> None:
+    """Write tests/data/regression.json (and, with ``checkpoints``, tests/data/checkpoints/<case>/)
+    from the code as it is."""
     stored: dict[str, Any] = {"torch": torch.__version__, "cases": {}}
     for name in CASES:
         model, outputs = run_case(name)
         target = CHECKPOINTS / name
-        model.save(target, include_optimizer=True)
+        if checkpoints:
+            model.save(target, include_optimizer=True)
         stored["cases"][name] = {**outputs, **resume_case(name, target)}
         print(f"{name}: {len(outputs['weights'])} tensors, {len(outputs['logged'])} dumps")
     STORED.write_text(json.dumps(stored, indent=1) + "\n")
@@ -227,4 +233,4 @@ if __name__ == "__main__":
     if os.environ.get("OMP_NUM_THREADS") != "1":
         sys.exit("run with OMP_NUM_THREADS=1, as the tests do")
     torch.set_num_threads(1)
-    regenerate()
+    regenerate(checkpoints="--checkpoints" in sys.argv[1:])

@@ -73,7 +73,7 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
             *"--algo dice --env Pendulum-v1 --steps 3 -o".split(),
             str(tmp_path / "dice"),
             *QUIET,
-            *"--set n_candidates=4 --set q_ensemble_size=2 --set behavior_batch_size=32 --set time_dim=8".split(),
+            *"--set n_action_samples=4 --set q_ensemble_size=2 --set behavior_batch_size=32 --set time_dim=8".split(),
             *SMALL,
         ]
     )
@@ -83,7 +83,7 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
             *"train --algo qvpo --env Pendulum-v1 --steps 40 -o".split(),
             str(tmp_path / "qvpo"),
             *QUIET,
-            *"--set learning_starts=20 --set n_diffusion_samples=4 --set n_eval_samples=4".split(),
+            *"--set learning_starts=20 --set n_diffusion_samples=4 --set n_action_samples=4".split(),
             *SMALL,
         ]
     )

@@ -38,7 +38,7 @@ def one_step(buffer, fast: bool, monkeypatch, compiled: bool = False) -> tuple[d
     model = DiffusionQL(buffer, seed=3, device="cpu", hidden_dim=64, n_hidden=3, diffusion_steps=5, batch_size=128)
     if compiled:
         model.compile_training()
-    losses = model._train_step()
+    losses = model.train_step()
     grads = {f"actor.{n}": p.grad for n, p in model.actor.named_parameters()}
     grads |= {f"critic.{n}": p.grad for n, p in model.critic.named_parameters()}
     return losses, grads

@@ -27,8 +27,8 @@ def assert_same_weights(a: DiffusionQL, b: DiffusionQL, atol: float = ATOL) -> N
 
 
 def assert_same_rngs(a: DiffusionQL, b: DiffusionQL) -> None:
-    assert torch.equal(a._rng.get_state(), b._rng.get_state())
-    assert torch.equal(a._coin_rng.get_state(), b._coin_rng.get_state())
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert torch.equal(a.coin_generator.get_state(), b.coin_generator.get_state())
 
 
 def bandit_buffer(buffer: OfflineBuffer) -> OfflineBuffer:
@@ -57,11 +57,11 @@ def test_each_replica_follows_its_separate_run(pendulum_buffer, extra):
     assert [m.seed for m in models] == SEEDS
     for seed, model in zip(SEEDS, models, strict=True):
         reference = separate(buffer, seed, 3, **hp)
-        assert model.num_timesteps == model._n_updates == 3
+        assert model.num_timesteps == model.n_updates == 3
         assert_same_rngs(model, reference)  # same draws, in the same order
         assert_same_weights(model, reference)  # actor, EMA actor, critics and targets
         for net in ("actor_optimizer", "critic_optimizer"):
-            ours, theirs = model._optimizers()[net], reference._optimizers()[net]
+            ours, theirs = model.optimizers()[net], reference.optimizers()[net]
             assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"])
             for p, q in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True):
                 assert int(ours.state[p]["step"]) == int(theirs.state[q]["step"]) == 3
@@ -92,16 +92,13 @@ def test_losses_match_step_by_step(pendulum_buffer):
         losses = stack.train_step()
         assert set(losses) == {"critic_loss", "q_mean", "bc_loss", "q_loss", "actor_loss"}
         for i, reference in enumerate(references):
-            expected = reference._train_step()
+            expected = reference.train_step()
             reference.num_timesteps += 1
-            reference._n_updates += 1
+            reference.n_updates += 1
             for key, value in expected.items():
                 torch.testing.assert_close(losses[key][i], value, atol=ATOL, rtol=1e-5, msg=key)
-    stack.unstack()
     for model, reference in zip(stack.models, references, strict=True):
         assert_same_weights(model, reference)
-    with pytest.raises(RuntimeError, match="unstacked"):
-        stack.train_step()
 
 
 def poisoned(buffer: OfflineBuffer, seed: int, **hp) -> DiffusionQL:
@@ -124,7 +121,6 @@ def test_nonfinite_loss_skip_skips_only_that_replica(pendulum_buffer):
     stack = SeedStack([DiffusionQL(pendulum_buffer, seed=3, device="cpu", **hp), poisoned(pendulum_buffer, 7, **hp)])
     with pytest.warns(UserWarning, match="seed 7: skipping its batch"):
         stack.learn(2, log_interval=0)
-    stack.unstack()
     clean, bad = stack.models
     assert_same_weights(clean, separate(pendulum_buffer, 3, 2, **hp))
     with pytest.warns(UserWarning, match="skipping the batch"):
