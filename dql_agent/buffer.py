@@ -160,7 +160,8 @@ class OfflineBuffer:
         if "next_observations" not in arrays:
             arrays = _derive_next_observations(arrays)
         keys = (*REQUIRED_KEYS, "timeouts")
-        return cls(**{k: arrays[k] for k in keys if k in arrays}, **kwargs)
+        columns: dict[str, Any] = {k: arrays[k] for k in keys if k in arrays}
+        return cls(**columns, **kwargs)
 
     @classmethod
     def from_minari(cls, dataset: Any, download: bool = False, **kwargs: Any) -> OfflineBuffer:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dql_agent.networks import NoiseMLP
+
 BETA_SCHEDULES = ("vp", "linear", "cosine")
 
 Guidance = Callable[[torch.Tensor, int], torch.Tensor]
@@ -61,7 +63,20 @@ class GaussianDiffusion(nn.Module):
     travel with ``.to(device)`` and the checkpoint.
     """
 
-    def __init__(self, denoiser: nn.Module, action_dim: int, n_steps: int = 5, beta_schedule: str = "vp"):
+    # schedule constants, (T,) float32 buffers
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_std: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+
+    def __init__(self, denoiser: NoiseMLP, action_dim: int, n_steps: int = 5, beta_schedule: str = "vp"):
         super().__init__()
         self.denoiser = denoiser
         self.action_dim = action_dim
@@ -90,8 +105,13 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
         # The reverse chain visits every step once with the same t for the whole batch: plain
         # floats (rounded to float32 like the buffers) spare it an index op per constant.
-        names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1")
-        names += ("posterior_mean_coef2", "posterior_std")
+        names = (
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+            "posterior_std",
+        )
         self._reverse_constants = [tuple(float(getattr(self, n)[i]) for n in names) for i in range(n_steps)]
 
     # forward process -------------------------------------------------------------------------

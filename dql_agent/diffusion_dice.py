@@ -441,7 +441,7 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
 
     # checkpoints -----------------------------------------------------------------------------
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        optimizers = {
+        optimizers: dict[str, torch.optim.Optimizer] = {
             "behavior_optimizer": self.behavior_optimizer,
             "value_optimizer": self.value_optimizer,
             "critic_optimizer": self.critic_optimizer,

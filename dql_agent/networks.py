@@ -66,6 +66,8 @@ class Mish(nn.Module):
 class SinusoidalEmbedding(nn.Module):
     """Transformer-style sin/cos features of a scalar step: (B,) -> (B, dim)."""
 
+    frequencies: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         if dim < 4 or dim % 2:
@@ -207,7 +209,8 @@ class SoftUpdate:
     """
 
     def __init__(self, target: nn.Module, source: nn.Module):
-        self.target, self.source = list(target.parameters()), list(source.parameters())
+        self.target: list[torch.Tensor] = list(target.parameters())
+        self.source: list[torch.Tensor] = list(source.parameters())
 
     @torch.no_grad()
     def __call__(self, rate: float) -> None:

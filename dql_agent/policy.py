@@ -38,6 +38,10 @@ class PolicyBase(nn.Module):
             ``normalize_observations``, if the config has it, turns on the observation statistics.
     """
 
+    obs_mean: torch.Tensor  # (obs_dim,) dataset statistics (used with normalize_observations)
+    obs_std: torch.Tensor
+    deterministic_noise: torch.Tensor  # (T, N, A)
+
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: Any):
         super().__init__()
         check_observation_space(observation_space)
@@ -159,6 +163,7 @@ def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.nda
         probe, leaf_space = _first_leaf(observation, space)
     else:
         probe, leaf_space = observation, space
+    assert leaf_space.shape is not None  # a Box, checked when the policy was built
     probe = _as_numeric(probe, "observation")
     shape = leaf_space.shape
     if probe.shape == shape:
@@ -185,11 +190,12 @@ def actions_to_env(actions: np.ndarray, action_space: spaces.Box, vectorized: bo
     return actions if vectorized else actions[0]
 
 
-def _first_leaf(observation: dict, space: spaces.Dict) -> tuple[Any, spaces.Box]:
-    while isinstance(space, spaces.Dict):
-        key = next(iter(space.spaces))
-        space, observation = space[key], observation[key]
-    return observation, space
+def _first_leaf(observation: dict, space: spaces.Dict) -> tuple[Any, spaces.Space]:
+    leaf: spaces.Space = space
+    while isinstance(leaf, spaces.Dict):
+        key = next(iter(leaf.spaces))
+        leaf, observation = leaf[key], observation[key]
+    return observation, leaf
 
 
 def _as_numeric(value: Any, name: str) -> np.ndarray:

@@ -290,7 +290,13 @@ class SeedStack:
 
 
 def _zeros_like(noise: ActorNoise) -> ActorNoise:
-    return ActorNoise(*(None if v is None else torch.zeros_like(v) for v in noise))
+    chain, coin = noise.chain_noise, noise.coin
+    return ActorNoise(
+        torch.zeros_like(noise.t),
+        torch.zeros_like(noise.bc_noise),
+        None if chain is None else torch.zeros_like(chain),
+        None if coin is None else torch.zeros_like(coin),
+    )
 
 
 __all__ = ["SeedStack", "train_seeds"]

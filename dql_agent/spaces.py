@@ -43,7 +43,7 @@ def flat_dim(space: spaces.Space) -> int:
     """Length of the flattened observation."""
     if isinstance(space, spaces.Dict):
         return sum(flat_dim(sub) for sub in space.spaces.values())
-    return int(np.prod(space.shape))
+    return math.prod(space.shape or ())
 
 
 def flatten_batch(space: spaces.Space, observations: Any, batch_size: int | None = None) -> np.ndarray:
