@@ -7,11 +7,11 @@ and on pickled zips): ``evaluate_policy`` needs ``predict``; SB3 callbacks need 
 An algorithm is one class statement and at most four hooks::
 
     class MyAlgo(BaseAgent, algorithm="MyAlgo", short_name="myalgo", paper=Paper(...)):
-        config_class = MyAlgoConfig
+        config_class, policy_class = MyAlgoConfig, MyAlgoPolicy
 
-        def __init__(self, buffer=None, env=None, **kw):
-            super().__init__(MyAlgoPolicy, MyAlgoConfig.from_hyperparameters(kw), buffer=buffer, env=env)
-            self.optimizer = ...                    # needs the policy built by BaseAgent.__init__
+        def __init__(self, buffer=None, env=None, **kwargs):
+            super().__init__(buffer, env, **kwargs)   # config, spaces, seeded policy, env, data
+            self.optimizer = ...                     # the policy is built by now
 
         def train_step(self) -> dict[str, torch.Tensor]: ...    # one gradient step; its losses
         def optimizers(self) -> dict[str, Optimizer]: ...       # what save(include_optimizer) keeps
@@ -186,9 +186,6 @@ class BaseAgent:
     ``env`` (one timestep is one env step).
 
     Args:
-        policy_class: the algorithm's policy, built as ``policy_class(observation_space,
-            action_space, config)`` with the torch RNG seeded by ``seed``.
-        config: the algorithm's hyperparameters.
         buffer: the offline dataset, or None (an online algorithm, or a model that only acts).
         env: an env id, ``gymnasium.Env`` or VecEnv (Monitor-wrapped as SB3 does): the online
             algorithms' experience, the offline ones' evaluation env (``get_env()``).
@@ -198,6 +195,10 @@ class BaseAgent:
         observation_space, action_space: explicit spaces (else the env's, else the buffer's).
         verbose: 1 prints the training logs to stdout.
         tensorboard_log: folder for a tensorboard log (needs the tensorboard package).
+        **hyperparameters: fields of the algorithm's ``config_class`` (see :meth:`make_config`).
+
+    The policy is ``policy_class(observation_space, action_space, config)``, built with the torch
+    RNG seeded by ``seed``.
     """
 
     algorithm: ClassVar[str]
@@ -209,6 +210,7 @@ class BaseAgent:
     online: ClassVar[bool] = False
     """Whether the algorithm collects its own experience (it overrides :meth:`collect_step`)."""
     config_class: ClassVar[type[ConfigBase]]
+    policy_class: ClassVar[type[PolicyBase]]
 
     def __init_subclass__(
         cls, algorithm: str | None = None, short_name: str | None = None, paper: Paper | None = None, **kwargs: Any
@@ -221,23 +223,22 @@ class BaseAgent:
 
     def __init__(
         self,
-        policy_class: type[PolicyBase],
-        config: ConfigBase,
-        *,
         buffer: OfflineBuffer | None = None,
         env: Any = None,
+        *,
         device: str | torch.device = "auto",
         seed: int | None = None,
         observation_space: spaces.Space | None = None,
         action_space: spaces.Box | None = None,
         verbose: int = 0,
         tensorboard_log: str | None = None,
+        **hyperparameters: Any,
     ):
         if buffer is not None and not isinstance(buffer, OfflineBuffer):
             raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
         if seed is not None and not is_int(seed):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.config: Any = config
+        self.config: Any = self.make_config(hyperparameters)
         self.device = resolve_device(device)
         self.seed = draw_seed() if seed is None else int(seed)
         if env is not None:
@@ -248,7 +249,7 @@ class BaseAgent:
         self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(self.seed)
-            self.policy: Any = policy_class(observation_space, action_space, config).to(self.device)
+            self.policy: Any = self.policy_class(observation_space, action_space, self.config).to(self.device)
         self.policy.set_seed(self.seed + 2)
         # The update's random draws (batches, diffusion steps and noise): one stream, saved with
         # the optimizer state so a resumed run draws what the uninterrupted one would.
@@ -270,6 +271,11 @@ class BaseAgent:
             self.set_env(env)
         if buffer is not None:
             self.set_buffer(buffer)
+
+    @classmethod
+    def make_config(cls, hyperparameters: dict[str, Any]) -> ConfigBase:
+        """The config from the constructor's keyword hyperparameters (unknown keys: TypeError)."""
+        return cls.config_class.from_hyperparameters(hyperparameters)
 
     # hooks ---------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:

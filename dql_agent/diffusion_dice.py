@@ -326,36 +326,13 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
             ``guidance_scale``, ``n_action_samples``, ``n_noisy_copies``, ``diffusion_steps``, ...).
     """
 
-    config_class = DiffusionDICEConfig
+    config_class, policy_class = DiffusionDICEConfig, DiffusionDICEPolicy
     config: DiffusionDICEConfig
     policy: DiffusionDICEPolicy
 
-    def __init__(
-        self,
-        buffer: OfflineBuffer | None = None,
-        env: Any = None,
-        *,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        observation_space: spaces.Space | None = None,
-        action_space: spaces.Box | None = None,
-        verbose: int = 0,
-        tensorboard_log: str | None = None,
-        **hyperparameters: Any,
-    ):
-        cfg = DiffusionDICEConfig.from_hyperparameters(hyperparameters)
-        super().__init__(
-            DiffusionDICEPolicy,
-            cfg,
-            buffer=buffer,
-            env=env,
-            device=device,
-            seed=seed,
-            observation_space=observation_space,
-            action_space=action_space,
-            verbose=verbose,
-            tensorboard_log=tensorboard_log,
-        )
+    def __init__(self, buffer: OfflineBuffer | None = None, env: Any = None, **kwargs: Any):
+        super().__init__(buffer, env, **kwargs)
+        cfg = self.config
         p = self.policy
         self.behavior, self.value, self.guidance = p.behavior, p.value, p.guidance
         self.critic, self.critic_target, self.q_ensemble = p.critic, p.critic_target, p.q_ensemble

@@ -318,41 +318,18 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             ``grad_norm``, ``max_q_backup``, ``ema_decay``, ``n_action_samples``, ...).
     """
 
-    config_class = DiffusionQLConfig
+    config_class, policy_class = DiffusionQLConfig, DiffusionQLPolicy
     config: DiffusionQLConfig
     policy: DiffusionQLPolicy
 
     def __init__(
-        self,
-        buffer: OfflineBuffer | None = None,
-        env: Any = None,
-        *,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        preset: str | None = None,
-        observation_space: spaces.Space | None = None,
-        action_space: spaces.Box | None = None,
-        verbose: int = 0,
-        tensorboard_log: str | None = None,
-        **hyperparameters: Any,
+        self, buffer: OfflineBuffer | None = None, env: Any = None, *, preset: str | None = None, **kwargs: Any
     ):
-        config = DiffusionQLConfig.from_hyperparameters(hyperparameters, get_preset(preset) if preset else None)
         self.bootstraps = True  # set_buffer (called by BaseAgent.__init__) checks the data
-        super().__init__(
-            DiffusionQLPolicy,
-            config,
-            buffer=buffer,
-            env=env,
-            device=device,
-            seed=seed,
-            observation_space=observation_space,
-            action_space=action_space,
-            verbose=verbose,
-            tensorboard_log=tensorboard_log,
-        )
+        super().__init__(buffer, env, preset=preset, **kwargs)
         if preset is not None:
             self.metadata["preset"] = preset
-        policy = self.policy
+        config, policy = self.config, self.policy
         self.actor, self.ema_actor = policy.actor, policy.ema_actor
         self.critic, self.critic_target = policy.critic, policy.critic_target
         self.update_ema = SoftUpdate(self.ema_actor, self.actor)
@@ -367,6 +344,16 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             ]
         self.coin_generator = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
         self.compute_critic_loss, self.compute_actor_loss = critic_loss, actor_loss  # compile_training() swaps
+
+    @classmethod
+    def make_config(cls, hyperparameters: dict[str, Any]) -> DiffusionQLConfig:
+        """The config from keyword hyperparameters over the task preset named by ``preset``, if any."""
+        hyperparameters = dict(hyperparameters)
+        preset = hyperparameters.pop("preset", None)
+        config: DiffusionQLConfig = DiffusionQLConfig.from_hyperparameters(
+            hyperparameters, get_preset(preset) if preset is not None else None
+        )
+        return config
 
     def set_buffer(self, buffer: OfflineBuffer) -> None:
         super().set_buffer(buffer)

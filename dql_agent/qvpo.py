@@ -253,35 +253,14 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
             ``n_diffusion_samples``, ``n_entropy_samples``, ``n_behavior_samples``, ...).
     """
 
-    config_class = QVPOConfig
+    config_class, policy_class = QVPOConfig, QVPOPolicy
     config: QVPOConfig
     policy: QVPOPolicy
     replay_buffer: ReplayBuffer | None
 
-    def __init__(
-        self,
-        env: Any = None,
-        *,
-        device: str | torch.device = "auto",
-        seed: int | None = None,
-        verbose: int = 0,
-        tensorboard_log: str | None = None,
-        observation_space: spaces.Space | None = None,
-        action_space: spaces.Box | None = None,
-        **hyperparameters: Any,
-    ):
-        cfg = QVPOConfig.from_hyperparameters(hyperparameters)
-        super().__init__(
-            QVPOPolicy,
-            cfg,
-            env=env,
-            device=device,
-            seed=seed,
-            observation_space=observation_space,
-            action_space=action_space,
-            verbose=verbose,
-            tensorboard_log=tensorboard_log,
-        )
+    def __init__(self, env: Any = None, **kwargs: Any):
+        super().__init__(None, env, **kwargs)
+        cfg = self.config
         env_id = _env_id(self.env)
         if env_id is not None:
             self.metadata["env_id"] = env_id
