@@ -88,7 +88,7 @@ class Curve:
 # ---------------------------------------------------------------------------------------------
 # the algorithms: each trains for `steps` gradient steps, calling `curve(step, act)` every `every`
 def dql_preset(dataset_id: str) -> str:
-    from dql_agent.config import PRESETS
+    from dql_agent import PRESETS
 
     env, kind = dataset_id.split("/")[-2], dataset_id.split("/")[-1].rsplit("-v", 1)[0]
     for name in (f"{env}-{kind}", f"{env}-medium-expert", f"{env}-medium"):
