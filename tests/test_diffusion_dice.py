@@ -1,13 +1,9 @@
-"""Diffusion-DICE: config, the update, guided sampling, the 4-mode bandit, the SB3 surface, checkpoints."""
+"""Diffusion-DICE: config, the update, guided sampling, the 4-mode bandit (the SB3 surface: test_contract.py)."""
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from conftest import TINY
-from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv
 from test_bandit import BEST, MODES, bandit_buffer
 
 from dql_agent import OfflineBuffer
@@ -15,11 +11,9 @@ from dql_agent.diffusion import GaussianDiffusion
 from dql_agent.diffusion_dice import (
     DiffusionDICE,
     DiffusionDICEConfig,
-    DiffusionDICEPolicy,
     dice_weight,
     f_star,
     guidance_dual_loss,
-    guided_sample,
 )
 from dql_agent.networks import NoiseMLP
 
@@ -29,7 +23,7 @@ DICE_TINY = {
     "n_hidden": TINY["n_hidden"],
     "diffusion_steps": TINY["diffusion_steps"],
     "batch_size": TINY["batch_size"],
-    "n_candidates": TINY["n_action_samples"],
+    "n_action_samples": TINY["n_action_samples"],
     "behavior_batch_size": TINY["batch_size"],
     "behavior_n_hidden": 2,
     "guidance_n_hidden": 2,
@@ -38,18 +32,12 @@ DICE_TINY = {
 }
 
 
-@pytest.fixture
-def tiny_dice(pendulum_buffer):
-    """A tiny DiffusionDICE on the Pendulum buffer, trained 20 steps."""
-    return DiffusionDICE(pendulum_buffer, env="Pendulum-v1", seed=0, device="cpu", **DICE_TINY).learn(20)
-
-
 # config --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("field", "value"),
     [
         ("alpha", 0.0),
-        ("n_candidates", 0),
+        ("n_action_samples", 0),
         ("n_noisy_copies", 1.5),
         ("guidance_scale", -1.0),
         ("q_ensemble_size", -1),
@@ -70,8 +58,16 @@ def test_config_errors_name_the_field(field, value):
 def test_config_round_trips_and_rejects_unknown_keys():
     config = DiffusionDICEConfig(alpha=0.1, behavior_steps=None)
     assert DiffusionDICEConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="n_action_samples"):
-        DiffusionDICEConfig.from_dict({**config.to_dict(), "n_action_samples": 4})
+    with pytest.raises(ValueError, match=r"unknown DiffusionDICEConfig key\(s\) \['eta'\]"):
+        DiffusionDICEConfig.from_dict({**config.to_dict(), "eta": 1.0})
+    # The old name of n_action_samples (config.json files written before the rename) still loads.
+    old = {k: v for k, v in config.to_dict().items() if k != "n_action_samples"} | {"n_candidates": 4}
+    with pytest.warns(DeprecationWarning, match="'n_candidates' is renamed 'n_action_samples'"):
+        assert DiffusionDICEConfig.from_dict(old) == DiffusionDICEConfig(
+            alpha=0.1, behavior_steps=None, n_action_samples=4
+        )
+    with pytest.raises(ValueError, match="pass 'n_action_samples' only, not also its old name 'n_candidates'"):
+        DiffusionDICEConfig.from_dict({**config.to_dict(), "n_candidates": 4})
     with pytest.raises(TypeError, match="eta"):
         DiffusionDICE(bandit_buffer(100), device="cpu", eta=1.0)
 
@@ -115,16 +111,23 @@ class _LinearGuidance(torch.nn.Module):
         return 2.0 * a[:, 0]
 
 
-def test_guided_sample_adds_the_guidance_gradient_to_the_score():
-    torch.manual_seed(0)
+def test_the_policys_guidance_is_grad_w_and_the_sampler_adds_it_to_the_score(pendulum_buffer):
+    """Acting runs the shared sampler with ``guidance = grad_a W(s, a_t, t)`` of the policy's W."""
+    model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", **DICE_TINY)
+    model.policy.guidance = _LinearGuidance()
     states = torch.randn(5, 3)
+    gradient = model.policy.guidance_gradient(states)(torch.randn(5, 1), 2)
+    torch.testing.assert_close(gradient, torch.full((5, 1), 2.0))
+
     # One reverse step: x_0 = (x_1 - sigma (eps - s sigma grad W)) / sqrt(abar), i.e. the plain
     # sample moved by s sigma^2 / sqrt(abar) grad W (small noise, so the clamp does not bind).
+    torch.manual_seed(0)
     one_step = GaussianDiffusion(NoiseMLP(3, 2, 16, 2, 8), 2, n_steps=1, beta_schedule="linear")
     noise = 0.1 * torch.randn(1, 5 * 6, 2)
+    grad_w = model.policy.guidance_gradient(states.repeat_interleave(6, dim=0))
     with torch.no_grad():
         plain = one_step.sample(states, noise=noise, n_samples=6)
-    guided = guided_sample(one_step, _LinearGuidance(), states, 3.0, noise=noise, n_samples=6)
+        guided = one_step.sample(states, noise=noise, n_samples=6, guidance=grad_w, guidance_scale=3.0)
     abar = one_step.alphas_cumprod[0]
     shift = torch.tensor([3.0 * 2.0 * (1 - abar) / abar.sqrt(), 0.0])
     torch.testing.assert_close(guided, plain + shift)
@@ -135,10 +138,9 @@ def test_guided_sample_adds_the_guidance_gradient_to_the_score():
     noise = torch.randn(4, 5 * 6, 2)
     with torch.no_grad():
         plain = diffusion.sample(states, noise=noise, n_samples=6)
-    torch.testing.assert_close(
-        guided_sample(diffusion, _LinearGuidance(), states, 0.0, noise=noise, n_samples=6), plain
-    )
-    guided = guided_sample(diffusion, _LinearGuidance(), states, 0.5, noise=noise, n_samples=6)
+        unscaled = diffusion.sample(states, noise=noise, n_samples=6, guidance=grad_w, guidance_scale=0.0)
+        guided = diffusion.sample(states, noise=noise, n_samples=6, guidance=grad_w, guidance_scale=0.5)
+    torch.testing.assert_close(unscaled, plain)
     assert guided[:, 0].mean() > plain[:, 0].mean() + 0.05
 
 
@@ -147,7 +149,7 @@ def test_one_train_step_changes_each_network(pendulum_buffer):
     model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", **DICE_TINY)
     parts = ("behavior", "value", "critic", "critic_target", "q_ensemble", "guidance")
     before = {name: [p.detach().clone() for p in getattr(model.policy, name).parameters()] for name in parts}
-    losses = model._train_step()
+    losses = model.train_step()
     for name in parts:
         after = list(getattr(model.policy, name).parameters())
         assert any(not torch.equal(a, b) for a, b in zip(before[name], after, strict=True)), name
@@ -158,7 +160,7 @@ def test_one_train_step_changes_each_network(pendulum_buffer):
 def test_behavior_model_stops_training_after_behavior_steps(pendulum_buffer):
     model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", behavior_steps=3, **DICE_TINY).learn(3)
     frozen = [p.detach().clone() for p in model.behavior.parameters()]
-    losses = model._train_step()
+    losses = model.train_step()
     assert "bc_loss" not in losses
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.behavior.parameters(), strict=True))
 
@@ -167,7 +169,7 @@ def test_iql_locomotion_rewards_scale_by_the_return_range(pendulum_buffer):
     model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", **DICE_TINY)
     returns = pendulum_buffer.episode_returns()
     scale = 1000.0 / (returns.max() - returns.min())
-    torch.testing.assert_close(model.replay.rewards, pendulum_buffer.rewards * scale)
+    torch.testing.assert_close(model.replay_buffer.rewards, pendulum_buffer.rewards * scale)
     one_episode = bandit_buffer(10)  # every one-step episode returns its own reward...
     flat = OfflineBuffer(
         one_episode.observations, one_episode.actions, np.ones(10), one_episode.next_observations, np.ones(10, bool)
@@ -229,7 +231,6 @@ def test_bandit_concentrates_on_the_best_mode_with_in_sample_actions(monkeypatch
 
     with monkeypatch.context() as patch:  # training touches dataset actions (and their noised copies) only
         patch.setattr(GaussianDiffusion, "sample", no_generated_actions)
-        patch.setattr("dql_agent.diffusion_dice.guided_sample", no_generated_actions)
         model.learn(1500)
     _bandit_check(model, best_share=0.85, in_sample_share=0.9)
 
@@ -245,54 +246,10 @@ def test_bandit_at_closer_to_the_papers_settings():
     _bandit_check(model, best_share=0.9, in_sample_share=0.95)
 
 
-# the SB3 surface and checkpoints ---------------------------------------------------------------
-def test_predict_batching_bounds_and_errors(tiny_dice):
-    action, state = tiny_dice.predict(np.zeros(3, np.float32))
-    assert action.shape == (1,) and state is None
-    actions, _ = tiny_dice.predict(np.random.default_rng(0).uniform(-1, 1, (4, 3)), deterministic=True)
-    assert actions.shape == (4, 1) and np.all(np.abs(actions) <= 2.0)
-    with pytest.raises(ValueError, match="tuple"):
-        tiny_dice.predict((np.zeros(3), {}))
-    with pytest.raises(ValueError, match="shape"):
-        tiny_dice.predict(np.zeros(4))
-
-
-def test_evaluate_policy_on_pendulum(tiny_dice):
-    mean, std = evaluate_policy(tiny_dice, Monitor(gym.make("Pendulum-v1")), n_eval_episodes=2)
-    assert -2000 < mean < 0 and std >= 0
-    vec_env = DummyVecEnv([lambda: Monitor(gym.make("Pendulum-v1"))] * 2)
-    returns, lengths = evaluate_policy(tiny_dice, vec_env, n_eval_episodes=2, return_episode_rewards=True)
-    assert len(returns) == 2 and lengths == [200, 200]
-
-
-def test_save_load_gives_identical_deterministic_actions(tiny_dice, tmp_path):
-    obs = np.random.default_rng(0).uniform(-1, 1, (5, 3)).astype(np.float32)
-    expected, _ = tiny_dice.predict(obs, deterministic=True)
-    np.testing.assert_array_equal(tiny_dice.predict(obs, deterministic=True)[0], expected)
-    for path in (tmp_path / "model", tmp_path / "model.zip"):
-        tiny_dice.save(path)
-        loaded = DiffusionDICE.load(path, device="cpu")
-        assert isinstance(loaded.policy, DiffusionDICEPolicy)
-        np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], expected)
-        assert loaded.config == tiny_dice.config and loaded.num_timesteps == 20
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
-
-
-def test_resume_from_optimizer_state_matches_an_uninterrupted_run(pendulum_buffer, tmp_path):
-    config = dict(DICE_TINY, lr_decay=True, lr_decay_steps=30, behavior_steps=12)
-    straight = DiffusionDICE(pendulum_buffer, seed=3, device="cpu", **config).learn(20)
-    first = DiffusionDICE(pendulum_buffer, seed=3, device="cpu", **config).learn(10)
-    first.save(tmp_path / "ckpt", include_optimizer=True)
-    resumed = DiffusionDICE.load(tmp_path / "ckpt", device="cpu")
-    resumed.set_buffer(pendulum_buffer)
-    resumed.learn(10, reset_num_timesteps=False)
-    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-
-
+# selection and checkpoints without a Q-ensemble -----------------------------------------------
 def test_without_q_ensemble_selection_uses_the_first_target_head(pendulum_buffer, tmp_path):
     model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", **dict(DICE_TINY, q_ensemble_size=0)).learn(2)
-    assert model.q_ensemble is None and "ensemble_optimizer" not in model._optimizers()
+    assert model.q_ensemble is None and "ensemble_optimizer" not in model.optimizers()
     obs, act = torch.zeros(4, 3), torch.zeros(4, 1)
     torch.testing.assert_close(model.policy.selection_q(obs, act), model.critic_target(obs, act)[0])
     model.save(tmp_path / "m", include_optimizer=True)

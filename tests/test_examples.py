@@ -1,9 +1,11 @@
-"""Each script in examples/ runs end to end with tiny budgets, against the fake Hub."""
+"""Each script in examples/ runs end to end with tiny budgets (the Hub ones against the fake Hub)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -92,3 +94,65 @@ def test_train_to_local_folder_then_record(data_dir, tmp_path):
         [str(folder), "--out", str(tmp_path / "local.mp4"), "--max-steps", "5", "--episodes", "1", "--device", "cpu"]
     )
     assert iio.imread(out, plugin="FFMPEG").shape[0] == 5
+
+
+def run_example(name: str, *args: str) -> str:
+    """Run examples/<name>.py as a script, as a user would; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_qvpo_pendulum(tmp_path):
+    out = tmp_path / "qvpo"
+    args = ["--steps", "60", "--learning-starts", "40", "--n-eval-episodes", "1", "--seed", "3"]
+    stdout = run_example("train_qvpo_pendulum", *args, "--out-dir", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["env_steps"], results["learning_starts"]) == (60, 40)
+    for key in ("mean_return_untrained", "mean_return", "mean_return_reloaded"):
+        assert -16.3 * 200 <= results[key] <= 0.0, (key, results[key])  # Pendulum: 200 steps, reward in [-16.3, 0]
+    # The reloaded model acts as the saved one, so it scores the same on the same seeded episodes.
+    assert results["identical_actions_after_reload"] is True
+    assert results["mean_return_reloaded"] == results["mean_return"]
+    assert f"after 60 env steps (the first 40 random): mean return {results['mean_return']:.1f}" in stdout
+    assert f"mean return {results['mean_return_reloaded']:.1f}, identical actions: True" in stdout
+
+    from dql_agent import QVPO
+
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "model.safetensors"]
+    model = QVPO.load(out / "model", device="cpu")
+    assert model.num_timesteps == 60 and model.metadata["env_id"] == "Pendulum-v1"
+    # Same seed, same initial weights: the saved ones differ only because the 21 updates trained them.
+    untrained = QVPO("Pendulum-v1", seed=3, device="cpu", **load_example("train_qvpo_pendulum").PENDULUM)
+    saved, initial = model.policy.state_dict(), untrained.policy.state_dict()
+    assert saved.keys() == initial.keys() and any(not torch.equal(saved[k], initial[k]) for k in saved)
+
+
+def test_offline_diffusion_dice(tmp_path):
+    out = tmp_path / "dice"
+    args = ["--episodes", "2", "--reference-episodes", "2", "--steps", "20", "--hidden-dim", "16", "--batch-size", "32"]
+    stdout = run_example("offline_diffusion_dice", *args, "--n-eval-episodes", "1", "--out-dir", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["transitions"] == 4 * 200 and results["gradient_steps"] == 20
+    assert results["random_return"] < results["noisy_half_return"] < results["good_half_return"]
+    assert -16.3 * 200 <= results["mean_return"] <= 0.0
+    score = 100 * (results["mean_return"] - results["random_return"])
+    assert results["normalized_score"] == pytest.approx(
+        score / (results["controller_return"] - results["random_return"])
+    )
+    assert results["identical_actions_after_reload"] is True
+    assert f"after 20 gradient steps: mean return {results['mean_return']:.1f}" in stdout
+    assert "identical deterministic actions: True" in stdout
+    assert (out / "minari" / "dql_agent" / "pendulum" / "mixed-v0").is_dir()  # built locally, under --out-dir
+
+    from dql_agent import DiffusionDICE
+
+    model = DiffusionDICE.load(out / "model", device="cpu")
+    assert model.num_timesteps == 20 and model.config.hidden_dim == 16
+    assert model.metadata["dataset_id"] == "dql_agent/pendulum/mixed-v0"
+    settings = dict(load_example("offline_diffusion_dice").SETTINGS, hidden_dim=16, batch_size=32)
+    untrained = DiffusionDICE(env="Pendulum-v1", seed=0, device="cpu", **settings)  # same seed, same initial weights
+    saved, initial = model.policy.state_dict(), untrained.policy.state_dict()
+    assert saved.keys() == initial.keys() and any(not torch.equal(saved[k], initial[k]) for k in saved)

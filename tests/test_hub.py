@@ -15,7 +15,6 @@ from huggingface_hub import HfApi, ModelCard
 
 import dql_agent
 from dql_agent import CheckpointError, DiffusionQL, OfflineBuffer
-from dql_agent.integrations import hub
 from dql_agent.integrations.hub import HubNotFoundError, load_from_hub, write_hub_folder
 
 ENV_ID = "Pendulum-v1"
@@ -246,12 +245,13 @@ def test_other_algorithm(model, observations, hub_server, tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match="unknown algorithm 'OtherAlgo'"):
         dql_agent.load_from_hub("alice/other")
 
-    class OtherAlgo(DiffusionQL):
-        algorithm = "OtherAlgo"
+    # A class statement registers a new algorithm (in a copy of the registry, undone after the test).
+    monkeypatch.setattr(dql_agent.base, "ALGORITHMS", dict(dql_agent.base.ALGORITHMS))
 
-    monkeypatch.setitem(hub._ALGORITHMS, "OtherAlgo", OtherAlgo)  # undone after the test
-    monkeypatch.setitem(hub.PAPERS, "OtherAlgo", hub.PAPERS["DiffusionQL"])
-    assert hub.register_algorithm(OtherAlgo) is OtherAlgo
+    class OtherAlgo(DiffusionQL, algorithm="OtherAlgo", short_name="other", paper=DiffusionQL.paper):
+        pass
+
+    assert dql_agent.base.ALGORITHMS["OtherAlgo"] is OtherAlgo and OtherAlgo.online is False
     loaded = dql_agent.load_from_hub("alice/other", device="cpu")
     assert type(loaded) is OtherAlgo
     np.testing.assert_array_equal(_actions(loaded, observations), _actions(model, observations))

@@ -1,4 +1,4 @@
-"""QVPO: config, the update, experience collection, the SB3 surface, checkpoints and learning."""
+"""QVPO: config, the update, experience collection and learning (the SB3 surface and checkpoints: test_contract.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -23,7 +21,7 @@ TINY = {
     "batch_size": 32,
     "n_diffusion_samples": 8,
     "n_entropy_samples": 4,
-    "n_eval_samples": 8,
+    "n_action_samples": 8,
     "learning_starts": 50,
 }
 
@@ -65,7 +63,7 @@ def test_defaults_are_the_official_codes():
     c = QVPOConfig()
     assert (c.diffusion_steps, c.beta_schedule, c.n_diffusion_samples, c.n_entropy_samples) == (20, "cosine", 64, 10)
     assert (c.entropy_coef_start, c.entropy_coef_end, c.q_transform) == (0.02, 0.002, "qadv")
-    assert (c.n_behavior_samples, c.n_target_samples, c.n_eval_samples) == (4, 4, 32)
+    assert (c.n_behavior_samples, c.n_target_samples, c.n_action_samples) == (4, 4, 32)
     assert (c.batch_size, c.learning_rate, c.critic_learning_rate, c.adam_eps) == (256, 1e-4, 3e-4, 1e-5)
     assert (c.gamma, c.tau, c.grad_norm, c.buffer_size, c.learning_starts, c.utd_ratio) == (
         0.99,
@@ -76,6 +74,14 @@ def test_defaults_are_the_official_codes():
         1,
     )
     assert QVPOConfig.from_dict(c.to_dict()) == c
+
+
+def test_the_old_name_of_n_action_samples_still_works():
+    with pytest.warns(DeprecationWarning, match="'n_eval_samples' is renamed 'n_action_samples'"):
+        model = QVPO("Pendulum-v1", device="cpu", seed=0, hidden_dim=16, n_eval_samples=3)
+    assert model.config.n_action_samples == 3 and model.policy.deterministic_noise.shape[1] == 3
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['n_candidates'\]"):
+        QVPO("Pendulum-v1", device="cpu", n_candidates=3)  # Diffusion-DICE's old name, not QVPO's
 
 
 def test_entropy_coefficient_decays_linearly_to_its_floor():
@@ -141,7 +147,7 @@ def test_weighted_eps_loss_is_the_diffusion_loss_under_unit_weights(tiny_qvpo):
 
 def test_one_update_changes_every_trained_network(tiny_qvpo):
     before = {k: v.clone() for k, v in tiny_qvpo.policy.state_dict().items()}
-    losses = tiny_qvpo._train_step()
+    losses = tiny_qvpo.train_step()
     assert set(losses) == {"critic_loss", "actor_loss", "q_mean", "weight_mean"}
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["weight_mean"] >= 0  # qadv: the best sample's advantage over the mean is never negative
@@ -154,13 +160,13 @@ def test_one_update_changes_every_trained_network(tiny_qvpo):
 def test_warm_up_is_random_and_updates_start_after_it():
     model = QVPO("Pendulum-v1", seed=0, device="cpu", **TINY)
     model.learn(49)
-    assert model._n_updates == 0 and len(model.replay_buffer) == 49
+    assert model.n_updates == 0 and len(model.replay_buffer) == 49
     model.learn(1, reset_num_timesteps=False)  # the 50th transition completes the warm-up: first update
-    assert model._n_updates == 1
+    assert model.n_updates == 1
     actions = model.replay_buffer.actions[:50]
     assert actions.min() < -0.8 and actions.max() > 0.8  # uniform over the whole box
     model.learn(10, reset_num_timesteps=False)
-    assert model._n_updates == 11 and model.num_timesteps == 60  # one per env step from step 50 on
+    assert model.n_updates == 11 and model.num_timesteps == 60  # one per env step from step 50 on
 
 
 # experience collection ---------------------------------------------------------------------------
@@ -202,92 +208,11 @@ def test_truncation_is_not_termination(terminate_at):
         assert terminals == [False, False, True, False, False, True, False, False]
 
 
-def test_vecenv_counts_env_steps_and_evaluate_policy_on_two_envs():
+def test_vecenv_counts_env_steps():
     env = DummyVecEnv([lambda: Monitor(gym.make("Pendulum-v1"))] * 2)
     model = QVPO(env, seed=0, device="cpu", **TINY).learn(60)
     assert model.num_timesteps == 60 and len(model.replay_buffer) == 60
-    assert model._n_updates == 12  # utd 1: two updates per VecEnv step once 50 steps are in (50, 52, ..., 60)
-    returns, lengths = evaluate_policy(model, seeded_eval_env(2), n_eval_episodes=2, return_episode_rewards=True)
-    assert len(returns) == 2 and lengths == [200, 200] and all(-2000 < r < 0 for r in returns)
-
-
-def test_predict_batching_bounds_and_determinism(tiny_qvpo):
-    obs, _ = gym.make("Pendulum-v1").reset(seed=0)
-    action, state = tiny_qvpo.predict(obs, deterministic=True)
-    assert action.shape == (1,) and state is None and np.all(np.abs(action) <= 2.0)
-    np.testing.assert_array_equal(tiny_qvpo.predict(obs, deterministic=True)[0], action)
-    actions, _ = tiny_qvpo.predict(np.stack([obs, -obs, obs]), deterministic=True)
-    assert actions.shape == (3, 1)
-    np.testing.assert_allclose(actions[2], action, atol=1e-6)
-    stochastic = np.array([tiny_qvpo.predict(obs)[0] for _ in range(20)])
-    assert stochastic.std() > 0 and np.all(np.abs(stochastic) <= 2.0)
-    with pytest.raises(ValueError, match=r"observation has shape \(4,\); expected \(3,\)"):
-        tiny_qvpo.predict(np.zeros(4))
-
-
-# SB3 surface -------------------------------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore::tqdm.TqdmExperimentalWarning")  # SB3 silences it outside pytest
-def test_eval_callback_logger_and_progress_bar_inside_learn(tmp_path):
-    model = QVPO("Pendulum-v1", seed=0, device="cpu", **TINY)
-    eval_cb = EvalCallback(
-        seeded_eval_env(),
-        n_eval_episodes=1,
-        eval_freq=100,
-        best_model_save_path=str(tmp_path / "best"),
-        log_path=str(tmp_path / "eval"),
-    )
-    model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
-    model.learn(400, callback=eval_cb, log_interval=1, progress_bar=True)
-    assert model.num_timesteps == 400
-    assert list(np.load(tmp_path / "eval" / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400]
-    assert QVPO.load(tmp_path / "best" / "best_model", device="cpu").num_timesteps in (100, 200, 300, 400)
-    header = (tmp_path / "log" / "progress.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/critic_loss", "train/actor_loss", "train/entropy_coef", "rollout/ep_rew_mean", "time/fps"):
-        assert key in header
-
-
-def test_callback_returning_false_stops_and_learn_continues():
-    class StopAt(BaseCallback):
-        def _on_step(self) -> bool:
-            return self.num_timesteps < 55
-
-    model = QVPO("Pendulum-v1", seed=0, device="cpu", **TINY)
-    model.learn(100, callback=StopAt())
-    assert model.num_timesteps == 55 and model._n_updates == 5  # stopped before the update of step 55
-    model.learn(5, reset_num_timesteps=False)
-    assert model.num_timesteps == 60 and model._n_updates == 10 and len(model.replay_buffer) == 60
-
-
-def test_same_seed_same_run():
-    a, b, c = (QVPO("Pendulum-v1", seed=s, device="cpu", **TINY).learn(55) for s in (1, 1, 2))
-    sa, sb, sc = (m.policy.state_dict() for m in (a, b, c))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
-
-
-# checkpoints -------------------------------------------------------------------------------------
-def test_save_load_gives_identical_deterministic_actions(tiny_qvpo, tmp_path):
-    obs = np.random.default_rng(0).uniform(-1, 1, (5, 3)).astype(np.float32)
-    expected, _ = tiny_qvpo.predict(obs, deterministic=True)
-    for path in (tmp_path / "model", tmp_path / "model.zip"):
-        tiny_qvpo.save(path)
-        loaded = QVPO.load(path, device="cpu")
-        np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], expected)
-        assert loaded.config == tiny_qvpo.config and loaded.num_timesteps == 60
-        assert loaded.metadata == {"env_id": "Pendulum-v1"}
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
-
-
-def test_optimizer_state_round_trips_and_training_resumes(tiny_qvpo, tmp_path):
-    tiny_qvpo.save(tmp_path / "ckpt", include_optimizer=True)
-    loaded = QVPO.load(tmp_path / "ckpt", env="Pendulum-v1", device="cpu")
-    assert loaded._n_updates == tiny_qvpo._n_updates
-    for name in ("actor_optimizer", "critic_optimizer"):
-        a, b = getattr(tiny_qvpo, name).state_dict()["state"], getattr(loaded, name).state_dict()["state"]
-        assert all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
-    assert torch.equal(loaded._rng.get_state(), tiny_qvpo._rng.get_state())
-    loaded.learn(60, reset_num_timesteps=False)  # an empty buffer, but past the warm-up: updates at once
-    assert loaded.num_timesteps == 120 and loaded._n_updates == tiny_qvpo._n_updates + 60
+    assert model.n_updates == 12  # utd 1: two updates per VecEnv step once 50 steps are in (50, 52, ..., 60)
 
 
 # learning ----------------------------------------------------------------------------------------
