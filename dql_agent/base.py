@@ -84,9 +84,8 @@ ALGORITHMS: dict[str, type[BaseAgent]] = {}
 
 
 def algorithm_class(name: str) -> type[BaseAgent]:
-    """The agent class registered as ``name``; ValueError listing the known ones."""
-    import dql_agent  # noqa: F401  # importing the package defines (so registers) the built-in algorithms
-
+    """The agent class registered as ``name``; ValueError listing the known ones. (Importing
+    ``dql_agent`` defines, and so registers, the built-in algorithms.)"""
     if name not in ALGORITHMS:
         raise ValueError(
             f"unknown algorithm {name!r}; this dql_agent knows {sorted(ALGORITHMS)} (a newer dql_agent may "
