@@ -193,6 +193,12 @@ class GuidanceNet(nn.Module):
     def forward(self, noisy_action: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return self.w(torch.cat([noisy_action, self.time_mlp(t), state], dim=-1))[0, :, 0]
 
+    def action_gradient(self, noisy_action: torch.Tensor, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """grad_a W(s, a_t, t), (B, A), in closed form (the MLP's backward pass written out), so
+        acting needs no autograd and exports to ONNX and torch.export."""
+        x = torch.cat([noisy_action, self.time_mlp(t), state], dim=-1)
+        return self.w.input_gradient(x)[0, :, : noisy_action.shape[1]]
+
 
 # the method's formulas ------------------------------------------------------------------------
 def f_star(r: torch.Tensor) -> torch.Tensor:
@@ -256,26 +262,25 @@ class DiffusionDICEPolicy(PolicyBase):
 
         def gradient(x: torch.Tensor, step: int) -> torch.Tensor:
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.guidance(x_in, t, states).sum(), x_in)
-            return grad
+            return self.guidance.action_gradient(x, t, states)
 
         return gradient
 
-    @torch.no_grad()
-    def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Guide, then select: normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
+    @property
+    def temperature(self) -> float:
+        return float(self.config.selection_temperature)
+
+    def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Guide, then score: N guided samples per observation and their selection Q."""
         cfg = self.config
-        batch, n = observations.shape[0], cfg.n_action_samples
-        noise = self.deterministic_noise_for(batch) if deterministic else None
+        batch = observations.shape[0]
+        n = noise.shape[1] // batch
         repeated = observations.repeat_interleave(n, dim=0)  # (B * N, S)
         guidance = self.guidance_gradient(repeated) if cfg.guidance_scale > 0 else None
         candidates = self.behavior.sample(
-            observations, self.generator, noise, n_samples=n, guidance=guidance, guidance_scale=cfg.guidance_scale
+            observations, noise=noise, n_samples=n, guidance=guidance, guidance_scale=cfg.guidance_scale
         )  # (B * N, A)
-        q = self.selection_q(repeated, candidates).view(batch, n)
-        return self.pick(candidates, q, deterministic, cfg.selection_temperature)
+        return candidates, self.selection_q(repeated, candidates).view(batch, n)
 
 
 # the algorithm ---------------------------------------------------------------------------------

@@ -200,15 +200,12 @@ class DiffusionQLPolicy(PolicyBase):
         self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
-    @torch.no_grad()
-    def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Best-of-N diffusion samples for normalised observations (B, S) -> actions (B, A) in [-1, 1]."""
-        batch, n = observations.shape[0], self.config.n_action_samples
+    def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """N actor samples per observation, scored by the target critics' min-Q."""
         actor = self.ema_actor if self.config.act_with_ema else self.actor
-        noise = self.deterministic_noise_for(batch) if deterministic else None
-        candidates = actor.sample(observations, self.generator, noise, n_samples=n)  # (B * N, A)
-        q = self.critic_target.q_min_of_candidates(observations, candidates)  # (B, N)
-        return self.pick(candidates, q, deterministic)
+        n = noise.shape[1] // observations.shape[0]
+        candidates = actor.sample(observations, noise=noise, n_samples=n)  # (B * N, A)
+        return candidates, self.critic_target.q_min_of_candidates(observations, candidates)  # (B, N)
 
 
 # the update's two losses -----------------------------------------------------------------------

@@ -29,6 +29,13 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return _tanh_softplus(torch.sigmoid(x)).mul_(x)  # acting: skip the autograd.Function's overhead
 
 
+def mish_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d/dx Mish(x) = tanh(sp(x)) + x sigmoid(x) (1 - tanh(sp(x))^2), sp = softplus (no autograd)."""
+    s = torch.sigmoid(x)
+    tsp = _tanh_softplus(s)
+    return tsp + x * s * (1.0 - tsp * tsp)
+
+
 def _tanh_softplus(s: torch.Tensor) -> torch.Tensor:
     # In-place after the first op: fresh tensors of training size cost more than the math here.
     n = torch.rsub(s, 2.0).mul_(s)
@@ -164,6 +171,19 @@ class EnsembleMLP(nn.Module):
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.n_members, -1, -1)
         return self.forward_from_first_layer(torch.baddbmm(self.biases[0], x, self.weights[0]))
+
+    def input_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """d out / d x of a one-output ensemble, written out (no autograd, so it exports to ONNX):
+        x (B, in) -> (n, B, in), member i's gradient of its output at x."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.n_members, -1, -1)
+        pre = [torch.baddbmm(self.biases[0], x, self.weights[0])]  # pre-activations of the hidden layers
+        for i in range(1, len(self.weights) - 1):
+            pre.append(torch.baddbmm(self.biases[i], mish(pre[-1]), self.weights[i]))
+        grad = self.weights[-1].transpose(1, 2)  # (n, 1, H): d out / d (last hidden activation)
+        for i in reversed(range(len(pre))):
+            grad = torch.matmul(grad * mish_derivative(pre[i]), self.weights[i].transpose(1, 2))
+        return grad  # (n, B, in)
 
     def forward_from_first_layer(self, h: torch.Tensor) -> torch.Tensor:
         """The rest of the network given the first layer's pre-activation (n, B, H)."""

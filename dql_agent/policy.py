@@ -25,10 +25,13 @@ DETERMINISTIC_NOISE_SEED = 0
 
 class PolicyBase(nn.Module):
     """What every policy shares: its spaces, observation statistics, the fixed noise behind
-    deterministic actions, a seeded generator for stochastic ones, and SB3's ``predict``.
+    deterministic actions, a seeded generator for stochastic ones, SB3's ``predict`` and a
+    tensor-in, tensor-out ``forward`` for ``torch.compile``/``torch.export``/``torch.jit.trace``.
 
-    Subclasses build their networks and define ``select_action(observations, deterministic)``
-    on normalised (B, obs_dim) tensors, returning (B, act_dim) actions in [-1, 1].
+    Every policy acts the same way: draw N candidate actions per observation with the reverse
+    chain (fixed noise when deterministic), score them with a Q function, keep one (:meth:`pick`).
+    Subclasses build their networks and define :meth:`score_candidates`; they may change
+    :meth:`n_candidates` and :attr:`temperature`.
 
     Args:
         observation_space: Box or Dict-of-Box space (flattened, see :mod:`dql_agent.spaces`).
@@ -57,8 +60,24 @@ class PolicyBase(nn.Module):
         self.register_buffer("deterministic_noise", noise, persistent=False)  # (T, N, A)
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
-        self._compiled_select: Any = None  # set by compile_acting()
+        self._act: Any = self.act  # compile_acting() swaps in a compiled one
 
+    # what an algorithm's policy defines ------------------------------------------------------
+    def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates drawn with ``noise`` (T, B * N, A) for normalised observations (B, S), and
+        their Q: (B * N, A) state-major in [-1, 1], (B, N)."""
+        raise NotImplementedError
+
+    def n_candidates(self, deterministic: bool) -> int:
+        """Candidates per observation (``n_action_samples``; an algorithm may explore with fewer)."""
+        return int(self.config.n_action_samples)
+
+    @property
+    def temperature(self) -> float | None:
+        """Softmax temperature over Q for stochastic acting; None picks the argmax (greedy)."""
+        return 1.0
+
+    # acting ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.obs_mean.device
@@ -82,21 +101,70 @@ class PolicyBase(nn.Module):
         steps, n, dim = self.deterministic_noise.shape
         return self.deterministic_noise.unsqueeze(1).expand(-1, batch, -1, -1).reshape(steps, batch * n, dim)
 
-    def pick(
-        self, candidates: torch.Tensor, q: torch.Tensor, deterministic: bool, temperature: float | None = 1.0
-    ) -> torch.Tensor:
+    def draw_noise(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stochastic acting's random inputs, in draw order: the chains' noise (T, batch * N, A)
+        and, unless acting is greedy, one uniform per observation for the softmax pick (batch,)."""
+        generator = self.generator if generator is None else generator
+        shape = (self.config.diffusion_steps, batch * self.n_candidates(False), self.action_dim)
+        noise = torch.randn(shape, device=self.device, generator=generator)
+        if self.temperature is None:
+            return noise, None
+        return noise, torch.rand((batch,), device=self.device, generator=generator)
+
+    def act(self, observations: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+        """Normalised observations (B, S) -> actions (B, A) in [-1, 1], every random input given."""
+        candidates, q = self.score_candidates(observations, noise)
+        return self.pick(candidates, q, uniform)
+
+    def pick(self, candidates: torch.Tensor, q: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
         """Keep one of N candidates per observation by Q: candidates (B * N, A) state-major, q (B, N) -> (B, A).
 
-        The argmax when ``deterministic`` or ``temperature`` is None (greedy acting), else a draw
-        from softmax(q / temperature) with the policy's seeded generator.
+        The argmax when ``uniform`` is None; else the softmax(q / temperature) draw that ``uniform``
+        (B,) in [0, 1) selects by inverting the distribution's CDF (so a runtime can feed it).
         """
         batch, n = q.shape
         candidates = candidates.view(batch, n, -1)
-        if deterministic or temperature is None:
+        temperature = self.temperature
+        if uniform is None or temperature is None:
             return best_of(candidates, q)[0]
         logits = q if temperature == 1.0 else q / temperature
-        choice = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=self.generator).squeeze(1)
-        return candidates[torch.arange(batch, device=choice.device), choice]
+        cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
+        choice = (cdf < uniform[:, None]).to(torch.int64).sum(dim=1).clamp(max=n - 1)
+        return _take(candidates, choice)
+
+    @torch.no_grad()
+    def select_action(
+        self, observations: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Normalised observations (B, S) -> actions (B, A) in [-1, 1]; stochastic draws come from
+        ``generator`` (default: the policy's seeded one)."""
+        batch = observations.shape[0]
+        if deterministic:
+            return self._act(observations, self.deterministic_noise_for(batch), None)
+        noise, uniform = self.draw_noise(batch, generator)
+        return self._act(observations, noise, uniform)
+
+    def forward(
+        self, observations: torch.Tensor, noise: torch.Tensor | None = None, uniform: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``predict``'s math on tensors: raw flat observations (B, obs_dim) -> actions (B, *action
+        shape) in the Box.
+
+        ``noise`` None acts deterministically (the fixed noise, the argmax). Otherwise ``noise``
+        (B, T, N, A) standard normal drives the chains and ``uniform`` (B,) in [0, 1) the softmax
+        pick (None: the argmax of the fresh candidates); ``predict(deterministic=False)`` draws
+        both (:meth:`draw_noise`, in the (T, B * N, A) layout).
+        """
+        batch = observations.shape[0]
+        x = self.normalize_observations(observations)
+        if noise is None:
+            actions = self.act(x, self.deterministic_noise_for(batch), None)
+        else:
+            steps, n, dim = noise.shape[1:]
+            actions = self.act(x, noise.transpose(0, 1).reshape(steps, batch * n, dim), uniform)
+        return unscale_actions(actions, self.action_space).reshape(batch, *self.action_space.shape)
 
     def normalize_observations(self, observations: torch.Tensor) -> torch.Tensor:
         """Apply the dataset's observation statistics (identity unless ``normalize_observations``)."""
@@ -104,19 +172,17 @@ class PolicyBase(nn.Module):
             return observations
         return (observations - self.obs_mean) / self.obs_std
 
-    def select_action(self, observations: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
     def compile_acting(self, **compile_kwargs: Any) -> None:
         """Run ``predict``'s action selection through ``torch.compile`` (same math, fused kernels).
 
         Acting on one observation is a chain of small layers where per-op overhead rivals the
         arithmetic; compiling fuses the element-wise work (see docs/BENCHMARKS.md for the measured
-        gain). The first call of each batch size and ``deterministic`` flag compiles (seconds; on
-        CPU a C++ compiler is needed). Weights loaded later are picked up. ``compile_kwargs`` go to
+        gain). The random inputs are drawn outside the compiled part, so it has no graph break.
+        The first call of each batch size and ``deterministic`` flag compiles (seconds; on CPU a
+        C++ compiler is needed). Weights loaded later are picked up. ``compile_kwargs`` go to
         ``torch.compile`` (e.g. ``mode="max-autotune"``).
         """
-        self._compiled_select = torch.compile(self.select_action, **compile_kwargs)
+        self._act = torch.compile(self.act, **compile_kwargs)
 
     def predict(
         self,
@@ -132,16 +198,19 @@ class PolicyBase(nn.Module):
         """
         observations, vectorized = observations_to_array(self.observation_space, observation)
         tensor = self.normalize_observations(torch.as_tensor(observations, device=self.device))
-        with torch.no_grad():
-            select = self._compiled_select or self.select_action
-            actions = select(tensor, deterministic).cpu().numpy()
+        actions = self.select_action(tensor, deterministic).cpu().numpy()
         return actions_to_env(actions, self.action_space, vectorized), state
 
 
 def best_of(candidates: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The highest-Q candidate of each observation and its Q: (B, N, A), (B, N) -> (B, A), (B,)."""
     q_best, index = q.max(dim=1)
-    return candidates[torch.arange(candidates.shape[0], device=candidates.device), index], q_best
+    return _take(candidates, index), q_best
+
+
+def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """candidates[b, index[b]] for each b: (B, N, A), (B,) -> (B, A) (a gather, as ONNX has it)."""
+    return candidates.gather(1, index.view(-1, 1, 1).expand(-1, 1, candidates.shape[2])).squeeze(1)
 
 
 def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.ndarray, bool]:

@@ -182,24 +182,21 @@ class QVPOPolicy(PolicyBase):
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     # acting ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def select_action(
-        self, observations: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Best-of-K by the current critics' min-Q: (B, S) -> (B, A) in [-1, 1].
+    def n_candidates(self, deterministic: bool) -> int:
+        """K_eval = ``n_action_samples`` (fixed noise) when deterministic, K_b = ``n_behavior_samples``
+        when exploring (``predict(deterministic=False)`` and data collection)."""
+        return self.config.n_action_samples if deterministic else self.config.n_behavior_samples
 
-        ``deterministic=False``: K = ``n_behavior_samples`` fresh samples (the behaviour policy).
-        ``deterministic=True``: K = ``n_action_samples`` from fixed noise, so an observation always
-        gives the same action (also after save/load and in another process).
-        """
-        if deterministic:
-            n, noise = self.config.n_action_samples, self.deterministic_noise_for(observations.shape[0])
-        else:
-            n, noise = self.config.n_behavior_samples, None
-        generator = self.generator if generator is None else generator
-        candidates = self.actor.sample(observations, generator, noise, n_samples=n)  # (B * K, A)
-        q = self.critic.q_min_of_candidates(observations, candidates)  # (B, K)
-        return self.pick(candidates, q, deterministic, temperature=None)  # greedy either way
+    @property
+    def temperature(self) -> None:
+        """Greedy either way: the argmax of the current critics' min-Q."""
+        return None
+
+    def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K samples of the current actor per observation, scored by the current critics' min-Q."""
+        n = noise.shape[1] // observations.shape[0]
+        candidates = self.actor.sample(observations, noise=noise, n_samples=n)  # (B * K, A)
+        return candidates, self.critic.q_min_of_candidates(observations, candidates)  # (B, K)
 
 
 # the algorithm ---------------------------------------------------------------------------------

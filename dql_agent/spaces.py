@@ -9,11 +9,13 @@ observation), each entry raveled in C order: the same order as ``gymnasium.space
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def check_observation_space(space: spaces.Space) -> None:
@@ -70,9 +72,13 @@ def scale_actions(actions: torch.Tensor, space: spaces.Box) -> torch.Tensor:
     return (2.0 * (actions - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
 
 
-def unscale_actions(actions: np.ndarray, space: spaces.Box) -> np.ndarray:
+def unscale_actions(actions: ArrayT, space: spaces.Box) -> ArrayT:
     """The networks' units, [-1, 1], back to the Box: (N, act_dim) -> (N, act_dim), clipped to the
-    bounds as SB3 does, in the Box's dtype."""
+    bounds as SB3 does; numpy in the Box's dtype, or torch (``forward`` and export) in float32."""
+    if isinstance(actions, torch.Tensor):
+        low = torch.as_tensor(space.low.reshape(1, -1), dtype=actions.dtype, device=actions.device)
+        high = torch.as_tensor(space.high.reshape(1, -1), dtype=actions.dtype, device=actions.device)
+        return torch.clamp(low + 0.5 * (actions + 1.0) * (high - low), low, high)
     low, high = space.low.reshape(1, -1), space.high.reshape(1, -1)
     return np.clip(low + 0.5 * (actions + 1.0) * (high - low), low, high).astype(space.dtype)
 

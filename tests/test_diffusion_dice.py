@@ -11,6 +11,7 @@ from dql_agent.diffusion import GaussianDiffusion
 from dql_agent.diffusion_dice import (
     DiffusionDICE,
     DiffusionDICEConfig,
+    GuidanceNet,
     dice_weight,
     f_star,
     guidance_dual_loss,
@@ -104,27 +105,29 @@ def test_guidance_dual_loss_is_minimised_at_log_mean_weight():
     assert energy.item() == pytest.approx(np.log(weight.mean().item()), abs=0.02)
 
 
-class _LinearGuidance(torch.nn.Module):
-    """W(s, a_t, t) = 2 a_t[0], so grad W = (2, 0) everywhere."""
+def test_the_closed_form_guidance_gradient_is_autograds():
+    """Acting uses grad_a W written out (exportable); it equals autograd's at random points."""
+    torch.manual_seed(0)
+    guidance = GuidanceNet(state_dim=3, action_dim=2, hidden_dim=16, n_hidden=3, time_dim=8)
+    actions, states = torch.randn(7, 2, requires_grad=True), torch.randn(7, 3)
+    t = torch.randint(0, 5, (7,))
+    (expected,) = torch.autograd.grad(guidance(actions, t, states).sum(), actions)
+    torch.testing.assert_close(guidance.action_gradient(actions.detach(), t, states), expected)
 
-    def forward(self, a, t, s):
-        return 2.0 * a[:, 0]
 
-
-def test_the_policys_guidance_is_grad_w_and_the_sampler_adds_it_to_the_score(pendulum_buffer):
-    """Acting runs the shared sampler with ``guidance = grad_a W(s, a_t, t)`` of the policy's W."""
-    model = DiffusionDICE(pendulum_buffer, seed=0, device="cpu", **DICE_TINY)
-    model.policy.guidance = _LinearGuidance()
+def test_the_sampler_adds_the_guidance_gradient_to_the_score():
+    """The shared sampler with ``guidance`` (here a constant grad W = (2, 0)) moves the samples along it."""
+    torch.manual_seed(0)
     states = torch.randn(5, 3)
-    gradient = model.policy.guidance_gradient(states)(torch.randn(5, 1), 2)
-    torch.testing.assert_close(gradient, torch.full((5, 1), 2.0))
+
+    def grad_w(x: torch.Tensor, step: int) -> torch.Tensor:
+        return torch.tensor([2.0, 0.0]).expand_as(x)
 
     # One reverse step: x_0 = (x_1 - sigma (eps - s sigma grad W)) / sqrt(abar), i.e. the plain
     # sample moved by s sigma^2 / sqrt(abar) grad W (small noise, so the clamp does not bind).
     torch.manual_seed(0)
     one_step = GaussianDiffusion(NoiseMLP(3, 2, 16, 2, 8), 2, n_steps=1, beta_schedule="linear")
     noise = 0.1 * torch.randn(1, 5 * 6, 2)
-    grad_w = model.policy.guidance_gradient(states.repeat_interleave(6, dim=0))
     with torch.no_grad():
         plain = one_step.sample(states, noise=noise, n_samples=6)
         guided = one_step.sample(states, noise=noise, n_samples=6, guidance=grad_w, guidance_scale=3.0)
