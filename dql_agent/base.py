@@ -616,6 +616,30 @@ class BaseAgent:
         model.policy.eval()
         return model
 
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        deterministic: bool = True,
+        n_action_samples: int | None = None,
+        batch: int | str = "dynamic",
+        opset: int | None = None,
+    ) -> str:
+        """Export acting to ``path``: ``.onnx`` (runs in onnxruntime with numpy only; needs
+        ``pip install dql_agent[deploy]``) or ``.pt2`` (``torch.export.load``, AOTInductor for C++).
+
+        The graph is ``predict``'s math (:meth:`dql_agent.policy.PolicyBase.forward`); inputs,
+        outputs and metadata are described in :mod:`dql_agent.export`. ``deterministic=False``
+        takes the chains' noise (and the pick's uniforms) as inputs; ``batch`` is "dynamic" or a
+        fixed size; ``opset`` is the ONNX opset (default 18). Returns the path written.
+        """
+        from dql_agent.export import export_policy
+
+        written = export_policy(
+            self, path, deterministic=deterministic, n_action_samples=n_action_samples, batch=batch, opset=opset
+        )
+        return str(written)
+
     # Hugging Face Hub ----------------------------------------------------------------------------
     def push_to_hub(
         self,

@@ -140,7 +140,9 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsynced and renamed:
+    a crash leaves the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is as readable as any file
@@ -163,7 +165,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     weights.
     """
     path = Path(path)
-    weights = save_safetensors_bytes(_contiguous(checkpoint.tensors), metadata={"format": "pt"})
+    weights = weights_bytes(checkpoint.tensors)
     config = {**checkpoint.config, "model_sha256": hashlib.sha256(weights).hexdigest()}
     files = {MODEL_FILE: weights}
     if checkpoint.optimizer_tensors is not None:
@@ -176,14 +178,19 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
             for name, data in files.items():
                 archive.writestr(name, data)
-        _atomic_write(path, buffer.getvalue())
+        atomic_write(path, buffer.getvalue())
         return path
     path.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _atomic_write(path / name, data)
+        atomic_write(path / name, data)
     if checkpoint.optimizer_tensors is None:
         (path / OPTIMIZER_FILE).unlink(missing_ok=True)  # never leave a stale optimizer state behind
     return path
+
+
+def weights_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The bytes of ``model.safetensors`` for these weights (config.json records their SHA-256)."""
+    return save_safetensors_bytes(_contiguous(tensors), metadata={"format": "pt"})
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

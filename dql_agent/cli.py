@@ -1,4 +1,4 @@
-"""The ``dql-agent`` command: demo, train, evaluate, record, push.
+"""The ``dql-agent`` command: demo, train, evaluate, record, push, export.
 
     dql-agent demo                                   # Pendulum end to end, nothing downloaded
     dql-agent train DATASET [--algo dql|dice] [--env ENV] [--preset P] [--steps N] [--set key=value ...] -o DIR
@@ -6,6 +6,7 @@
     dql-agent evaluate MODEL --env ENV [--episodes N]
     dql-agent record MODEL --env ENV -o replay.mp4
     dql-agent push MODEL REPO_ID [--env ENV]
+    dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
 
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
 ``.npz``/``.hdf5`` file. MODEL is a directory written by ``save``, a ``.zip`` of one, or a Hub
@@ -229,6 +230,16 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed: {url}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from dql_agent.export import read_metadata
+
+    model = load_model(args.model, args.device)
+    path = model.export(args.output, deterministic=not args.stochastic, n_action_samples=args.n_action_samples)
+    meta = read_metadata(path)
+    inputs = ", ".join(meta["inputs"])
+    print(f"wrote {path}: {meta['algorithm']}, inputs {inputs} -> action {meta['action_shape']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dql-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -292,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-length", type=int, default=1000)
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", help="branch to push to")
+
+    p = add("export", cmd_export, "export acting to ONNX (.onnx) or torch.export (.pt2) for a robot's runtime")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="policy.onnx or policy.pt2")
+    p.add_argument("--stochastic", action="store_true", help="take the noise (and uniforms) as inputs")
+    p.add_argument("--n-action-samples", type=int, default=None, help="candidates per observation")
     return parser
 
 

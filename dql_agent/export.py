@@ -1,0 +1,233 @@
+"""Export a policy's acting to ONNX and torch.export, for runtimes without Python training stacks.
+
+The exported graph is :meth:`PolicyBase.forward`: everything ``predict`` does after its Python-side
+checks. Dict observations become one named input per key (flattened in the space's key order);
+then observation normalisation, the whole reverse chain unrolled over the T steps (Diffusion-DICE's
+guidance gradient in closed form), candidate scoring by the critic, the argmax (deterministic) or
+the softmax pick, and unscaling to the action Box.
+
+Inputs (the batch dimension is dynamic unless ``batch`` fixes it):
+
+- ``observation`` (B, *obs_shape), or one input per Dict key, float32;
+- stochastic export only: ``noise`` (B, T, N, A) standard normal, and, where acting is not greedy,
+  ``uniform`` (B,) in [0, 1): the graph has no random op, so a runtime seeds its own draws.
+
+Output ``action`` (B, *action_shape), float32, in the action space's bounds. The deterministic
+graph bakes in the fixed noise, so it returns what ``predict(obs, deterministic=True)`` returns.
+
+Metadata (ONNX ``metadata_props``, the .pt2's extra file ``dql_agent.json``): the algorithm, the
+library version, input and output names, observation keys and shapes, action shape and bounds,
+the acting settings and the SHA-256 of the weights (as config.json's ``model_sha256``).
+
+The ONNX path needs ``pip install dql_agent[deploy]`` (onnx, onnxscript; onnxruntime to run it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from dql_agent.checkpoint import atomic_write, library_version, weights_bytes
+from dql_agent.config import is_int
+
+if TYPE_CHECKING:
+    from dql_agent.base import BaseAgent
+    from dql_agent.policy import PolicyBase
+
+FORMATS = {".onnx": "ONNX (onnxruntime)", ".pt2": "torch.export ExportedProgram"}
+METADATA_FILE = "dql_agent.json"  # the .pt2's extra file holding the metadata
+DEFAULT_OPSET = 18
+
+
+def observation_inputs(space: spaces.Space, prefix: str = "") -> list[tuple[str, tuple[int, ...]]]:
+    """(input name, shape without batch) per Box of the observation space, in flattening order."""
+    if isinstance(space, spaces.Dict):
+        return [item for key, sub in space.spaces.items() for item in observation_inputs(sub, f"{prefix}{key}.")]
+    assert space.shape is not None  # a Box: checked when the policy was built
+    return [(prefix[:-1] or "observation", tuple(space.shape))]
+
+
+class ExportablePolicy(nn.Module):
+    """The policy's ``forward`` behind the exported inputs: one per observation key, then the noise."""
+
+    def __init__(self, policy: PolicyBase, stochastic: bool):
+        super().__init__()
+        self.policy, self.stochastic = policy, stochastic
+        self.n_observation_inputs = len(observation_inputs(policy.observation_space))
+        self.takes_uniform = stochastic and policy.temperature is not None
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        parts = inputs[: self.n_observation_inputs]
+        observations = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+        if not self.stochastic:
+            return self.policy(observations)
+        uniform = inputs[self.n_observation_inputs + 1] if self.takes_uniform else None
+        return self.policy(observations, inputs[self.n_observation_inputs], uniform)
+
+
+def export_policy(
+    model: BaseAgent,
+    path: str | os.PathLike[str],
+    *,
+    deterministic: bool = True,
+    n_action_samples: int | None = None,
+    batch: int | str = "dynamic",
+    opset: int | None = None,
+) -> Path:
+    """Write ``model``'s acting to ``path``: ``.onnx`` (ONNX) or ``.pt2`` (torch.export); returns it.
+
+    Args:
+        model: a trained (or loaded) agent.
+        path: the file to write; its suffix picks the format. Written atomically.
+        deterministic: bake in the fixed noise and take the argmax (``predict(deterministic=True)``);
+            False takes ``noise`` (and ``uniform``) as inputs.
+        n_action_samples: candidates per observation (default: the model's); a deterministic
+            export with another N has other fixed noise than ``predict``.
+        batch: "dynamic", or a fixed batch size.
+        opset: ONNX opset (default 18).
+    """
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ValueError(
+            f"export path must end in one of {sorted(FORMATS)}, got {str(path)!r} (suffix {path.suffix!r})"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot export to {str(path)!r}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot export to {str(path)!r}: it is not writable")
+    if not (batch == "dynamic" or (is_int(batch) and int(batch) >= 1)):
+        raise ValueError(f"batch must be 'dynamic' or an int >= 1, got {batch!r}")
+    if n_action_samples is not None and not (is_int(n_action_samples) and n_action_samples >= 1):
+        raise ValueError(f"n_action_samples must be an int >= 1 or None, got {n_action_samples!r}")
+    if opset is not None and not (is_int(opset) and opset >= DEFAULT_OPSET):
+        raise ValueError(
+            f"opset must be an int >= {DEFAULT_OPSET} (Mish and the reductions used) or None, got {opset!r}"
+        )
+    if path.suffix == ".onnx":
+        _require_onnx()
+
+    policy = _policy_for_export(model.policy, n_action_samples)
+    module = ExportablePolicy(policy, stochastic=not deterministic).eval()
+    example, names, dynamic = _example_inputs(policy, module, batch)
+    metadata = _metadata(model, policy, names, deterministic, batch)
+    with torch.no_grad():
+        program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    if path.suffix == ".pt2":
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+        atomic_write(path, buffer.getvalue())
+        return path
+    onnx_program = torch.onnx.export(
+        program,
+        example,
+        input_names=names,
+        output_names=["action"],
+        opset_version=opset or DEFAULT_OPSET,
+        dynamo=True,
+        verbose=False,
+    )
+    assert onnx_program is not None
+    proto = onnx_program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    atomic_write(path, proto.SerializeToString())
+    return path
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of an exported file (JSON values decoded)."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        extra = {METADATA_FILE: ""}
+        torch.export.load(path, extra_files=extra)
+        return dict(json.loads(extra[METADATA_FILE]))
+    _require_onnx()
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for entry in proto.metadata_props:
+        try:
+            out[entry.key] = json.loads(entry.value)
+        except ValueError:
+            out[entry.key] = entry.value
+    return out
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"ONNX export needs the deploy extra ({error.name} is missing): pip install dql_agent[deploy]"
+        ) from None
+
+
+def _policy_for_export(policy: PolicyBase, n_action_samples: int | None) -> PolicyBase:
+    """The policy itself, or a copy acting with ``n_action_samples`` candidates (its own fixed noise)."""
+    if n_action_samples is None or n_action_samples == policy.config.n_action_samples:
+        return policy
+    config = replace(policy.config, n_action_samples=int(n_action_samples))
+    copy = type(policy)(policy.observation_space, policy.action_space, config).to(policy.device)
+    copy.load_state_dict(policy.state_dict())
+    return copy.eval()
+
+
+def _example_inputs(
+    policy: PolicyBase, module: ExportablePolicy, batch: int | str
+) -> tuple[tuple[torch.Tensor, ...], list[str], Any]:
+    size = 2 if batch == "dynamic" else int(batch)  # 2, not 1: a size-1 example would be specialised
+    inputs = observation_inputs(policy.observation_space)
+    example = [torch.zeros((size, *shape), device=policy.device) for _, shape in inputs]
+    names = [name for name, _ in inputs]
+    if module.stochastic:
+        n = policy.n_candidates(False)
+        example.append(torch.zeros((size, policy.config.diffusion_steps, n, policy.action_dim), device=policy.device))
+        names.append("noise")
+        if module.takes_uniform:
+            example.append(torch.full((size,), 0.5, device=policy.device))
+            names.append("uniform")
+    dynamic = None
+    if batch == "dynamic":
+        dim = torch.export.Dim("batch", min=1, max=1 << 20)
+        dynamic = (tuple({0: dim} for _ in example),)  # forward(*inputs): one entry, the varargs
+    return tuple(example), names, dynamic
+
+
+def _metadata(
+    model: BaseAgent, policy: PolicyBase, names: list[str], deterministic: bool, batch: int | str
+) -> dict[str, Any]:
+    space = policy.action_space
+    return {
+        "library": "dql_agent",
+        "library_version": library_version(),
+        "algorithm": model.algorithm,
+        "weights_sha256": hashlib.sha256(weights_bytes(dict(model.policy.state_dict()))).hexdigest(),
+        "inputs": names,
+        "outputs": ["action"],
+        "observation_inputs": {name: list(shape) for name, shape in observation_inputs(policy.observation_space)},
+        "action_shape": list(space.shape),
+        "action_low": np.asarray(space.low, np.float64).ravel().tolist(),
+        "action_high": np.asarray(space.high, np.float64).ravel().tolist(),
+        "deterministic": deterministic,
+        "n_action_samples": policy.n_candidates(deterministic),
+        "diffusion_steps": int(policy.config.diffusion_steps),
+        "noise_layout": None if deterministic else "(batch, diffusion_steps, n_action_samples, action_dim)",
+        "batch": batch,
+    }
+
+
+__all__ = ["FORMATS", "ExportablePolicy", "export_policy", "observation_inputs", "read_metadata"]
