@@ -11,11 +11,17 @@ settings (T=5, batch 256, 3x256 MLPs, 50 action candidates), on 10k random trans
   machine's measured matmul throughput the step reaches;
 - with ``--reference DIR`` (a checkout of Zhendong-Wang/Diffusion-Policies-for-Offline-RL), the
   official agent's steps/s and ``sample_action`` latency at the same settings, measured in the same
-  run with ours/theirs repeats interleaved, and the ratios.
+  run with ours/theirs repeats interleaved, and the ratios;
+- with ``--deploy``, deterministic acting latency (1 and 16 observations, numpy in and out) through
+  each deployment path: ``predict`` (eager, and after ``policy.compile_acting()`` with
+  ``--compile``), the ``model.export`` ONNX file in ONNX Runtime with 1 and with 2 intra-op threads,
+  and the ``.pt2`` (``torch.export.load(...).module()``); the official ``sample_action`` (its only
+  acting, stochastic) in the same interleaved repeats with ``--reference``. Exports go to a temp dir.
 
 Example::
 
     OMP_NUM_THREADS=2 python benchmarks/speed.py --reference /tmp/official --threads 2 --out speed.json
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --reference /tmp/official --threads 1 --compile --deploy
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -227,7 +235,8 @@ class Ours:
 
 
 class OursCompiled(Ours):
-    """The same model with ``compile_training()`` and ``policy.compile_acting()`` (torch.compile)."""
+    """The same model with ``compile_training()`` and ``policy.compile_acting()`` (torch.compile);
+    ``policy.select_action`` runs through the compiled ``act``, so it is inherited as is."""
 
     name = "dql_agent_compiled"
 
@@ -238,10 +247,6 @@ class OursCompiled(Ours):
         for batch in (1, 16):  # compile outside the timed calls
             self.predict(batch)()
             self.select_action(batch)()
-
-    def select_action(self, batch: int) -> Callable[[], Any]:
-        tensor, compiled = self.t1 if batch == 1 else self.t16, self.model.policy._compiled_select
-        return lambda: compiled(tensor)
 
 
 @contextlib.contextmanager
@@ -307,6 +312,155 @@ class Official:
 
 
 # ---------------------------------------------------------------------------------------------
+# deployment: deterministic acting through each exported runtime
+DEPLOY_PATHS = {  # key in the results: label in the table
+    "predict": "`model.predict(obs, deterministic=True)`, eager",
+    "predict_compiled": "the same after `policy.compile_acting()`",
+    "onnxruntime_1t": "ONNX Runtime, 1 intra-op thread",
+    "onnxruntime_2t": "ONNX Runtime, 2 intra-op threads",
+    "pt2": "`.pt2`: `torch.export.load(path).module()`",
+    "official": "official `sample_action` (stochastic)",
+}
+
+
+def has_onnx() -> bool:
+    """Whether the deploy extra (onnx, onnxscript to export; onnxruntime to run) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def onnxruntime_session(path: Path, threads: int) -> Any:
+    """A CPU session with ``threads`` intra-op threads, executing one node at a time (the policy's
+    graph is a chain of small layers: there is nothing for inter-op parallelism to overlap)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class Deployed:
+    """One model's deterministic acting through each deployment path on the same fixed observations,
+    numpy in and numpy out for every path (as a control loop calls them). ``calls[path](batch)``
+    returns the zero-argument call to time."""
+
+    def __init__(self, ours: Ours, compiled: OursCompiled | None, official: Official | None, directory: Path):
+        self.device = ours.device
+        self.obs = {1: ours.obs1, 16: ours.obs16}
+        self.flat = {1: ours.obs1[None], 16: ours.obs16}  # (B, obs_dim): what the exported graphs take
+        self.info: dict[str, Any] = {"export_s": {}, "file_bytes": {}, "max_abs_diff_vs_predict": {}}
+        model = ours.model
+        self.calls: dict[str, Callable[[int], Callable[[], Any]]] = {"predict": self.predict_call(model)}
+        if compiled is not None:
+            self.calls["predict_compiled"] = self.predict_call(compiled.model)
+        if has_onnx():
+            path = self.export(model, directory / "policy.onnx")
+            for threads in (1, 2):
+                self.calls[f"onnxruntime_{threads}t"] = self.onnxruntime_call(onnxruntime_session(path, threads))
+        else:
+            self.info["onnx"] = "skipped: needs onnx, onnxscript and onnxruntime (pip install dql_agent[deploy])"
+        module = torch.export.load(self.export(model, directory / "policy.pt2")).module()
+        self.calls["pt2"] = self.pt2_call(module)
+        if official is not None:
+            self.calls["official"] = official.predict
+        # Same weights, same fixed noise: every exported path returns predict's deterministic actions.
+        for name in self.calls.keys() - {"predict", "predict_compiled", "official"}:
+            diff = max(
+                float(np.abs(self.calls[name](b)() - model.predict(self.obs[b], deterministic=True)[0]).max())
+                for b in (1, 16)
+            )
+            self.info["max_abs_diff_vs_predict"][name] = diff
+
+    def export(self, model: Any, path: Path) -> Path:
+        start = time.perf_counter()
+        written = Path(model.export(path))
+        self.info["export_s"][path.suffix] = time.perf_counter() - start
+        self.info["file_bytes"][path.suffix] = written.stat().st_size
+        return written
+
+    def predict_call(self, model: Any) -> Callable[[int], Callable[[], Any]]:
+        return lambda batch: lambda: model.predict(self.obs[batch], deterministic=True)[0]
+
+    def onnxruntime_call(self, session: Any) -> Callable[[int], Callable[[], Any]]:
+        def call(batch: int) -> Callable[[], Any]:
+            feed = {"observation": self.flat[batch]}
+            return lambda: session.run(["action"], feed)[0]
+
+        return call
+
+    def pt2_call(self, module: Any) -> Callable[[int], Callable[[], Any]]:
+        def call(batch: int) -> Callable[[], Any]:
+            obs = self.flat[batch]
+
+            def run() -> np.ndarray:
+                with torch.no_grad():
+                    return module(torch.from_numpy(obs).to(self.device)).cpu().numpy()
+
+            return run
+
+        return call
+
+
+def measure_deploy(agents: list, seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Deterministic acting latency of every deployment path (medians of interleaved repeats) and the
+    ratios: official latency / path latency (with ``--reference``), eager predict latency / path latency."""
+    ours = agents[0]
+    compiled = next((a for a in agents if isinstance(a, OursCompiled)), None)
+    official = next((a for a in agents if isinstance(a, Official)), None)
+    with tempfile.TemporaryDirectory(prefix="dql_agent_deploy_") as tmp:
+        deployed = Deployed(ours, compiled, official, Path(tmp))
+        for call in deployed.calls.values():  # first calls (compile_acting's compilation) outside the timings
+            for batch in (1, 16):
+                call(batch)()
+        samples: dict[str, dict[str, list[float]]] = {name: {} for name in deployed.calls}
+        # As in the acting phase: the paths' repeats interleaved, so all see the same machine load.
+        for _ in range(repeats):
+            for name, call in deployed.calls.items():
+                for batch in (1, 16):
+                    t = latency(call(batch), seconds / 4, device)["median_ms"]
+                    samples[name].setdefault(f"b{batch}_ms", []).append(t)
+    out: dict[str, Any] = {
+        name: {key: statistics.median(values) for key, values in s.items()} | {"all": s} for name, s in samples.items()
+    }
+    for base in ("official", "predict"):
+        if base in out:
+            out[f"ratios_vs_{base}"] = {
+                f"{name}_b{batch}": out[base][f"b{batch}_ms"] / out[name][f"b{batch}_ms"]
+                for name in samples
+                if name != base
+                for batch in (1, 16)
+            }
+    out["info"] = deployed.info
+    return out
+
+
+def print_deploy(name: str, deploy: dict[str, Any]) -> None:
+    print(f"\n### {name}: deterministic acting by deployment path (median ms; 'vs X': X's latency / this path's)")
+    bases = [base for base in ("official", "predict") if f"ratios_vs_{base}" in deploy]
+    header = "| path | 1 obs (ms) | 16 obs (ms) |"
+    for base in bases:
+        label = "official" if base == "official" else "eager predict"
+        header += f" 1 obs vs {label} | 16 obs vs {label} |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for key, label in DEPLOY_PATHS.items():
+        if key not in deploy:
+            continue
+        line = f"| {label} | {deploy[key]['b1_ms']:.3f} | {deploy[key]['b16_ms']:.3f} |"
+        for base in bases:
+            ratios = deploy[f"ratios_vs_{base}"]
+            line += "".join(f" {ratios[f'{key}_b{b}']:.2f}x |" if f"{key}_b{b}" in ratios else " - |" for b in (1, 16))
+        print(line)
+    info = deploy["info"]
+    if "onnx" in info:
+        print(info["onnx"])
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in info["max_abs_diff_vs_predict"].items())
+    exports = ", ".join(f"{k} {v:.1f} s ({info['file_bytes'][k] / 1e6:.2f} MB)" for k, v in info["export_s"].items())
+    print(f"max |action - predict(deterministic=True)|: {diffs}; export: {exports}")
+
+
+# ---------------------------------------------------------------------------------------------
 def machine(device: torch.device, threads: int) -> dict[str, Any]:
     model = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -325,6 +479,10 @@ def machine(device: torch.device, threads: int) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
     return info
 
 
@@ -370,6 +528,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     p.add_argument("--compile", action="store_true", help="also time compile_training() and compile_acting()")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
+    p.add_argument(
+        "--deploy",
+        action="store_true",
+        help="also time deterministic acting through ONNX Runtime (1 and 2 threads) and the .pt2 (temp dir)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write all results to this JSON file")
     return p.parse_args(argv)
 
@@ -389,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("torch.mm GFLOP/s:", ", ".join(f"{k}: {v:.1f}" for k, v in square.items()))
 
     for name, (obs_dim, act_dim) in problems.items():
+        if args.compile:
+            # Each problem compiles afresh, as in its own process: dynamo's recompile limit (8 per code
+            # object) counts the earlier problems' compiled models too, and past it `act` runs eager.
+            torch._dynamo.reset()
         data = random_data(obs_dim, act_dim)
         agents = [Ours(data, device)] + ([OursCompiled(data, device)] if args.compile else [])
         if args.reference is not None:
@@ -429,11 +596,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if agent in res
                 for key in ("steps_per_s", "predict_b1_ms", "predict_b16_ms")
             }
+        if args.deploy:  # its own phase after acting, again with nothing else running in between
+            res["deploy"] = measure_deploy(agents, args.seconds, args.repeats, device)
         if args.profile:
             res["profile"] = profile_step(agents[0])
             print(res["profile"])
         results[name] = res
         print_problem(name, res, mm, square["256x256x256"])
+        if args.deploy:
+            print_deploy(name, res["deploy"])
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

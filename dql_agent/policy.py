@@ -180,7 +180,9 @@ class PolicyBase(nn.Module):
         gain). The random inputs are drawn outside the compiled part, so it has no graph break.
         The first call of each batch size and ``deterministic`` flag compiles (seconds; on CPU a
         C++ compiler is needed). Weights loaded later are picked up. ``compile_kwargs`` go to
-        ``torch.compile`` (e.g. ``mode="max-autotune"``).
+        ``torch.compile`` (e.g. ``mode="max-autotune"``). Every policy shares the compiled code of
+        ``act``: torch.compile keeps at most ``torch._dynamo.config.recompile_limit`` (8) graphs
+        for it (one per model, batch size and flag) and runs later ones eagerly, with a warning.
         """
         self._act = torch.compile(self.act, **compile_kwargs)
 

@@ -46,14 +46,34 @@ def test_speed_main_runs(tmp_path):
     assert json.loads(out.read_text())["machine"]["torch_threads"] == 1
 
 
+def test_speed_deploy_runs(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    speed = load_script("speed")
+    out = tmp_path / "speed.json"
+    argv = ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--deploy"]
+    deploy = speed.main([*argv, "--out", str(out)])["hopper"]["deploy"]
+    paths = ("predict", "onnxruntime_1t", "onnxruntime_2t", "pt2")
+    assert all(deploy[p]["b1_ms"] > 0 and deploy[p]["b16_ms"] > 0 for p in paths)
+    assert set(deploy["ratios_vs_predict"]) == {f"{p}_b{b}" for p in paths[1:] for b in (1, 16)}
+    assert "ratios_vs_official" not in deploy and "predict_compiled" not in deploy
+    # The exported graphs act as predict(deterministic=True) (float32 rounding only).
+    assert set(deploy["info"]["max_abs_diff_vs_predict"]) == set(paths[1:])
+    assert max(deploy["info"]["max_abs_diff_vs_predict"].values()) < 1e-5
+    assert set(deploy["info"]["file_bytes"]) == {".onnx", ".pt2"}
+    assert json.loads(out.read_text())["hopper"]["deploy"]["pt2"]["b1_ms"] == deploy["pt2"]["b1_ms"]
+    table = capsys.readouterr().out
+    assert "| ONNX Runtime, 1 intra-op thread |" in table and "1 obs vs eager predict" in table
+
+
 @pytest.mark.skipif(not Path("/tmp/official/agents/ql_diffusion.py").exists(), reason="no official checkout")
 def test_speed_against_the_official_code():
     speed = load_script("speed")
-    results = speed.main(
-        ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--reference", "/tmp/official"]
-    )
+    argv = ["--seconds", "0.2", "--repeats", "1", "--threads", "1", "--problems", "hopper", "--deploy"]
+    results = speed.main([*argv, "--reference", "/tmp/official"])
     assert results["hopper"]["official"]["steps_per_s"] > 0
     assert results["hopper"]["ratios"]["dql_agent_steps_per_s"] > 0
+    deploy = results["hopper"]["deploy"]
+    assert deploy["official"]["b1_ms"] > 0 and deploy["ratios_vs_official"]["onnxruntime_1t_b1"] > 0
     assert "agents" not in sys.modules or "official" not in str(getattr(sys.modules["agents"], "__file__", ""))
 
 

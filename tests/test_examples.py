@@ -156,3 +156,51 @@ def test_offline_diffusion_dice(tmp_path):
     untrained = DiffusionDICE(env="Pendulum-v1", seed=0, device="cpu", **settings)  # same seed, same initial weights
     saved, initial = model.policy.state_dict(), untrained.policy.state_dict()
     assert saved.keys() == initial.keys() and any(not torch.equal(saved[k], initial[k]) for k in saved)
+
+
+def check_episode(results: dict, stdout: str) -> None:
+    """deploy_onnx's episode: a whole Pendulum episode, in range, in bounds, printed as written."""
+    assert results["steps"] == 200
+    assert np.isfinite(results["episode_return"]) and -16.3 * 200 <= results["episode_return"] <= 0.0
+    assert (results["action_low"], results["action_high"]) == ([-2.0], [2.0])  # from the file's metadata
+    assert results["actions_within_bounds"] is True
+    assert -2.0 <= results["action_min"][0] <= results["action_max"][0] <= 2.0
+    assert 0.0 < results["latency_ms_median"] <= results["latency_ms_p90"]
+    assert f"return {results['episode_return']:.2f} over 200 steps" in stdout
+    assert f"median {results['latency_ms_median']:.3f} ms, p90 {results['latency_ms_p90']:.3f} ms" in stdout
+    assert f"within bounds {results['actions_within_bounds']}" in stdout
+
+
+def test_deploy_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    tiny = ["--episodes", "2", "--reference-episodes", "2", "--steps", "20", "--hidden-dim", "16", "--batch-size", "32"]
+    out = tmp_path / "trained"
+    stdout = run_example("deploy_onnx", *tiny, "--out-dir", str(out))
+    results = json.loads((out / "results.json").read_text())
+    check_episode(results, stdout)
+    assert results["deterministic"] is True and results["inputs"] == ["observation"]
+    assert results["algorithm"] == "DiffusionQL" and results["max_abs_diff_vs_model"] < 1e-5
+    assert f"{results['max_abs_diff_vs_model']:.1e}" in stdout
+
+    # The model it saved, loaded as a local folder and exported stochastic: the loop feeds numpy noise.
+    stochastic = tmp_path / "stochastic"
+    stdout = run_example("deploy_onnx", str(out / "model"), "--stochastic", "--out-dir", str(stochastic))
+    results = json.loads((stochastic / "results.json").read_text())
+    check_episode(results, stdout)
+    assert results["deterministic"] is False and results["inputs"] == ["observation", "noise", "uniform"]
+    assert results["max_abs_diff_vs_model"] < 1e-5
+
+    # The control loop alone, with torch and dql_agent made unimportable: same seed, same episode.
+    alone = tmp_path / "alone"
+    argv = ["deploy_onnx.py", "--policy", results["policy"], "--out-dir", str(alone)]
+    code = (
+        "import runpy, sys; sys.modules['torch'] = sys.modules['dql_agent'] = None; "
+        f"sys.argv = {argv!r}; runpy.run_path({str(EXAMPLES / 'deploy_onnx.py')!r}, run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone_results = json.loads((alone / "results.json").read_text())
+    check_episode(alone_results, run.stdout)
+    assert alone_results["episode_return"] == results["episode_return"]
+    assert alone_results["max_abs_diff_vs_model"] is None

@@ -82,7 +82,7 @@ def test_compiled_acting_gives_the_eager_actions_and_follows_new_weights(pendulu
     model.learn(5)  # weights change in place: the compiled selection must see them
     model.policy.set_seed(7)
     compiled = model.predict(obs, deterministic=False)[0]
-    model.policy._compiled_select = None
+    model.policy._act = model.policy.act  # back to the eager selection
     model.policy.set_seed(7)
     eager = model.predict(obs, deterministic=False)[0]
     assert not np.allclose(eager, eager_batch)
