@@ -51,11 +51,16 @@ def test_diffusion_ql_concentrates_on_the_best_mode():
     assert shares[:BEST].sum() < 0.05, shares
 
 
-def test_diffusion_bc_reproduces_all_four_modes():
-    shares = mode_shares(train(eta=0.0, steps=15_000, diffusion_steps=50, seed=1))
+def assert_all_four_modes(shares: np.ndarray) -> None:
     assert shares.sum() > 0.4, shares
     assert shares.min() > 0.06, shares  # every mode is there...
     assert shares[BEST] < 0.4, shares  # ...and the best one does not dominate
+
+
+def test_diffusion_bc_reproduces_all_four_modes():
+    """T=5, 3,000 steps (~30 s): measured shares 0.110, 0.133, 0.101, 0.133 with seed 1 (seed 2:
+    0.082, 0.062, 0.091, 0.077). The paper's T=50 runs in the slow test below."""
+    assert_all_four_modes(mode_shares(train(eta=0.0, steps=3000, diffusion_steps=5, seed=1)))
 
 
 @pytest.mark.slow
@@ -68,5 +73,8 @@ def test_full_bandit_at_the_papers_settings():
     ql = mode_shares(train(eta=2.5, steps=3000, diffusion_steps=50, seed=0))
     assert ql[BEST] > 0.75, ql
     assert ql[:BEST].sum() < 0.05, ql
+    # BC at T=50 needs ~15k steps to cover the modes (the official bc_diffusion: 19-24% per mode
+    # within 0.3 at 15k); ~2 min here.
+    assert_all_four_modes(mode_shares(train(eta=0.0, steps=15_000, diffusion_steps=50, seed=1)))
     bc = mode_shares(train(eta=0.0, steps=40_000, diffusion_steps=50, seed=0), radius=0.2)
     assert bc.min() > 0.15, bc
