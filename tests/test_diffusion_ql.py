@@ -119,3 +119,28 @@ def test_replay_is_the_deprecated_name_of_replay_buffer(pendulum_buffer):
     with pytest.warns(DeprecationWarning, match="model.replay is renamed model.replay_buffer"):
         assert model.replay is model.replay_buffer
     assert len(model.replay_buffer) == len(pendulum_buffer)
+
+
+def test_a_multi_dimensional_action_box_round_trips(tmp_path):
+    """A (2, 2) action Box: the networks see 4 dims, predict answers in the Box's shape and bounds."""
+    rng = np.random.default_rng(0)
+    obs_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    act_space = gym.spaces.Box(np.array([[-2.0, -1.0], [0.0, -3.0]], np.float32), np.float32(3.0), (2, 2), np.float32)
+    n = 100
+    buffer = OfflineBuffer(
+        observations=rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        actions=rng.uniform(act_space.low, act_space.high, (n, 2, 2)).reshape(n, 4).astype(np.float32),
+        rewards=rng.normal(size=n).astype(np.float32),
+        next_observations=rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+        terminals=np.zeros(n, bool),
+        observation_space=obs_space,
+        action_space=act_space,
+    )
+    model = DiffusionQL(buffer, device="cpu", seed=0, **TINY).learn(3)
+    one, _ = model.predict(np.zeros(3, np.float32), deterministic=True)
+    batch, _ = model.predict(rng.uniform(-1, 1, (5, 3)).astype(np.float32))
+    assert one.shape == (2, 2) and batch.shape == (5, 2, 2)
+    assert act_space.contains(one) and all(act_space.contains(a) for a in batch)
+    model.save(tmp_path / "m")
+    again, _ = DiffusionQL.load(tmp_path / "m", device="cpu").predict(np.zeros(3, np.float32), deterministic=True)
+    np.testing.assert_array_equal(again, one)
