@@ -467,7 +467,8 @@ class BaseAgent:
                         n_summed += 1
                     if rollout is None:
                         self.num_timesteps += 1
-                    callback.update_locals({**locals(), **(rollout._asdict() if rollout is not None else {})})
+                    # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
+                    callback.update_locals(locals() if rollout is None else {**locals(), **rollout._asdict()})
                     if not callback.on_step():
                         break
                     step = rollout.n_steps if rollout is not None else 1

@@ -36,6 +36,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
+from test_diffusion_dice import DICE_TINY
+from test_qvpo import TINY as QVPO_TINY
 
 import dql_agent
 from dql_agent import QVPO, DiffusionDICE, DiffusionQL, OfflineBuffer
@@ -72,6 +74,7 @@ class Algorithm:
     cls: type[BaseAgent]
     hyperparameters: dict[str, Any]
     online: bool
+    """Expected: online algorithms collect their own experience (checked against ``cls.online``)."""
     log_keys: tuple[str, ...]
     resume_settings: dict[str, Any]
     """Settings that put a schedule boundary inside the resumed window of ``test_resume``."""
@@ -87,18 +90,7 @@ ALGORITHMS = {
     ),
     "DiffusionDICE": Algorithm(
         DiffusionDICE,
-        {
-            "hidden_dim": 32,
-            "n_hidden": 2,
-            "behavior_n_hidden": 2,
-            "guidance_n_hidden": 2,
-            "diffusion_steps": 3,
-            "batch_size": 64,
-            "behavior_batch_size": 64,
-            "n_action_samples": 8,
-            "n_noisy_copies": 4,
-            "q_ensemble_size": 3,
-        },
+        DICE_TINY,
         online=False,
         log_keys=("train/critic_loss", "train/value_loss", "train/guidance_loss", "train/bc_loss", "time/fps"),
         # The behaviour model stops training, and the cosine decay runs, inside the resumed window.
@@ -106,16 +98,7 @@ ALGORITHMS = {
     ),
     "QVPO": Algorithm(
         QVPO,
-        {
-            "hidden_dim": 32,
-            "n_hidden": 2,
-            "diffusion_steps": 3,
-            "batch_size": 32,
-            "n_diffusion_samples": 8,
-            "n_entropy_samples": 4,
-            "n_action_samples": 8,
-            "learning_starts": 10,
-        },
+        {**QVPO_TINY, "learning_starts": 10},
         online=True,
         log_keys=("train/critic_loss", "train/actor_loss", "train/entropy_coef", "rollout/ep_rew_mean", "time/fps"),
         resume_settings={},
@@ -251,6 +234,12 @@ class CountSteps(BaseCallback):
 
 
 @pytest.mark.filterwarnings("ignore::tqdm.TqdmExperimentalWarning")  # SB3 silences it outside pytest
+def test_registered_with_the_expected_mode(case):
+    algorithm = case.algorithm
+    assert dql_agent.base.ALGORITHMS[algorithm.cls.algorithm] is algorithm.cls
+    assert algorithm.cls.online is algorithm.online
+
+
 def test_learn_drives_sb3_callbacks_logger_and_progress_bar(case, tmp_path, capsys):
     model = case.make()
     eval_cb = EvalCallback(
