@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -27,10 +28,18 @@ class Batch(NamedTuple):
     not_dones: torch.Tensor  # (B,)
 
 
+def _check_dtype(name: str, array: np.ndarray) -> None:
+    if array.dtype.kind not in "biuf":  # bool, int, uint, float
+        hint = ": complex values are refused, not cut to their real part" if array.dtype.kind == "c" else ""
+        raise TypeError(f"{name} must be a numeric array (bool, int or float), got dtype {array.dtype}{hint}")
+
+
 def _as_array(name: str, value: Any, ndim: int) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{name} must be a numeric array, got dtype {array.dtype}")
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:  # ragged lists, tensors that need grad
+        raise ValueError(f"{name} cannot be read as an array: {error}") from None
+    _check_dtype(name, array)
     if ndim == 1 and array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]  # (N, 1) rewards/flags are common; accept them
     if ndim == 2 and array.ndim == 1:
@@ -42,21 +51,65 @@ def _as_array(name: str, value: Any, ndim: int) -> np.ndarray:
     return array
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
-    if np.issubdtype(array.dtype, np.floating):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            rows = bad.reshape(len(array), -1).any(axis=1)
-            first = int(np.flatnonzero(rows)[0])
-            raise ValueError(f"{name} has NaN/inf in {int(rows.sum())} row(s) (first at row {first})")
+def as_float32(name: str, array: np.ndarray) -> np.ndarray:
+    """``array`` (N, ...) cast to float32, refusing non-numeric dtypes, NaN/inf, and finite values
+    too large for float32 (the cast would turn them into inf); errors name ``name`` and the rows.
+
+    Every loader goes through this one check, so no path can store an inf the data did not hold.
+    """
+    _check_dtype(name, array)
+    with np.errstate(over="ignore"):
+        out = array.astype(np.float32, copy=False)  # float32 input is not copied (large datasets)
+    bad = ~np.isfinite(out)
+    if not bad.any():
+        return out
+    rows = bad.reshape(len(out), -1).any(axis=1)
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = array[index].item()
+    where = f"(first at row {index[0]}), e.g. {value!r} at {name}[{', '.join(map(str, index))}]"
+    if np.isfinite(value):
+        raise ValueError(
+            f"{name} has values too large for float32 in {int(rows.sum())} row(s) {where}; float32 holds "
+            f"magnitudes up to {float(np.finfo(np.float32).max):.4g}, so they would be stored as inf"
+        )
+    raise ValueError(f"{name} has NaN/inf in {int(rows.sum())} row(s) {where}")
+
+
+def as_flags(name: str, value: Any) -> np.ndarray:
+    """``value`` as an (N,) bool array: bool, or numbers that are all 0 or 1 (anything else names ``name``)."""
+    array = _as_array(name, value, 1)
+    if array.dtype == bool:
+        return array
+    bad = (array != 0) & (array != 1)  # NaN compares unequal to both
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} must be bool or hold only 0 and 1, got {array[row].item()!r} at row {row} "
+            f"({int(bad.sum())} row(s) hold other values)"
+        )
+    return array.astype(bool)
+
+
+def episode_flags(terminals: Any, timeouts: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Checked (N,) bool ``terminals`` and ``timeouts`` from bool or 0/1 arrays (other values are an error).
+
+    A row flagged both terminal and timeout is terminal, and its timeout flag is cleared:
+    gymnasium's ``TimeLimit`` reports ``terminated`` and ``truncated`` together when the limit
+    falls on a terminal step, and such a step must not be bootstrapped.
+    """
+    term = as_flags("terminals", terminals)
+    tout = np.zeros(len(term), dtype=bool) if timeouts is None else as_flags("timeouts", timeouts)
+    if len(tout) != len(term):
+        raise ValueError(f"timeouts has {len(tout)} rows, expected {len(term)} (the length of terminals)")
+    return term, tout & ~term
 
 
 class OfflineBuffer:
     """A dataset of transitions (s, a, r, s', terminal, timeout) for offline RL.
 
-    Arrays are validated once (shapes, lengths, finiteness, action bounds) and stored as float32
-    tensors; :meth:`to` moves them to the training device, where :meth:`sample` draws uniform
-    batches with replacement without leaving the device.
+    Arrays are validated once (dtypes, shapes, lengths, finiteness once cast to float32, 0/1
+    flags, action bounds) and stored as float32 tensors; :meth:`to` moves them to the training
+    device, where :meth:`sample` draws uniform batches with replacement without leaving the device.
 
     Args:
         observations: (N, obs_dim) flattened observations (see :mod:`dql_agent.spaces` for the
@@ -64,8 +117,11 @@ class OfflineBuffer:
         actions: (N, act_dim) actions in the environment's units (within ``action_space``).
         rewards: (N,) rewards.
         next_observations: (N, obs_dim) observations after each action.
-        terminals: (N,) true where the episode ended in a terminal state (no bootstrap).
-        timeouts: (N,) true where the episode was cut by a time limit (still bootstrapped).
+        terminals: (N,) true where the episode ended in a terminal state (no bootstrap); bool,
+            or numbers that are all 0 or 1.
+        timeouts: (N,) true where the episode was cut by a time limit (still bootstrapped); bool
+            or 0/1. A row that is both terminal and timeout is terminal (its timeout is cleared),
+            as gymnasium reports a time limit that falls on a terminal step.
         observation_space: the environment's observation space (Box or Dict); inferred as an
             unbounded Box when omitted.
         action_space: the Box the actions live in; inferred from the data when omitted
@@ -109,15 +165,9 @@ class OfflineBuffer:
                 raise ValueError(f"{name} has {len(array)} rows, expected {n} (the length of observations)")
         if next_obs.shape[1] != obs.shape[1]:
             raise ValueError(f"next_observations has dim {next_obs.shape[1]}, expected {obs.shape[1]} (observations)")
-        for name, array in (("observations", obs), ("actions", act), ("rewards", rew), ("next_observations", next_obs)):
-            _check_finite(name, array)
-        term, tout = term.astype(bool), tout.astype(bool)
-        both = term & tout
-        if both.any():
-            raise ValueError(
-                f"terminals and timeouts are both true on {int(both.sum())} row(s) (first at row "
-                f"{int(np.flatnonzero(both)[0])}); a row ends by termination or by time limit, not both"
-            )
+        obs, next_obs = as_float32("observations", obs), as_float32("next_observations", next_obs)
+        act32, rew = as_float32("actions", act), as_float32("rewards", rew)
+        term, tout = episode_flags(term, tout)
 
         if observation_space is None:
             observation_space = spaces.Box(-np.inf, np.inf, (obs.shape[1],), np.float32)
@@ -127,17 +177,17 @@ class OfflineBuffer:
                 f"observations have dim {obs.shape[1]}, but observation_space flattens to {flat_dim(observation_space)}"
             )
         if action_space is None:
-            action_space = _infer_action_space(act)
+            action_space = _infer_action_space(act)  # the given values, not their float32 rounding
         check_action_space(action_space)
         if int(np.prod(action_space.shape)) != act.shape[1]:
             raise ValueError(f"actions have dim {act.shape[1]}, but action_space has shape {action_space.shape}")
-        act = _check_bounds(act.astype(np.float32), action_space, clip_actions)
+        act32 = _check_bounds(act32, action_space, clip_actions)
 
         self.observation_space = observation_space
         self.action_space = action_space
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.observations = torch.as_tensor(obs, dtype=torch.float32)
-        self.actions = torch.as_tensor(act, dtype=torch.float32)
+        self.actions = torch.as_tensor(act32, dtype=torch.float32)
         self.rewards = torch.as_tensor(rew, dtype=torch.float32)
         self.next_observations = torch.as_tensor(next_obs, dtype=torch.float32)
         self.terminals = torch.as_tensor(term)
@@ -151,7 +201,12 @@ class OfflineBuffer:
         Keys: observations, actions, rewards, terminals, optional timeouts and
         next_observations. Without next_observations (raw D4RL files), they are taken from the
         following row, and the last row of each episode is dropped as ``d4rl.qlearning_dataset``
-        does, since its successor is not in the file.
+        does, since its successor is not in the file. A row that is both terminal and timeout is
+        terminal (see :class:`OfflineBuffer`), so it is kept, where ``qlearning_dataset`` drops it.
+
+        Raises:
+            ValueError: a file that is not a readable NPZ/HDF5 dataset (the message names the
+                path), or arrays that do not line up (the message names the key and shapes).
         """
         arrays = _read_d4rl(data)
         missing = [k for k in REQUIRED_KEYS if k not in arrays and k != "next_observations"]
@@ -334,29 +389,43 @@ def _read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndar
     path = os.fspath(data)
     if not os.path.exists(path):
         raise FileNotFoundError(f"D4RL file not found: {path}")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
-            return {k: npz[k] for k in npz.files}
-    if path.endswith((".hdf5", ".h5")):
+    if not path.endswith((".npz", ".hdf5", ".h5")):
+        raise ValueError(f"D4RL file must end in .npz, .hdf5 or .h5, got {path}")
+    try:
+        if path.endswith(".npz"):
+            if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle and suggests unpickling
+                raise ValueError("it is not a zip archive, as an .npz file is")
+            with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
+                return {k: npz[k] for k in npz.files}
         import h5py
 
         with h5py.File(path, "r") as f:
             return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    raise ValueError(f"D4RL file must end in .npz, .hdf5 or .h5, got {path}")
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
+        # h5py and numpy name neither the file nor what was expected of it
+        raise ValueError(f"{path} is not a readable HDF5/NPZ dataset: {error}") from error
 
 
 def _derive_next_observations(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    obs = np.asarray(arrays["observations"])
+    obs = _as_array("observations", arrays["observations"], 2)
     n = len(obs)
-    timeouts = np.asarray(arrays.get("timeouts", np.zeros(n, bool))).astype(bool).reshape(-1)
-    terminals = np.asarray(arrays["terminals"]).astype(bool).reshape(-1)
+    if n == 0:
+        raise ValueError(f"the dataset is empty: observations has shape {np.shape(arrays['observations'])}")
+    for key in ("actions", "rewards", "terminals", "timeouts"):
+        shape = np.shape(arrays.get(key, obs))
+        if not shape or shape[0] != n:
+            raise ValueError(
+                f"{key} has shape {shape}, expected {n} rows like observations {np.shape(arrays['observations'])} "
+                "(next_observations are taken from the following rows)"
+            )
+    terminals, timeouts = episode_flags(arrays["terminals"], arrays.get("timeouts"))
     # Row i's successor is row i+1 unless row i ends by time limit (its successor is lost) or
     # is the last row of the file.
     keep = ~timeouts
     keep[-1] = bool(terminals[-1])  # a terminal last row needs no successor
-    out = {k: np.asarray(v)[keep] for k, v in arrays.items() if k in REQUIRED_KEYS or k == "timeouts"}
-    next_obs = np.concatenate([obs[1:], obs[-1:]], axis=0)
-    out["next_observations"] = next_obs[keep]
+    out = {k: np.asarray(arrays[k])[keep] for k in ("actions", "rewards")}
+    out["observations"], out["terminals"] = obs[keep], terminals[keep]
+    out["next_observations"] = np.concatenate([obs[1:], obs[-1:]], axis=0)[keep]
     out["timeouts"] = np.zeros(int(keep.sum()), dtype=bool)
     return out
 

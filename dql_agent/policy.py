@@ -9,6 +9,7 @@ behaves alike. Every algorithm acts the same way: draw N candidate actions per o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -196,11 +197,25 @@ class PolicyBase(nn.Module):
         """SB3's ``predict``: one observation or a batch ``(n_envs, *obs_shape)`` in, same batching out.
 
         Actions come back in the action space's bounds. ``state`` is returned unchanged (the
-        policies have no recurrent state) and ``episode_start`` is ignored.
+        policies have no recurrent state) and ``episode_start`` is ignored. An empty batch
+        ``(0, *obs_shape)`` gives ``(0, *action_shape)``; torch tensors are accepted (detached).
+
+        Raises:
+            FloatingPointError: the networks produced a NaN/inf action (e.g. NaN weights).
         """
         observations, vectorized = observations_to_array(self.observation_space, observation)
+        if len(observations) == 0:  # nothing to act on: the networks are not run on no rows
+            empty = np.zeros((0, self.action_dim), np.float32)
+            return actions_to_env(empty, self.action_space, vectorized), state
         tensor = self.normalize_observations(torch.as_tensor(observations, device=self.device))
         actions = self.select_action(tensor, deterministic).cpu().numpy()
+        finite = np.isfinite(actions).all(axis=1)
+        if not finite.all():
+            raise FloatingPointError(
+                f"the policy's output is not finite: NaN/inf actions for {int((~finite).sum())} of "
+                f"{len(actions)} observation(s) (first at index {int(np.flatnonzero(~finite)[0])}); the "
+                "network weights or observation statistics probably hold NaN/inf"
+            )
         return actions_to_env(actions, self.action_space, vectorized), state
 
 
@@ -216,37 +231,37 @@ def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.ndarray, bool]:
-    """Check and flatten an observation or a batch: returns ((B, obs_dim) float32, batched?)."""
+    """Check and flatten an observation or a batch: returns ((B, obs_dim) float32, batched?).
+
+    Batching is read off the first Box entry, as SB3 does for Dict spaces; every other entry must
+    then have its space's shape with the same batching, else a ValueError names the entry.
+    Torch tensors are detached and moved to the CPU.
+    """
     if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
         raise ValueError(
             "observation is an (obs, info) tuple: pass only the observation, e.g. "
             "`obs, info = env.reset(); model.predict(obs)`"
         )
-    if isinstance(space, spaces.Dict):
-        if not isinstance(observation, dict):
-            raise TypeError(
-                f"observation must be a dict for a Dict observation space, got {type(observation).__name__}"
-            )
-        missing = [k for k in space.spaces if k not in observation]
-        if missing:
-            raise ValueError(f"observation is missing key(s) {missing}; expected keys {list(space.spaces)}")
-        # batching is read off the first Box entry, as SB3 does for Dict spaces
-        probe, leaf_space = _first_leaf(observation, space)
-    else:
-        probe, leaf_space = observation, space
-    assert leaf_space.shape is not None  # a Box, checked when the policy was built
-    probe = _as_numeric(probe, "observation")
-    shape = leaf_space.shape
+    observation = _numeric_tree(space, observation, "observation")
+    leaves = _leaves(space, observation, "observation")
+    name, shape, probe = leaves[0]
     if probe.shape == shape:
         vectorized, batch = False, 1
     elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
         vectorized, batch = True, probe.shape[0]
     else:
         raise ValueError(
-            f"observation has shape {probe.shape}; expected {shape} for one observation or "
+            f"{name} has shape {probe.shape}; expected {shape} for one observation or "
             f"(n_envs, {', '.join(map(str, shape))}) for a batch"
         )
-    flat = _as_numeric(flatten_batch(space, observation, batch), "observation").astype(np.float32)
+    for key, leaf_shape, array in leaves[1:]:
+        expected = (batch, *leaf_shape) if vectorized else leaf_shape
+        if array.shape != expected:
+            given = f"a batch of {batch}" if vectorized else "one observation"
+            raise ValueError(
+                f"{key} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
+            )
+    flat = flatten_batch(space, observation, batch).astype(np.float32)
     if not np.all(np.isfinite(flat)):
         bad = ~np.isfinite(flat)
         raise ValueError(
@@ -261,16 +276,34 @@ def actions_to_env(actions: np.ndarray, action_space: spaces.Box, vectorized: bo
     return actions if vectorized else actions[0]
 
 
-def _first_leaf(observation: dict, space: spaces.Dict) -> tuple[Any, spaces.Space]:
-    leaf: spaces.Space = space
-    while isinstance(leaf, spaces.Dict):
-        key = next(iter(leaf.spaces))
-        leaf, observation = leaf[key], observation[key]
-    return observation, leaf
+def _numeric_tree(space: spaces.Space, value: Any, name: str) -> Any:
+    """``value`` with each Box entry as a numeric array (Dict keys checked), named ``name`` in errors."""
+    if isinstance(space, spaces.Dict):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a dict for a Dict observation space, got {type(value).__name__}")
+        missing = [k for k in space.spaces if k not in value]
+        if missing:
+            raise ValueError(f"{name} is missing key(s) {missing}; expected keys {list(space.spaces)}")
+        return {key: _numeric_tree(sub, value[key], f"{name}[{key!r}]") for key, sub in space.spaces.items()}
+    return _as_numeric(value, name)
+
+
+def _leaves(space: spaces.Space, tree: Any, name: str) -> list[tuple[str, tuple[int, ...], np.ndarray]]:
+    """(name, Box shape, array) of every Box entry, in the flattening order."""
+    if isinstance(space, spaces.Dict):
+        return [leaf for key, sub in space.spaces.items() for leaf in _leaves(sub, tree[key], f"{name}[{key!r}]")]
+    assert space.shape is not None  # a Box, checked when the policy was built
+    return [(name, space.shape, tree)]
 
 
 def _as_numeric(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value)
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()  # a tensor that needs grad or lives on a GPU converts only so
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+        raise ValueError(f"{name} cannot be read as an array: {error}") from None
+    if array.dtype.kind not in "biuf":  # bool, int, uint, float
+        hint = ": complex values are refused, not cut to their real part" if array.dtype.kind == "c" else ""
+        raise TypeError(f"{name} must be numeric, got dtype {array.dtype}{hint}")
     return array

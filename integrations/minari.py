@@ -28,6 +28,7 @@ from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage import get_dataset_path
 
+from dql_agent.buffer import as_float32, episode_flags
 from dql_agent.spaces import check_observation_space, flatten_batch
 
 __all__ = ["load_minari_dataset", "minari_to_transitions", "write_minari_dataset"]
@@ -36,6 +37,7 @@ __all__ = ["load_minari_dataset", "minari_to_transitions", "write_minari_dataset
 _VERSIONED_ID = re.compile(r"-v\d+$")
 
 _EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+_FLOAT_KEYS = ("observations", "next_observations", "actions", "rewards")
 
 
 def _check_dataset_id(dataset_id: str) -> None:
@@ -109,12 +111,17 @@ def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.n
     Returns:
         ``observations`` (N, obs_dim) float32, ``actions`` (N, act_dim) float32, ``rewards`` (N,)
         float32, ``next_observations`` (N, obs_dim) float32, ``terminals`` (N,) bool (from
-        ``terminations``) and ``timeouts`` (N,) bool (from ``truncations``), N = total steps.
+        ``terminations``) and ``timeouts`` (N,) bool (from ``truncations``), N = total steps. A
+        step both terminated and truncated (gymnasium's ``TimeLimit`` reports both when the
+        limit falls on a terminal step) is terminal, with ``timeouts`` False, as in
+        :class:`~dql_agent.OfflineBuffer`.
 
     Raises:
         TypeError: the observation or action space is not a Box (or a Dict of Boxes for
-            observations), e.g. Discrete, Tuple or Text.
-        ValueError: an episode does not hold ``T + 1`` observations for ``T`` actions.
+            observations), e.g. Discrete, Tuple or Text; or complex/non-numeric stored data.
+        ValueError: an episode does not hold ``T + 1`` observations for ``T`` actions; NaN/inf or
+            values too large for float32 (naming the key and the first row); terminations or
+            truncations that are neither bool nor 0/1.
     """
     dataset = load_minari_dataset(dataset)
     obs_space, act_space = dataset.observation_space, dataset.action_space
@@ -132,21 +139,27 @@ def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.n
     }
     for episode in dataset.iterate_episodes():
         n_steps = len(episode.rewards)
-        obs = flatten_batch(obs_space, episode.observations).astype(np.float32)  # (T+1, obs_dim)
+        obs = flatten_batch(obs_space, episode.observations)  # (T+1, obs_dim)
         if obs.shape[0] != n_steps + 1:
             raise ValueError(
                 f"episode {episode.id}: expected {n_steps + 1} observations for {n_steps} steps, got {obs.shape[0]}"
             )
         columns["observations"].append(obs[:-1])
         columns["next_observations"].append(obs[1:])
-        columns["actions"].append(flatten_batch(act_space, episode.actions).astype(np.float32))
-        columns["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        columns["terminals"].append(np.asarray(episode.terminations, dtype=bool))
-        columns["timeouts"].append(np.asarray(episode.truncations, dtype=bool))
+        columns["actions"].append(flatten_batch(act_space, episode.actions))
+        columns["rewards"].append(np.asarray(episode.rewards))
+        columns["terminals"].append(np.asarray(episode.terminations))
+        columns["timeouts"].append(np.asarray(episode.truncations))
 
     if not columns["rewards"]:
         raise ValueError(f"Minari dataset {dataset.spec.dataset_id!r} holds no episodes")
-    return {key: np.concatenate(parts, axis=0) for key, parts in columns.items()}
+    # Cast and check once over all episodes, with OfflineBuffer's own checks, so rows in errors
+    # are transition rows.
+    out = {key: as_float32(key, np.concatenate(columns[key])) for key in _FLOAT_KEYS}
+    out["terminals"], out["timeouts"] = episode_flags(
+        np.concatenate(columns["terminals"]), np.concatenate(columns["timeouts"])
+    )
+    return out
 
 
 def _episode_arrays(space: gym.Space, data: Any, where: str) -> Any:

@@ -13,6 +13,7 @@ from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
+from dql_agent.buffer import as_flags
 from dql_agent.spaces import unscale_actions
 
 
@@ -44,16 +45,19 @@ def replay_buffer_to_transitions(replay_buffer: ReplayBuffer) -> dict[str, np.nd
         # (size, n_envs, *shape) -> (size * n_envs, prod(shape)), env-major within each step
         return array[:size].reshape(size * replay_buffer.n_envs, -1)
 
-    dones = flat(replay_buffer.dones).ravel().astype(bool)
-    timeouts = flat(replay_buffer.timeouts).ravel().astype(bool)
+    # checked as 0/1 flags (a NaN done must not become True); the float casts happen, checked, in OfflineBuffer
+    dones, timeouts = (
+        as_flags("dones", flat(replay_buffer.dones).ravel()),
+        as_flags("timeouts", flat(replay_buffer.timeouts).ravel()),
+    )
     actions = flat(replay_buffer.actions)
     if isinstance(replay_buffer.action_space, spaces.Box):
         actions = unscale_actions(actions, replay_buffer.action_space)
     return {
-        "observations": flat(obs).astype(np.float32),
-        "actions": actions.astype(np.float32),
-        "rewards": flat(replay_buffer.rewards).ravel().astype(np.float32),
-        "next_observations": flat(next_obs).astype(np.float32),
+        "observations": flat(obs),
+        "actions": actions,
+        "rewards": flat(replay_buffer.rewards).ravel(),
+        "next_observations": flat(next_obs),
         "terminals": dones & ~timeouts,
         "timeouts": timeouts,
     }

@@ -136,8 +136,8 @@ def test_nan_terminal_timeout_and_bounds_checks():
     with pytest.raises(ValueError, match=r"observations has NaN/inf in 2 row\(s\) \(first at row 2\)"):
         OfflineBuffer(**arrays)
     arrays = good_arrays()
-    with pytest.raises(ValueError, match="terminals and timeouts are both true on 1 row"):
-        OfflineBuffer(**{**arrays, "terminals": np.eye(10)[3]}, timeouts=np.eye(10)[3])
+    both = OfflineBuffer(**{**arrays, "terminals": np.eye(10)[3]}, timeouts=np.eye(10)[3])
+    assert both.terminals.tolist() == np.eye(10, dtype=bool)[3].tolist() and not both.timeouts.any()
     box = gym.spaces.Box(-0.5, 0.5, (2,))
     with pytest.raises(ValueError, match="outside the action_space bounds"):
         OfflineBuffer(**arrays, action_space=box)
@@ -157,3 +157,20 @@ def test_sample_stays_on_device_and_respects_terminals():
     batch = buffer.sample(1000, torch.Generator().manual_seed(0))
     assert batch.observations.shape == (1000, 3) and batch.not_dones.shape == (1000,)
     assert 0.4 < batch.not_dones.mean() < 0.6
+
+
+@pytest.mark.bad_input("data", "clear error")
+@pytest.mark.parametrize("key", ["observations", "next_observations"])
+def test_from_sb3_refuses_observations_beyond_float32(key):
+    # A float64 Box keeps 1e39 in the SB3 buffer; it is refused by name before a float32 cast makes it inf.
+    space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    rb = ReplayBuffer(10, space, gym.spaces.Box(-1, 1, (1,)), n_envs=1)
+    for i in range(4):
+        obs, next_obs = np.zeros((1, 2)), np.ones((1, 2))
+        if i == 2:
+            (obs if key == "observations" else next_obs)[0, 1] = 1e39
+        rb.add(obs, next_obs, np.zeros((1, 1)), np.zeros(1), np.zeros(1), [{}])
+    with pytest.raises(
+        ValueError, match=rf"^{key} has values too large for float32 in 1 row\(s\) \(first at row 2\), e\.g\. 1e\+39"
+    ):
+        OfflineBuffer.from_sb3(rb)

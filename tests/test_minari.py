@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from minari.data_collector import EpisodeBuffer
 
+from dql_agent import OfflineBuffer
 from dql_agent.integrations.minari import (
     load_minari_dataset,
     minari_to_transitions,
@@ -238,3 +239,44 @@ def test_writing_unsupported_observation_space_is_a_type_error():
     }
     with pytest.raises(TypeError, match="Discrete"):
         write_minari_dataset("test/discrete-w-v0", [episode], observation_space=space, action_space=ACT_SPACE)
+
+
+@pytest.mark.bad_input("data", "correct behaviour")
+def test_a_step_both_terminated_and_truncated_loads_as_terminal():
+    # gymnasium's TimeLimit reports both when the limit falls on a terminal step; minari records it
+    ended_at_limit = _episode(0, 3, terminated=True)
+    ended_at_limit["truncations"][-1] = True
+    episodes = [ended_at_limit, _episode(1, 2, terminated=False)]
+    write_minari_dataset("test/both-v0", episodes, observation_space=OBS_SPACE, action_space=ACT_SPACE)
+    data = minari_to_transitions("test/both-v0")
+    assert data["terminals"].tolist() == [False, False, True, False, False]
+    assert data["timeouts"].tolist() == [False, False, False, False, True]
+    buffer = OfflineBuffer.from_minari("test/both-v0")
+    assert buffer.terminals.tolist() == [False, False, True, False, False]
+    assert buffer.timeouts.tolist() == [False, False, False, False, True]
+    assert buffer.episode_returns().tolist() == [3.0, 201.0]
+
+
+@pytest.mark.bad_input("data", "clear error")
+@pytest.mark.parametrize(
+    "stored, index, key, row",
+    [
+        ("observations", (2, 0), "observations", 2),
+        ("observations", (4, 1), "next_observations", 3),  # the final observation is only a next one
+        ("actions", (1, 0), "actions", 1),
+        ("rewards", (3,), "rewards", 3),
+    ],
+    ids=["observations", "final-observation", "actions", "rewards"],
+)
+def test_values_beyond_float32_in_a_float64_dataset_are_refused(stored, index, key, row):
+    episode = {k: v if v.dtype == bool else v.astype(np.float64) for k, v in _episode(0, 4, True).items()}
+    episode[stored][index] = 1e39
+    space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    write_minari_dataset(
+        "test/huge-v0", [episode], observation_space=space, action_space=gym.spaces.Box(-1, 1, (1,), np.float64)
+    )
+    message = (
+        rf"^{key} has values too large for float32 in 1 row\(s\) \(first at row {row}\), e\.g\. 1e\+39 at {key}\[{row}"
+    )
+    with pytest.raises(ValueError, match=message):
+        OfflineBuffer.from_minari("test/huge-v0")
