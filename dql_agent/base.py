@@ -26,6 +26,7 @@ the ``algorithm`` name saved in config.json.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import threading
@@ -52,7 +53,7 @@ from dql_agent.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from dql_agent.config import ConfigBase, is_int
+from dql_agent.config import ConfigBase, check_seed, is_int, to_json_safe
 from dql_agent.spaces import flat_dim, scale_actions, spaces_equal
 
 if TYPE_CHECKING:
@@ -116,6 +117,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+
+
+def check_tensorboard(tensorboard_log: Any) -> None:
+    """A usable ``tensorboard_log``: a path, and the tensorboard package installed (SB3 asserts it
+    only when the logger is first made, after training started)."""
+    if not isinstance(tensorboard_log, (str, os.PathLike)):
+        raise TypeError(f"tensorboard_log must be a folder path or None, got {tensorboard_log!r}")
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            f"tensorboard_log={str(tensorboard_log)!r} needs the tensorboard package: pip install tensorboard"
+        )
 
 
 def draw_seed() -> int:
@@ -235,17 +247,18 @@ class BaseAgent:
     ):
         if buffer is not None and not isinstance(buffer, OfflineBuffer):
             raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
-        if seed is not None and not is_int(seed):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.config: Any = self.make_config(hyperparameters)
+        if tensorboard_log is not None:
+            check_tensorboard(tensorboard_log)
         self.device = resolve_device(device)
-        self.seed = draw_seed() if seed is None else int(seed)
+        self.seed = draw_seed() if seed is None else check_seed(seed)
         if env is not None:
             from dql_agent.integrations.sb3 import wrap_env
 
             env = wrap_env(env)
         observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
-        self.metadata: dict[str, Any] = dict(buffer.metadata) if buffer is not None else {}
+        # JSON-safe now (numpy scalars converted), so a save at the end of training cannot fail on it.
+        self.metadata: dict[str, Any] = to_json_safe(dict(buffer.metadata), "metadata") if buffer is not None else {}
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(self.seed)
             self.policy: Any = self.policy_class(observation_space, action_space, self.config).to(self.device)
@@ -483,12 +496,18 @@ class BaseAgent:
         except BaseException:
             self.policy.eval()
             if interrupt_checkpoint is not None:
-                self.save(interrupt_checkpoint, include_optimizer=True)
-                warnings.warn(
-                    f"training stopped at timestep {self.num_timesteps} (gradient step {self.n_updates}); "
-                    f"resumable checkpoint saved to {interrupt_checkpoint}",
-                    stacklevel=2,
-                )
+                try:
+                    self.save(interrupt_checkpoint, include_optimizer=True)
+                except Exception as save_error:  # the training error matters more; the last good save is intact
+                    warnings.warn(
+                        f"could not save the interrupt checkpoint {interrupt_checkpoint}: {save_error}", stacklevel=2
+                    )
+                else:
+                    warnings.warn(
+                        f"training stopped at timestep {self.num_timesteps} (gradient step {self.n_updates}); "
+                        f"resumable checkpoint saved to {interrupt_checkpoint}",
+                        stacklevel=2,
+                    )
             raise
         if n_summed and log_interval:
             self.dump_logs(sums, n_summed, start_time, start_timesteps)
@@ -496,18 +515,23 @@ class BaseAgent:
         callback.on_training_end()
         return self
 
-    def loss_is_finite(self, name: str, loss: torch.Tensor, skip: bool) -> bool:
-        """False (skip this batch) or FloatingPointError when ``loss`` is NaN/inf, before any
-        weight sees it. One host read per loss: free on the CPU, a sync on a GPU."""
+    def loss_is_finite(
+        self, name: str, loss: torch.Tensor, skip: bool, applied: str = "no weights were updated at this step"
+    ) -> bool:
+        """False (skip the rest of this step) or FloatingPointError when ``loss`` is NaN/inf.
+        ``applied`` says truthfully what this step has already changed. One host read per loss:
+        free on the CPU, a sync on a GPU."""
         loss = loss.detach()
         if bool(torch.isfinite(loss)):
             return True
         step = self.n_updates + 1
         if skip:
-            warnings.warn(f"{name} is {float(loss)} at gradient step {step}: skipping the batch", stacklevel=3)
+            warnings.warn(
+                f"{name} is {float(loss)} at gradient step {step}; {applied}: skipping the batch", stacklevel=3
+            )
             return False
         raise FloatingPointError(
-            f"{name} is {float(loss)} at gradient step {step}; no weights were updated with it. Check the data "
+            f"{name} is {float(loss)} at gradient step {step}; {applied}. Check the data "
             "(rewards/observations scale), lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
         )
 
@@ -590,6 +614,14 @@ class BaseAgent:
             )
         try:
             config = cls.config_class.from_dict({**saved.hyperparameters, **overrides})
+            # The policy the config describes, built on the meta device (no memory): its tensors
+            # are compared with the file's before the real model allocates anything.
+            with torch.device("meta"):
+                expected = cls.policy_class(saved.observation_space, saved.action_space, config).state_dict()
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}/config.json: {error}") from None
+        check_tensors(expected, checkpoint.tensors, f"{where}/model.safetensors")
+        try:
             model = cls(
                 observation_space=saved.observation_space,
                 action_space=saved.action_space,
@@ -597,21 +629,26 @@ class BaseAgent:
                 seed=saved.seed,
                 **config.to_dict(),
             )
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{where}/config.json: {error}") from None
+        except (MemoryError, RuntimeError) as error:  # sizes that match the file can still not fit
+            raise CheckpointError(f"{where}: not enough memory to build the model it describes: {error}") from None
         model.metadata = dict(saved.metadata)
-        check_tensors(model.policy.state_dict(), checkpoint.tensors, f"{where}/model.safetensors")
         model.policy.load_state_dict(checkpoint.tensors)
         model.num_timesteps = saved.num_timesteps
         if checkpoint.optimizer_tensors is not None:
+            where_optimizer = f"{where}/optimizer.safetensors"
             meta = checkpoint.optimizer_meta
             try:
                 for name, optimizer in model.optimizers().items():
-                    optimizer_from_tensors(name, optimizer, checkpoint.optimizer_tensors, meta[name])
-                model.n_updates = int(meta["n_updates"])
+                    optimizer_from_tensors(name, optimizer, checkpoint.optimizer_tensors, meta[name], where_optimizer)
+                n_updates = meta["n_updates"]
+                if not is_int(n_updates) or n_updates < 0:
+                    raise CheckpointError(f"{where_optimizer}: n_updates must be an int >= 0, got {n_updates!r}")
+                model.n_updates = int(n_updates)
                 model.load_training_state(checkpoint.optimizer_tensors, meta)
-            except (KeyError, ValueError, RuntimeError, TypeError) as error:
-                raise CheckpointError(f"{where}/optimizer.safetensors does not match the model: {error!r}") from None
+            except CheckpointError:
+                raise
+            except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+                raise CheckpointError(f"{where_optimizer} does not match the model: {error!r}") from None
         if env is not None:
             model.set_env(env)
         model.policy.eval()

@@ -1,21 +1,37 @@
 """Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``optimizer.safetensors``), no pickle.
 
 A checkpoint is a directory, or the same files in a ``.zip`` archive when the path ends in
-``.zip`` (SB3's ``CheckpointCallback`` names its saves ``*.zip``). Every file is written to a
-temporary name in the same directory, fsynced and renamed, so a crash mid-save leaves the
-previous file intact. Loading parses JSON and safetensors only: nothing in a checkpoint can run
-code.
+``.zip`` (SB3's ``CheckpointCallback`` names its saves ``*.zip``).
+
+Saving never destroys the last good checkpoint: a ``.zip`` is written to a temporary name,
+fsynced and renamed over the old one; a directory is written whole as a hidden sibling
+(``.NAME.*.saving``) and swapped in with one atomic exchange (Linux ``renameat2``; elsewhere two
+renames, and a load finds the moved-aside old copy if a crash falls between them). A failed,
+killed or concurrent save therefore leaves the old checkpoint or the new one, never a mix.
+config.json records the SHA-256 of the weights and of the optimizer state, so nothing stale or
+torn is ever paired with it.
+
+Loading parses JSON and safetensors only: nothing in a checkpoint can run code. Sizes are bounded
+before anything is allocated (config.json, what a zip entry may inflate to), and every tensor is
+checked for name, shape, dtype and finiteness before a model takes it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
+import shutil
 import tempfile
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +42,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from dql_agent.config import check_seed, to_json_safe
 from dql_agent.spaces import space_from_json, space_to_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added ``optimizer_sha256``; version-1 checkpoints still load (their optimizer state unhashed)."""
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -44,7 +62,15 @@ CONFIG_KEYS = (
     "seed",
     "metadata",
     "model_sha256",
+    "optimizer_sha256",
 )
+ADDED_IN_VERSION = {"optimizer_sha256": 2}
+"""Keys a checkpoint of an older format_version may lack."""
+MAX_CONFIG_BYTES = 16 * 2**20
+"""config.json is a few kB; anything near this is not one."""
+MAX_DEFLATE_RATIO = 4
+"""Float weights deflate by well under 2x: a zip entry claiming more is refused before inflating."""
+SAVING_SUFFIX, OLD_SUFFIX = ".saving", ".old"
 
 
 class CheckpointError(ValueError):
@@ -95,7 +121,7 @@ def build_config(
         "action_space": space_to_json(action_space),
         "num_timesteps": int(num_timesteps),
         "seed": seed,
-        "metadata": metadata,
+        "metadata": to_json_safe(metadata, "metadata"),
     }
 
 
@@ -107,9 +133,10 @@ def read_config(config: dict[str, Any], where: str) -> SavedConfig:
         action_space = space_from_json(config["action_space"], "action_space")
     except ValueError as error:
         raise CheckpointError(f"{where}/{CONFIG_FILE}: {error}") from None
-    seed = config["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise CheckpointError(f"{where}/{CONFIG_FILE}: seed must be an int, got {seed!r}")
+    try:
+        seed = check_seed(config["seed"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}/{CONFIG_FILE}: {error}") from None
     if not isinstance(action_space, spaces.Box):
         raise CheckpointError(f"{where}/{CONFIG_FILE}: action_space must be a Box, got {type(action_space).__name__}")
     return SavedConfig(
@@ -159,19 +186,24 @@ def atomic_write(path: Path, data: bytes) -> None:
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to a directory (or a ``.zip`` file); returns the path written.
 
-    ``config.json`` records the SHA-256 of ``model.safetensors``. In a directory the weights are
-    renamed into place first and the config last, so a crash between the two renames (the only
-    window where the files disagree) is caught on load instead of pairing a config with other
-    weights.
+    ``config.json`` records the SHA-256 of ``model.safetensors`` and of ``optimizer.safetensors``
+    (None without one). The old checkpoint at ``path`` stays loadable until the new one is whole
+    (see the module docstring).
     """
     path = Path(path)
     weights = weights_bytes(checkpoint.tensors)
-    config = {**checkpoint.config, "model_sha256": hashlib.sha256(weights).hexdigest()}
     files = {MODEL_FILE: weights}
+    optimizer_sha256 = None
     if checkpoint.optimizer_tensors is not None:
         meta = {"format": "pt", "state": json.dumps(checkpoint.optimizer_meta)}
         files[OPTIMIZER_FILE] = save_safetensors_bytes(_contiguous(checkpoint.optimizer_tensors), metadata=meta)
-    files[CONFIG_FILE] = json.dumps(config, indent=2).encode()
+        optimizer_sha256 = hashlib.sha256(files[OPTIMIZER_FILE]).hexdigest()
+    config = {
+        **checkpoint.config,
+        "model_sha256": hashlib.sha256(weights).hexdigest(),
+        "optimizer_sha256": optimizer_sha256,
+    }
+    files[CONFIG_FILE] = json.dumps(config, indent=2, allow_nan=False).encode()
     if path.suffix == ".zip":
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -180,12 +212,104 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
                 archive.writestr(name, data)
         atomic_write(path, buffer.getvalue())
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write(path / name, data)
-    if checkpoint.optimizer_tensors is None:
-        (path / OPTIMIZER_FILE).unlink(missing_ok=True)  # never leave a stale optimizer state behind
+    _write_directory(path, files)
     return path
+
+
+def _write_directory(path: Path, files: dict[str, bytes]) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"cannot save a checkpoint directory to {path}: a file of that name exists")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
+        # Swapping a folder of unrelated files (a project, a home directory) is never what was meant.
+        raise FileExistsError(
+            f"refusing to save into {path}: it holds files but no {CONFIG_FILE}, so it is not a checkpoint; "
+            "pass a new or empty directory"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=SAVING_SUFFIX))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        for name, data in files.items():
+            _write_synced(staging / name, data)
+        if path.is_dir():  # a model card, results or video saved beside the weights stay with them
+            for extra in path.iterdir():
+                if extra.name not in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE):
+                    _link_or_copy(extra, staging / extra.name)
+        _fsync_path(staging)
+        _swap_in(staging, path)
+        _fsync_path(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange it holds the old version
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_link_or_copy_file)
+    else:
+        _link_or_copy_file(source, target)
+
+
+def _link_or_copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    try:
+        os.link(source, target)  # no data copied: the file is shared until one side replaces it
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the renames are still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or filesystem cannot."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Make ``staging`` the directory at ``path``; the old one, if any, ends up at ``staging``."""
+    if not path.exists():
+        try:
+            os.rename(staging, path)
+            return
+        except OSError as error:  # another writer created it meanwhile: swap with theirs
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    if _exchange(staging, path):
+        return
+    # No atomic exchange here: move the old copy aside, then the new one in. A crash between the
+    # two renames leaves no directory at ``path``, and _read_files loads the moved-aside copy.
+    aside = path.with_name(f".{path.name}.{os.getpid()}{OLD_SUFFIX}")
+    os.rename(path, aside)
+    os.rename(staging, path)
+    os.rename(aside, staging)
 
 
 def weights_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -199,22 +323,63 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # reading ---------------------------------------------------------------------------------------
 def _read_files(path: Path) -> dict[str, bytes]:
-    if path.is_dir():
-        return {p.name: p.read_bytes() for p in path.iterdir() if p.name in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE)}
     if not path.exists() and path.suffix != ".zip" and path.with_suffix(".zip").exists():
         path = path.with_suffix(".zip")
     if not path.exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {path} (expected a directory with {MODEL_FILE} and {CONFIG_FILE}, or a .zip)"
-        )
+        aside = sorted(path.parent.glob(f".{path.name}.*{OLD_SUFFIX}")) if path.parent.is_dir() else []
+        if aside:  # a save without atomic exchange was cut between its two renames
+            warnings.warn(f"{path} is missing; loading the copy a cut-off save moved aside, {aside[-1]}", stacklevel=4)
+            path = aside[-1]
+        else:
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (expected a directory with {MODEL_FILE} and {CONFIG_FILE}, or a .zip)"
+            )
+    if path.is_dir():
+        return {
+            name: _read_file(path / name)
+            for name in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE)
+            if (path / name).exists()
+        }
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is neither a checkpoint directory nor a zip archive of one")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            return {n: archive.read(n) for n in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE) if n in names}
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return {
+                info.filename: _read_zip_entry(archive, info, path)
+                for info in archive.infolist()
+                if info.filename in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE)
+            }
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as error:
         raise CheckpointError(f"{path} is a corrupted zip archive: {error}") from None
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    if path.name == CONFIG_FILE and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+
+
+def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+    where = f"{path}:{info.filename}"
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{where} is encrypted; dql_agent reads only plain (stored or deflated) zip entries")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(
+            f"{where} uses zip compression method {info.compress_type}; expected 0 (stored) or 8 (deflated)"
+        )
+    limit = MAX_CONFIG_BYTES if info.filename == CONFIG_FILE else MAX_DEFLATE_RATIO * info.compress_size + 2**20
+    if info.file_size > limit:
+        # zipfile stops inflating at the declared size, so checking it bounds the memory used.
+        raise CheckpointError(
+            f"{where} would inflate from {info.compress_size:,} to {info.file_size:,} bytes, more than the "
+            f"{limit:,} allowed (config.json: {MAX_CONFIG_BYTES:,}; weights: {MAX_DEFLATE_RATIO}x): not a saved model"
+        )
+    return archive.read(info)
 
 
 def parse_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -235,15 +400,21 @@ def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
 
 def parse_config(data: bytes, where: str) -> dict[str, Any]:
     """Parse and check a ``config.json``: known keys only, all present, a supported version."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{where} is {len(data):,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
     try:
-        config = json.loads(data)
+        config = json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{where} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"{where} is nested too deeply to be a config.json") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{where} must hold a JSON object, got {type(config).__name__}")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{where}: format_version must be an int, got {version!r}")
+    if version < 1:
+        raise CheckpointError(f"{where}: format_version must be >= 1, got {version}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{where} has format_version {version}, newer than this dql_agent supports "
@@ -252,7 +423,7 @@ def parse_config(data: bytes, where: str) -> dict[str, Any]:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise CheckpointError(f"{where} has unknown key(s) {unknown}; expected {list(CONFIG_KEYS)}")
-    missing = [k for k in CONFIG_KEYS if k not in config]
+    missing = [k for k in CONFIG_KEYS if k not in config and version >= ADDED_IN_VERSION.get(k, 1)]
     if missing:
         raise CheckpointError(f"{where} is missing key(s) {missing}")
     for key, kind in (
@@ -266,7 +437,21 @@ def parse_config(data: bytes, where: str) -> dict[str, Any]:
     ):
         if not isinstance(config[key], kind) or isinstance(config[key], bool):
             raise CheckpointError(f"{where}: {key} must be a {kind.__name__}, got {type(config[key]).__name__}")
+    if config["num_timesteps"] < 0:
+        raise CheckpointError(f"{where}: num_timesteps must be >= 0, got {config['num_timesteps']}")
+    for key in ("model_sha256", "optimizer_sha256"):
+        digest = config.get(key)
+        if not (digest is None and key == "optimizer_sha256") and not _is_sha256(digest):
+            raise CheckpointError(f"{where}: {key} must be a 64-digit hex SHA-256, got {digest!r}")
     return config
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def verify_weights(config: dict[str, Any], weights: bytes, where: str) -> None:
@@ -276,6 +461,24 @@ def verify_weights(config: dict[str, Any], weights: bytes, where: str) -> None:
         raise CheckpointError(
             f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
             f"{config['model_sha256'][:12]}...): the file is corrupted or a save was interrupted"
+        )
+
+
+def _verify_optimizer(config: dict[str, Any], data: bytes, where: str) -> None:
+    """The optimizer state must be the one saved with this config.json (version 1 did not record it)."""
+    if config["format_version"] < ADDED_IN_VERSION["optimizer_sha256"]:
+        return
+    expected = config["optimizer_sha256"]
+    if expected is None:
+        raise CheckpointError(
+            f"{where} is not part of this checkpoint ({CONFIG_FILE} records no optimizer state): it is stale "
+            "or was copied in; delete it, or load with include_optimizer=False"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise CheckpointError(
+            f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
+            f"{expected[:12]}...): the optimizer state is corrupted, stale or from another save"
         )
 
 
@@ -292,6 +495,7 @@ def load_checkpoint(path: str | os.PathLike, include_optimizer: bool = True) -> 
     checkpoint = Checkpoint(config, tensors)
     if include_optimizer and OPTIMIZER_FILE in files:
         where = str(path / OPTIMIZER_FILE)
+        _verify_optimizer(config, files[OPTIMIZER_FILE], where)
         checkpoint.optimizer_tensors = parse_safetensors(files[OPTIMIZER_FILE], where)
         try:
             checkpoint.optimizer_meta = json.loads(
@@ -303,7 +507,8 @@ def load_checkpoint(path: str | os.PathLike, include_optimizer: bool = True) -> 
 
 
 def check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
-    """Same names and shapes, or a CheckpointError listing the differences."""
+    """Same names, shapes and dtypes, every float finite, or a CheckpointError listing the
+    differences. ``expected`` may live on the meta device (nothing allocated)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [
@@ -320,6 +525,44 @@ def check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tens
         problems.append("shapes disagree with config.json: " + "; ".join(wrong[:5]))
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
+    for name, tensor in found.items():
+        if tensor.dtype != expected[name].dtype:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {tensor.dtype}, expected {expected[name].dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values")
+
+
+def check_json_like(expected: Any, found: Any, where: str) -> None:
+    """``found`` has the structure and value types of ``expected`` (ints and floats interchange;
+    numbers finite; a dict may lack keys, as one saved by an older torch does, but has no others):
+    optimizer param groups and scheduler states from a file are checked against a fresh model's
+    before torch takes them."""
+    if isinstance(expected, dict):
+        if not isinstance(found, dict) or not set(found) <= set(expected):
+            raise CheckpointError(f"{where}: expected keys {sorted(expected)}, found {_describe(found)}")
+        for key in found:
+            check_json_like(expected[key], found[key], f"{where}.{key}")
+        if "params" in expected and found.get("params", expected["params"]) != expected["params"]:
+            raise CheckpointError(f"{where}.params: expected {expected['params']}, found {found['params']}")
+    elif isinstance(expected, (list, tuple)):
+        if not isinstance(found, (list, tuple)) or len(found) != len(expected):
+            raise CheckpointError(f"{where}: expected {len(expected)} entries, found {_describe(found)}")
+        for i, (e, f) in enumerate(zip(expected, found, strict=True)):
+            check_json_like(e, f, f"{where}[{i}]")
+    elif isinstance(expected, bool) or expected is None or isinstance(expected, str):
+        if type(found) is not type(expected):
+            raise CheckpointError(f"{where}: expected {expected!r}-like {type(expected).__name__}, found {found!r}")
+    elif isinstance(expected, (int, float)):
+        if isinstance(found, bool) or not isinstance(found, (int, float)) or not math.isfinite(found):
+            raise CheckpointError(f"{where}: expected a finite number, found {found!r}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"keys {sorted(value)[:8]}"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} entries"
+    return repr(value)[:80]
 
 
 # optimizer state <-> flat tensors ----------------------------------------------------------------
@@ -336,14 +579,29 @@ def optimizer_to_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[d
 
 
 def optimizer_from_tensors(
-    name: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    name: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str
 ) -> None:
-    """Inverse of :func:`optimizer_to_tensors`, loaded into ``optimizer``."""
+    """Inverse of :func:`optimizer_to_tensors`, loaded into ``optimizer`` once every tensor's
+    parameter index, shape and finiteness and the param groups' structure are checked (torch's
+    ``load_state_dict`` checks none of them)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     prefix = f"{name}."
     for key, tensor in tensors.items():
-        if key.startswith(prefix):
-            index, field_name = key[len(prefix) :].split(".", 1)
-            state.setdefault(int(index), {})[field_name] = tensor
+        if not key.startswith(prefix):
+            continue
+        index_text, _, field_name = key[len(prefix) :].partition(".")
+        if not index_text.isdigit() or int(index_text) >= len(params) or not field_name:
+            raise CheckpointError(f"{where}: tensor {key} names no parameter of {name} ({len(params)} parameters)")
+        param = params[int(index_text)]
+        if tensor.ndim and tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{where}: tensor {key} has shape {tuple(tensor.shape)}, its parameter {tuple(param.shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: tensor {key} holds NaN or inf values")
+        state.setdefault(int(index_text), {})[field_name] = tensor
+    fresh_groups = optimizer_to_tensors(name, optimizer)[1]["param_groups"]
+    check_json_like(fresh_groups, meta.get("param_groups"), f"{where}: {name}.param_groups")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

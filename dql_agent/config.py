@@ -1,13 +1,51 @@
-"""What every algorithm's frozen hyperparameter dataclass shares: checks, renames, JSON round trip."""
+"""What every algorithm's frozen hyperparameter dataclass shares: typed fields, size limits,
+renames, JSON round trip.
+
+A field is checked against its annotation wherever the value comes from (Python, ``--set`` or a
+config.json): a bool field takes only a bool, an int field an int that is not a bool, a float
+field an int or a float (stored as float), a str field a str, and ``X | None`` also None. numpy
+and 0-d torch scalars are converted to the plain Python value first, so a config always
+serialises to JSON. Fields that size an allocation have an upper bound (``SIZE_LIMITS``), so a
+config.json cannot ask for gigabytes before its weights are checked.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 import warnings
 from dataclasses import fields
 from typing import Any, ClassVar
 
 import numpy as np
+
+MAX_SEED = 2**63 - 1
+"""Largest seed (torch and numpy both take it; the policy's acting RNG uses seed + 2, wrapped)."""
+
+SIZE_LIMITS: dict[str, int] = {
+    # Far above any published setting (hidden 256-1024, T <= 1000 for DDPM, 64 candidates), far below
+    # what exhausts a machine: one bound per field that sizes a tensor or a loop.
+    "hidden_dim": 16_384,
+    "n_hidden": 64,
+    "guidance_n_hidden": 64,
+    "behavior_n_hidden": 64,
+    "time_dim": 4_096,
+    "diffusion_steps": 10_000,
+    "n_action_samples": 100_000,
+    "n_max_q_samples": 10_000,
+    "n_diffusion_samples": 10_000,
+    "n_behavior_samples": 10_000,
+    "n_target_samples": 10_000,
+    "n_entropy_samples": 10_000,
+    "n_noisy_copies": 10_000,
+    "q_ensemble_size": 1_000,
+    "batch_size": 1_048_576,
+    "behavior_batch_size": 1_048_576,
+    "buffer_size": 1_000_000_000,
+    "utd_ratio": 10_000,
+}
 
 
 def check_field(condition: bool, field: str, expected: str, value: Any) -> None:
@@ -18,17 +56,102 @@ def check_field(condition: bool, field: str, expected: str, value: Any) -> None:
 
 def is_int(value: Any) -> bool:
     """An int (numpy ints included) that is not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def plain_scalar(value: Any) -> Any:
+    """numpy scalars and 0-d torch tensors as the Python bool/int/float/str they hold; anything
+    else unchanged."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value).__module__.startswith("torch") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def check_seed(seed: Any, field: str = "seed") -> int:
+    """``seed`` as a Python int in [0, MAX_SEED], or a TypeError/ValueError naming ``field``."""
+    seed = plain_scalar(seed)
+    if not is_int(seed):
+        raise TypeError(f"{field} must be an int, got {seed!r} ({type(seed).__name__})")
+    check_field(0 <= seed <= MAX_SEED, field, "an int in [0, 2**63 - 1]", seed)
+    return int(seed)
+
+
+def to_json_safe(value: Any, field: str, depth: int = 0) -> Any:
+    """``value`` as plain JSON types (numpy/torch scalars converted, tuples as lists); a TypeError
+    names the entry that JSON cannot hold (``field`` is its path, e.g. ``metadata['n']``)."""
+    if depth > 32:
+        raise ValueError(f"{field} is nested more than 32 levels deep")
+    value = plain_scalar(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{field} must be finite to be saved in JSON, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{field} keys must be str, got {key!r} ({type(key).__name__})")
+            out[key] = to_json_safe(item, f"{field}[{key!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(item, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
+    raise TypeError(
+        f"{field} must hold JSON values (str, int, float, bool, None, lists, dicts), got {type(value).__name__}"
+    )
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """``float | None`` -> (float, NoneType); only plain scalar annotations are used by configs."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(arg for arg in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _typed(value: Any, name: str, allowed: tuple[type, ...]) -> Any:
+    """``value`` converted to the field's type, or a TypeError naming the field."""
+    value = plain_scalar(value)
+    if value is None and type(None) in allowed:
+        return None
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if int in allowed and is_int(value):
+        return int(value)
+    if float in allowed and (is_int(value) or isinstance(value, float)):
+        return float(value)
+    if str in allowed and isinstance(value, str):
+        return value
+    expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+    hint = " (JSON's false/true, not the string)" if bool in allowed and isinstance(value, str) else ""
+    raise TypeError(f"{name} must be {expected}{hint}, got {value!r} ({type(value).__name__})")
 
 
 class ConfigBase:
-    """JSON round trip shared by the frozen config dataclasses.
+    """Typed fields, size limits and the JSON round trip, shared by the frozen config dataclasses.
 
-    ``renamed`` maps old field names to new ones: an old name still works (from Python and from
-    an old config.json) with a DeprecationWarning naming the new one.
+    A subclass writes its range checks in :meth:`check`; the types and ``SIZE_LIMITS`` are
+    checked before it runs. ``renamed`` maps old field names to new ones: an old name still works
+    (from Python and from an old config.json) with a DeprecationWarning naming the new one.
     """
 
     renamed: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            value = _typed(getattr(self, f.name), f.name, _allowed_types(hints[f.name]))
+            if f.name in SIZE_LIMITS and value is not None:
+                check_field(value <= SIZE_LIMITS[f.name], f.name, f"<= {SIZE_LIMITS[f.name]:,}", value)
+            if isinstance(value, float):
+                check_field(math.isfinite(value), f.name, "finite", value)
+            object.__setattr__(self, f.name, value)  # frozen: the converted value replaces the given one
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of the fields (ValueError naming the field); types are already right."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses

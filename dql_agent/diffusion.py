@@ -81,25 +81,28 @@ class GaussianDiffusion(nn.Module):
         self.denoiser = denoiser
         self.action_dim = action_dim
         self.n_steps = n_steps
-        betas = make_beta_schedule(beta_schedule, n_steps)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        constants = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
-            "posterior_variance": posterior_variance,
-            # sqrt of the clipped log variance; at t=0 the variance is 0 and no noise is added
-            "posterior_std": (0.5 * posterior_variance.clamp(min=1e-20).log()).exp(),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        }
+        # Plain numbers of the config, computed on the CPU even when the model is being built on the
+        # meta device (a checkpoint's shapes are checked that way before anything is allocated).
+        with torch.device("cpu"):
+            betas = make_beta_schedule(beta_schedule, n_steps)
+            alphas = 1.0 - betas
+            alphas_cumprod = torch.cumprod(alphas, dim=0)
+            alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+            constants = {
+                "betas": betas,
+                "alphas_cumprod": alphas_cumprod,
+                "alphas_cumprod_prev": alphas_cumprod_prev,
+                "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+                "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+                "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+                "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+                "posterior_variance": posterior_variance,
+                # sqrt of the clipped log variance; at t=0 the variance is 0 and no noise is added
+                "posterior_std": (0.5 * posterior_variance.clamp(min=1e-20).log()).exp(),
+                "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+                "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            }
         for name, value in constants.items():
             # Derived from the config, so not saved: a checkpoint cannot carry a stale schedule.
             self.register_buffer(name, value.float(), persistent=False)

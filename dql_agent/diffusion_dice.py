@@ -119,7 +119,7 @@ class DiffusionDICEConfig(ConfigBase):
     """Size of the sinusoidal step embeddings of the behaviour model and W (the library's NoiseMLP
     default; the official nets use 32 Gaussian-Fourier features of a continuous time)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("value_learning_rate", "guidance_learning_rate", "behavior_learning_rate"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in (

@@ -92,7 +92,7 @@ class DiffusionQLConfig(ConfigBase):
     nonfinite_loss: str = "raise"
     """A NaN/inf loss: 'raise' (FloatingPointError naming the step) or 'skip' the batch."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("learning_rate", "critic_learning_rate"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in (
@@ -403,12 +403,18 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             scheduler.step()
 
     def train_step(self) -> dict[str, torch.Tensor]:
+        # The actor's loss reads the critic this step has just updated (as the official code does),
+        # so a bad actor loss is only seen after the critic stepped. Checking the critic's loss and
+        # gradient norm first means that step is always finite, and the errors say what was applied.
         cfg, skip = self.config, self.config.nonfinite_loss == "skip"
+        skipped = {"skipped_batches": torch.ones((), device=self.device)}
         batch, next_noise = self.critic_inputs()
         loss, losses = self.compute_critic_loss(self.policy, cfg, batch, next_noise)
         if not self.loss_is_finite("critic_loss", loss, skip):
-            return {"skipped_batches": torch.ones((), device=self.device)}
-        optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm)
+            return skipped
+        norm = optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True)
+        if norm is not None and not self.loss_is_finite("critic_loss's gradient norm", norm, skip):
+            return skipped
 
         noise = self.actor_inputs()
         # The critic only scores the actor's actions: not asking for its gradients skips work the
@@ -418,9 +424,12 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             loss, actor_losses = self.compute_actor_loss(self.policy, cfg, batch, noise)
         finally:
             self.critic.requires_grad_(True)
-        if not self.loss_is_finite("actor_loss", loss, skip):
-            return {"skipped_batches": torch.ones((), device=self.device)}
-        optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm)
+        after_critic = "the critic's update of this step was applied (finite), the actor was not updated"
+        if not self.loss_is_finite("actor_loss", loss, skip, applied=after_critic):
+            return skipped
+        norm = optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True)
+        if norm is not None and not self.loss_is_finite("actor_loss's gradient norm", norm, skip, applied=after_critic):
+            return skipped
         self.update_targets()
         return losses | actor_losses
 

@@ -243,10 +243,16 @@ def optimize(
     *,
     grads: Sequence[torch.Tensor] | None = None,
     grad_norm: float | None = None,
-) -> None:
+    require_finite: bool = False,
+) -> torch.Tensor | None:
     """One step of ``optimizer``: gradients from ``loss.backward()``, or ``grads`` given one per
     parameter in the optimizer's order (stacked seeds compute them under vmap), clipped to a total
-    norm of ``grad_norm`` when it is set."""
+    norm of ``grad_norm`` when it is set.
+
+    Returns the total gradient norm when it was computed (``grad_norm`` or ``require_finite``),
+    else None. With ``require_finite`` a NaN/inf norm (a finite loss can still overflow its
+    gradients) leaves the parameters untouched: the caller sees it in the returned norm.
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     if loss is not None:
@@ -256,6 +262,13 @@ def optimize(
             param.grad = grad
     else:
         raise TypeError("optimize needs a loss or grads")
+    total_norm = None
     if grad_norm is not None:
-        clip_grad_norm_(params, grad_norm)
+        total_norm = clip_grad_norm_(params, grad_norm)
+    elif require_finite:
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if require_finite and total_norm is not None and not bool(torch.isfinite(total_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return total_norm
     optimizer.step()
+    return total_norm

@@ -101,7 +101,7 @@ class QVPOConfig(ConfigBase):
     time_dim: int = 32
     """Size of the denoiser's sinusoidal time embedding."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in (

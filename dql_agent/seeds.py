@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from dql_agent.config import check_seed
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.diffusion_ql import ActorNoise, DiffusionQL, DiffusionQLConfig, actor_loss, critic_loss
 from dql_agent.networks import optimize
@@ -94,10 +95,7 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
         raise TypeError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
     if len(seeds) == 0:
         raise ValueError("seeds must hold at least one seed, got an empty sequence")
-    for position, seed in enumerate(seeds):
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise TypeError(f"seeds must be ints, got {seed!r} ({type(seed).__name__}) at position {position}")
-    values = [int(s) for s in seeds]
+    values = [check_seed(seed, f"seeds[{position}]") for position, seed in enumerate(seeds)]
     repeated = sorted({s for s in values if values.count(s) > 1})
     if repeated:
         raise ValueError(

@@ -35,6 +35,9 @@ def check_action_space(space: spaces.Space) -> None:
     """Actions must be a finite, bounded Box (scaled to [-1, 1] internally)."""
     if not isinstance(space, spaces.Box):
         raise TypeError(f"action_space must be a gymnasium Box, got {type(space).__name__}")
+    if not np.issubdtype(space.dtype, np.floating):
+        # an integer Box would truncate every action the policy produces
+        raise TypeError(f"action_space must have a float dtype (continuous actions), got {space.dtype}")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         raise ValueError(f"action_space must have finite bounds, got low={space.low}, high={space.high}")
     if np.any(space.high <= space.low):
@@ -51,7 +54,7 @@ def flat_dim(space: spaces.Space) -> int:
 def flatten_batch(space: spaces.Space, observations: Any, batch_size: int | None = None) -> np.ndarray:
     """Flatten a batch of observations (a (B, *shape) array, or a dict of them) to (B, flat_dim).
 
-    ``batch_size`` None takes B from each array's first axis.
+    ``batch_size`` None takes B from each array's first axis. B may be 0.
     """
     if isinstance(space, spaces.Dict):
         if not isinstance(observations, dict):
@@ -62,7 +65,11 @@ def flatten_batch(space: spaces.Space, observations: Any, batch_size: int | None
         parts = [flatten_batch(sub, observations[key], batch_size) for key, sub in space.spaces.items()]
         return np.concatenate(parts, axis=1)
     array = np.asarray(observations)
-    return array.reshape(array.shape[0] if batch_size is None else batch_size, -1)
+    rows = array.shape[0] if batch_size is None else batch_size
+    width = math.prod(space.shape or ())
+    if array.size != rows * width:
+        raise ValueError(f"observation has shape {array.shape}; expected {rows} observation(s) of shape {space.shape}")
+    return array.reshape(rows, width)  # an explicit width, since -1 cannot be inferred when rows is 0
 
 
 def scale_actions(actions: torch.Tensor, space: spaces.Box) -> torch.Tensor:
@@ -89,10 +96,6 @@ def _encode_bound(array: np.ndarray) -> list:
     return [v if math.isfinite(v) else ("inf" if v > 0 else "-inf") for v in array.astype(np.float64).ravel().tolist()]
 
 
-def _decode_bound(values: list, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    return np.array([float(v) for v in values], dtype=dtype).reshape(shape)
-
-
 def space_to_json(space: spaces.Space) -> dict[str, Any]:
     """A JSON-safe description of a Box or Dict space."""
     if isinstance(space, spaces.Dict):
@@ -108,23 +111,62 @@ def space_to_json(space: spaces.Space) -> dict[str, Any]:
     raise TypeError(f"cannot serialise a {type(space).__name__} space; expected Box or Dict")
 
 
-def space_from_json(data: dict[str, Any], field: str = "space") -> spaces.Space:
-    """Inverse of :func:`space_to_json`; malformed input is a ValueError naming ``field``."""
+BOX_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+MAX_SPACE_DEPTH = 16
+
+
+def space_from_json(data: Any, field: str = "space", depth: int = 0) -> spaces.Space:
+    """Inverse of :func:`space_to_json`; malformed input is a ValueError naming ``field``.
+
+    Only numeric Box dtypes, int (not bool) shapes, bounds that fit the dtype and Dicts nested at
+    most ``MAX_SPACE_DEPTH`` deep are accepted: a file decides nothing else.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{field} must be a JSON object describing a space, got {data!r:.80}")
+    kind = data.get("type")
+    if kind == "Dict":
+        if depth >= MAX_SPACE_DEPTH:
+            raise ValueError(f"{field} nests Dict spaces more than {MAX_SPACE_DEPTH} deep")
+        members = data.get("spaces")
+        if not isinstance(members, dict):
+            raise ValueError(f"{field}.spaces must be an object of named spaces, got {members!r:.80}")
+        return spaces.Dict({k: space_from_json(v, f"{field}.{k}", depth + 1) for k, v in members.items()})
+    if kind != "Box":
+        raise ValueError(f"{field}.type must be 'Box' or 'Dict', got {kind!r}")
+    shape, dtype = data.get("shape"), data.get("dtype")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"{field}.shape must be a list of ints >= 0, got {shape!r:.80}")
+    if dtype not in BOX_DTYPES:
+        raise ValueError(f"{field}.dtype must be one of {BOX_DTYPES}, got {dtype!r:.80}")
+    size = math.prod(shape)
+    bounds = {}
+    for name in ("low", "high"):
+        values = data.get(name)
+        if not isinstance(values, list) or len(values) != size:
+            raise ValueError(f"{field}.{name} must be a list of {size} numbers (the shape's size), got {values!r:.80}")
+        if not all(_is_bound(v) for v in values):
+            raise ValueError(f"{field}.{name} must hold numbers or 'inf'/'-inf', got {values!r:.80}")
+        array = np.array([float(v) for v in values], dtype=np.float64).reshape(shape)
+        if np.dtype(dtype).kind in "iu":
+            info = np.iinfo(dtype)
+            if not (np.all(np.isfinite(array)) and np.all((array >= info.min) & (array <= info.max))):
+                raise ValueError(
+                    f"{field}.{name} must be finite and within [{info.min}, {info.max}] for a {dtype} Box, "
+                    f"got {values!r:.80}"
+                )
+        bounds[name] = array
     try:
-        kind = data["type"]
-        if kind == "Dict":
-            return spaces.Dict({k: space_from_json(v, f"{field}.{k}") for k, v in data["spaces"].items()})
-        if kind == "Box":
-            shape, dtype = tuple(int(n) for n in data["shape"]), np.dtype(data["dtype"])
-            return spaces.Box(
-                low=_decode_bound(data["low"], shape, dtype),
-                high=_decode_bound(data["high"], shape, dtype),
-                shape=shape,
-                dtype=dtype,
-            )
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{field} is not a valid space description ({error!r}): {data!r}") from None
-    raise ValueError(f"{field}.type must be 'Box' or 'Dict', got {kind!r}")
+        return spaces.Box(
+            low=bounds["low"].astype(dtype), high=bounds["high"].astype(dtype), shape=tuple(shape), dtype=dtype
+        )
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{field} is not a valid Box ({error})") from None
+
+
+def _is_bound(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or value in ("inf", "-inf")
 
 
 def spaces_equal(a: spaces.Space, b: spaces.Space) -> bool:

@@ -52,7 +52,7 @@ DICE_TINY = {
     ],
 )
 def test_config_errors_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises((TypeError, ValueError), match=field):
         DiffusionDICEConfig(**{field: value})
 
 

@@ -96,8 +96,8 @@ def test_entropy_coefficient_decays_linearly_to_its_floor():
     ("field", "value", "expected"),
     [
         ("batch_size", 0, "an int >= 1"),
-        ("diffusion_steps", 2.5, "an int >= 1"),
-        ("n_diffusion_samples", True, "an int >= 1"),
+        ("diffusion_steps", 2.5, "int"),
+        ("n_diffusion_samples", True, "int"),
         ("n_entropy_samples", -1, "an int >= 0"),
         ("learning_starts", -5, "an int >= 0"),
         ("learning_rate", 0.0, "> 0"),
@@ -112,7 +112,7 @@ def test_entropy_coefficient_decays_linearly_to_its_floor():
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
-    with pytest.raises(ValueError, match=rf"^{field} must be {expected}.*got {value!r}"):
+    with pytest.raises((TypeError, ValueError), match=rf"^{field} must be {expected}.*got {value!r}"):
         QVPOConfig(**{field: value})
 
 

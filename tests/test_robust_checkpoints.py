@@ -61,7 +61,7 @@ def edit_config(path, change):
         (lambda c: c["config"].update(batch_size=-1), "batch_size must be an int >= 1"),
         (lambda c: c.update(algorithm="QVPO2"), "holds a QVPO2 model"),
         (lambda c: c["observation_space"].update(type="Tuple"), "observation_space.type must be 'Box' or 'Dict'"),
-        (lambda c: c["action_space"].pop("low"), "action_space is not a valid space description"),
+        (lambda c: c["action_space"].pop("low"), "action_space.low must be a list of 1 numbers"),
     ],
 )
 def test_config_problems_name_the_file_and_field(saved, tmp_path, change, message):

@@ -163,7 +163,7 @@ def test_losses_go_to_each_models_logger(pendulum_buffer, capsys):
     [
         ({"seeds": []}, ValueError, "seeds must hold at least one seed"),
         ({"seeds": [1, 2, 1]}, ValueError, r"seeds must be distinct.*repeated: \[1\]"),
-        ({"seeds": [1, 2.5]}, TypeError, r"seeds must be ints, got 2.5 \(float\) at position 1"),
+        ({"seeds": [1, 2.5]}, TypeError, r"seeds\[1\] must be an int, got 2.5 \(float\)"),
         ({"seeds": "12"}, TypeError, "seeds must be a sequence of ints, got str"),
         ({"total_timesteps": -1}, ValueError, "total_timesteps must be an int >= 0, got -1"),
         ({"total_timesteps": 2.0}, ValueError, "total_timesteps must be an int >= 0, got 2.0"),
