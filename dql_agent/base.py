@@ -46,6 +46,7 @@ from dql_agent.checkpoint import (
     Checkpoint,
     CheckpointError,
     build_config,
+    check_json_like,
     check_tensors,
     load_checkpoint,
     optimizer_from_tensors,
@@ -644,6 +645,16 @@ class BaseAgent:
                 if not is_int(n_updates) or n_updates < 0:
                     raise CheckpointError(f"{where_optimizer}: n_updates must be an int >= 0, got {n_updates!r}")
                 model.n_updates = int(n_updates)
+                # RNG states and schedulers must have the shapes and types a fresh model's have.
+                fresh_tensors, fresh_meta = model.training_state()
+                check_json_like(fresh_meta, {key: meta[key] for key in fresh_meta}, where_optimizer)
+                for key, tensor in fresh_tensors.items():
+                    found = checkpoint.optimizer_tensors[key]
+                    if found.shape != tensor.shape or found.dtype != tensor.dtype:
+                        raise CheckpointError(
+                            f"{where_optimizer}: {key} has shape {tuple(found.shape)} and dtype {found.dtype}, "
+                            f"expected {tuple(tensor.shape)} and {tensor.dtype}"
+                        )
                 model.load_training_state(checkpoint.optimizer_tensors, meta)
             except CheckpointError:
                 raise

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -238,6 +239,8 @@ def _write_directory(path: Path, files: dict[str, bytes]) -> None:
         _fsync_path(staging)
         _swap_in(staging, path)
         _fsync_path(path.parent)
+        for aside in path.parent.glob(f".{path.name}.*{OLD_SUFFIX}"):  # a cut-off save's copy, now superseded
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after an exchange it holds the old version
 
@@ -335,11 +338,12 @@ def _read_files(path: Path) -> dict[str, bytes]:
                 f"no checkpoint at {path} (expected a directory with {MODEL_FILE} and {CONFIG_FILE}, or a .zip)"
             )
     if path.is_dir():
-        return {
-            name: _read_file(path / name)
-            for name in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE)
-            if (path / name).exists()
-        }
+        for _ in range(3):
+            try:
+                return _read_directory(path)
+            except FileNotFoundError:  # a concurrent save swapped the directory while we read it
+                continue
+        return _read_directory(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is neither a checkpoint directory nor a zip archive of one")
     try:
@@ -353,15 +357,33 @@ def _read_files(path: Path) -> dict[str, bytes]:
         raise CheckpointError(f"{path} is a corrupted zip archive: {error}") from None
 
 
-def _read_file(path: Path) -> bytes:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is not a regular file")
-    if path.name == CONFIG_FILE and path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+def _read_directory(path: Path) -> dict[str, bytes]:
+    """The checkpoint files of one directory, all read through one handle on it: a save swapping
+    a new directory in meanwhile cannot pair this config.json with that one's weights."""
+    directory = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
+        present = set(os.listdir(directory))
+        names = [name for name in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE) if name in present]
+        return {name: _read_file(path, name, directory) for name in names}
+    finally:
+        os.close(directory)
+
+
+def _read_file(folder: Path, name: str, directory: int) -> bytes:
+    where = folder / name
+    fd = os.open(name, os.O_RDONLY, dir_fd=directory)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{where} is not a regular file")
+    if name == CONFIG_FILE and info.st_size > MAX_CONFIG_BYTES:
+        os.close(fd)
+        raise CheckpointError(f"{where} is {info.st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as error:
+            raise CheckpointError(f"cannot read {where}: {error}") from None
 
 
 def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:

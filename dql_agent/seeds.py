@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from dql_agent.config import check_seed
 from dql_agent.buffer import Batch, OfflineBuffer
+from dql_agent.config import check_seed
 from dql_agent.diffusion_ql import ActorNoise, DiffusionQL, DiffusionQLConfig, actor_loss, critic_loss
 from dql_agent.networks import optimize
 
