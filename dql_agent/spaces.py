@@ -147,6 +147,10 @@ def space_from_json(data: Any, field: str = "space", depth: int = 0) -> spaces.S
         if not all(_is_bound(v) for v in values):
             raise ValueError(f"{field}.{name} must hold numbers or 'inf'/'-inf', got {values!r:.80}")
         array = np.array([float(v) for v in values], dtype=np.float64).reshape(shape)
+        if np.dtype(dtype).kind == "f":
+            largest = float(np.finfo(dtype).max)
+            if np.any(np.isfinite(array) & (np.abs(array) > largest)):
+                raise ValueError(f"{field}.{name} has finite values beyond {dtype}'s range, got {values!r:.80}")
         if np.dtype(dtype).kind in "iu":
             info = np.iinfo(dtype)
             if not (np.all(np.isfinite(array)) and np.all((array >= info.min) & (array <= info.max))):
