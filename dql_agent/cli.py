@@ -11,18 +11,31 @@
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
 ``.npz``/``.hdf5`` file. MODEL is a directory written by ``save``, a ``.zip`` of one, or a Hub
 repo id.
+
+Outputs (-o, --json) are checked before any work: an existing one must be what the command
+overwrites (a checkpoint directory or .zip for train, a file for record, export and --json) and
+never the input. An env id read from a model or dataset that names a module (``module:Env-v0``,
+which gym.make would import) is refused: pass it with --env yourself if you trust the module.
+
+A mistake in the input (a missing or malformed file, a bad --set value, an unknown env) prints
+one line, ``dql-agent: error: ...``, and exits with status 2; set DQL_AGENT_DEBUG=1 to see the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shlex
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 # Settings of the demo, chosen so a 2-core CPU trains a policy that swings Pendulum up from an
 # offline mix of good and noisy episodes in a few minutes (see README for the measured numbers):
@@ -34,6 +47,34 @@ DEMO_ENV = "Pendulum-v1"
 DEMO_DATASET = "dql_agent/pendulum/mixed-v0"
 DEMO_HYPERPARAMETERS: dict[str, Any] = {"hidden_dim": 64, "gamma": 0.95, "act_with_ema": True}
 DEMO_STEPS = 12_000
+DEBUG_ENV = "DQL_AGENT_DEBUG"
+PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}  # --set spellings that are not JSON
+SPACES_FROM = "--env (the spaces come from the env, else from the dataset)"
+NOT_HYPERPARAMETERS = {  # constructor arguments --set must not reach, and what sets each
+    "buffer": "the DATASET argument",
+    "env": "--env",
+    "device": "--device",
+    "seed": "--seed",
+    "observation_space": SPACES_FROM,
+    "action_space": SPACES_FROM,
+    "verbose": "no option (train logs at verbose=1)",
+}
+
+
+class CLIError(Exception):
+    """A mistake in what the user passed: reported in one line, exit status 2."""
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"dql-agent: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {self.prog} --help)")
 
 
 def _parse_value(text: str) -> Any:
@@ -49,7 +90,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise CLIError(f"--set expects key=value, got {pair!r}")
         overrides[key.strip()] = _parse_value(value.strip())
     return overrides
 
@@ -81,11 +122,133 @@ def _make_env(env_id: str, render: bool = False):  # noqa: ANN201 - gymnasium.En
     return gym.make(env_id, render_mode="rgb_array" if render else None)
 
 
-def _env_id_of(model: Any, env_id: str | None) -> str:
-    env_id = env_id or model.metadata.get("env_id")
-    if not env_id:
-        raise SystemExit("the model does not name its environment: pass --env ENV_ID")
+def _env_from_file(env_id: Any, where: str) -> str:
+    """An env id read from a file (``where``), refused if making it would import a module.
+
+    ``gym.make("module:Env-v0")`` imports ``module``: only the user names one, with --env.
+    """
+    if not isinstance(env_id, str) or not env_id.strip():
+        raise CLIError(f"{where} names no usable environment ({env_id!r}): pass --env ENV_ID")
+    if ":" in env_id:
+        module = env_id.split(":", 1)[0]
+        raise CLIError(
+            f"{where} names the environment {env_id!r}, and making it would import the module {module!r}; "
+            f"dql-agent never imports a module named in a file: if you trust {module!r}, pass "
+            f"--env {shlex.quote(env_id)} yourself"
+        )
     return env_id
+
+
+def _env_id_of(model: Any, env_id: str | None, source: str) -> str:
+    if env_id:  # typed by the user, who may name a module
+        return env_id
+    saved = model.metadata.get("env_id")
+    if saved is None:
+        raise CLIError("the model does not name its environment: pass --env ENV_ID")
+    return _env_from_file(saved, f"the model {source}")
+
+
+def _is_checkpoint_zip(path: Path) -> bool:
+    from dql_agent.checkpoint import CONFIG_FILE
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return CONFIG_FILE in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _overwrite_problem(path: Path, kind: Literal["checkpoint", "file", "folder"]) -> str | None:
+    """Why the existing ``path`` must not be written over by an output of ``kind`` (None: it may)."""
+    from dql_agent.checkpoint import CONFIG_FILE
+
+    if kind == "folder":
+        return None if path.is_dir() else "exists and is not a folder"
+    if kind == "file":
+        return "is a folder, not a file" if path.is_dir() else None
+    if path.suffix == ".zip":
+        if path.is_file() and _is_checkpoint_zip(path):
+            return None
+        return f"exists and is not a checkpoint archive (a .zip holding {CONFIG_FILE}) to overwrite"
+    if not path.is_dir():
+        return "exists and is a file, not a checkpoint directory"
+    if any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
+        return f"is a folder that holds files but no {CONFIG_FILE}, so not a checkpoint to overwrite"
+    return None
+
+
+def _check_output(
+    output: str,
+    kind: Literal["checkpoint", "file", "folder"],
+    inputs: Sequence[str | None] = (),
+    make_parents: bool = True,
+) -> None:
+    """Refuse, before any work, an output that could not be written or whose writing would destroy
+    something: an input, or an existing path that is not what the command overwrites (a checkpoint
+    for ``kind`` "checkpoint", a file for "file", a folder written into for "folder")."""
+    path = Path(output).expanduser()
+    for source in inputs:
+        if source and path.exists() and Path(source).expanduser().exists() and path.samefile(source):
+            raise CLIError(f"the output {output} is the input {source}: choose another output path")
+    if path.exists():
+        problem = _overwrite_problem(path, kind)
+        if problem is not None:
+            raise CLIError(f"the output {output} {problem}: choose a new path or remove it")
+        if kind != "folder" and not os.access(path, os.W_OK):
+            raise CLIError(f"cannot write {output}: it is not writable")
+    # Files and checkpoints are written beside the output and renamed over it: the folder must be writable.
+    folder = path if kind == "folder" and path.exists() else path.parent
+    while make_parents and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        missing = "is not a folder" if folder.exists() else "does not exist"
+        raise CLIError(f"cannot write {output}: {folder} {missing}")
+    try:  # a real write: permission bits say nothing to root or of a read-only filesystem
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise CLIError(f"cannot write {output}: the folder {folder} is not writable") from None
+
+
+def _check_suffix(output: str, suffixes: Sequence[str]) -> None:
+    if Path(output).suffix.lower() not in suffixes:
+        raise CLIError(f"the output {output} must end in {' or '.join(suffixes)}")
+
+
+def _check_device(device: str) -> None:
+    """Refuse a CUDA device torch cannot use (torch would fail later with an AssertionError)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available to torch here; use --device cpu or auto")
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a mistake in the input (their message says it all), not a bug."""
+    types: list[type[BaseException]] = [CLIError, ValueError, TypeError, KeyError, OSError, ImportError, EOFError]
+    types.append(FloatingPointError)  # a non-finite loss: its message says which data or setting to change
+    # Only a library already imported can have raised its errors: none is imported here.
+    gym_error = sys.modules.get("gymnasium.error")
+    if gym_error is not None:
+        types.append(gym_error.Error)  # e.g. NameNotFound for --env Bogus-v9
+    hub_errors = sys.modules.get("huggingface_hub.errors")
+    http_error = getattr(hub_errors, "HTTPError", None)  # the Hub client's HTTP base error: connection failures
+    if isinstance(http_error, type) and issubclass(http_error, BaseException):
+        types.append(http_error)
+    return tuple(types)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]  # str(KeyError) would quote it
+    else:
+        text = str(error)
+    return text.strip() or type(error).__name__
 
 
 def _print_evaluation(results: dict[str, Any]) -> None:
@@ -99,6 +262,7 @@ def _print_evaluation(results: dict[str, Any]) -> None:
 # subcommands --------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> None:
     """Build a Pendulum dataset, train, evaluate against the data, save, write the Hub folder."""
+    _check_output(args.output, "folder")
     output = Path(args.output).resolve()
     os.environ["MINARI_DATASETS_PATH"] = str(output / "datasets")  # keep ~/.minari untouched
     import gymnasium as gym
@@ -156,29 +320,60 @@ def algorithms_by_short_name() -> dict[str, Any]:
     return {cls.short_name: cls for cls in ALGORITHMS.values()}
 
 
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    for key in overrides:
+        if key in NOT_HYPERPARAMETERS:
+            raise CLIError(f"--set {key}: {key} is not a hyperparameter; it is set by {NOT_HYPERPARAMETERS[key]}")
+    log = overrides.get("tensorboard_log")
+    if log is not None:
+        # SB3 would fail only when learn() starts, with an AssertionError.
+        if importlib.util.find_spec("tensorboard") is None:
+            raise CLIError("--set tensorboard_log needs the tensorboard package: pip install tensorboard")
+        if isinstance(log, str):
+            _check_output(log, "folder")
+
+
+def _literal_hint(error: Exception, overrides: dict[str, Any]) -> str:
+    """``error``'s message, plus the JSON spelling of a --set value written as a Python literal."""
+    fixes = [
+        f"--set {key}={PYTHON_LITERALS[value]}"
+        for key, value in overrides.items()
+        if isinstance(value, str) and value in PYTHON_LITERALS and key in str(error)
+    ]
+    hint = f" (--set values are JSON: {', '.join(fixes)})" if fixes else ""
+    return _message(error) + hint
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    _check_output(args.output, "checkpoint", [args.dataset])
+    cls = algorithms_by_short_name()[args.algo]
+    overrides = _parse_overrides(args.set)
+    _check_overrides(overrides)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-
-    cls = algorithms_by_short_name()[args.algo]
-    overrides = _parse_overrides(args.set)
     if args.preset is not None:
         if cls.algorithm != "DiffusionQL":
-            raise SystemExit("--preset holds Diffusion-QL's per-task settings: use it with --algo dql")
+            raise CLIError("--preset holds Diffusion-QL's per-task settings: use it with --algo dql")
         overrides["preset"] = args.preset
     if cls.online:  # it collects its own data from the env
         if args.dataset is not None or args.env is None:
-            raise SystemExit(f"--algo {args.algo} trains online: pass --env ENV_ID and no DATASET")
+            raise CLIError(f"--algo {args.algo} trains online: pass --env ENV_ID and no DATASET")
         env = args.env
-        model = cls(env, device=args.device, seed=args.seed, verbose=1, **overrides)
+        data: Any = env
     else:
         if args.dataset is None:
-            raise SystemExit(f"--algo {args.algo} trains offline: pass a DATASET (Minari id or .npz/.hdf5)")
-        buffer = load_buffer(args.dataset, download=args.download, env_id=args.env)
-        env = args.env or buffer.metadata.get("env_id")
-        model = cls(buffer, env=env, device=args.device, seed=args.seed, verbose=1, **overrides)
+            raise CLIError(f"--algo {args.algo} trains offline: pass a DATASET (Minari id or .npz/.hdf5)")
+        data = load_buffer(args.dataset, download=args.download, env_id=args.env)
+        env = args.env
+        if not env and data.metadata.get("env_id") is not None:
+            env = _env_from_file(data.metadata["env_id"], f"the dataset {args.dataset}")
+    try:
+        kwargs = {} if cls.online else {"env": env}
+        model = cls(data, **kwargs, device=args.device, seed=args.seed, verbose=1, **overrides)
+    except (ValueError, TypeError) as error:
+        raise CLIError(_literal_hint(error, overrides)) from error
     model.learn(args.steps, progress_bar=not args.no_progress, log_interval=args.log_interval)
     model.save(args.output, include_optimizer=args.include_optimizer)
     print(f"saved to {args.output}")
@@ -195,8 +390,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from dql_agent.integrations.hub import evaluate
 
+    if args.json:
+        _check_output(args.json, "file", [args.model], make_parents=False)
     model = load_model(args.model, args.device)
-    env_id = _env_id_of(model, args.env)
+    env_id = _env_id_of(model, args.env, args.model)
     results = evaluate(model, Monitor(_make_env(env_id)), n_eval_episodes=args.episodes)
     _print_evaluation(results)
     if args.json:
@@ -206,8 +403,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_record(args: argparse.Namespace) -> None:
     from dql_agent.integrations.video import record_video
 
+    _check_suffix(args.output, [".mp4"])
+    _check_output(args.output, "file", [args.model])
     model = load_model(args.model, args.device)
-    env = _make_env(_env_id_of(model, args.env), render=True)
+    env = _make_env(_env_id_of(model, args.env, args.model), render=True)
     path = record_video(model, env, args.output, n_episodes=args.episodes, max_steps=args.max_steps, seed=args.seed)
     env.close()
     print(f"wrote {path}")
@@ -217,7 +416,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     eval_env = None
     if args.episodes > 0:
-        eval_env = _make_env(_env_id_of(model, args.env), render=not args.no_video)
+        eval_env = _make_env(_env_id_of(model, args.env, args.model), render=not args.no_video)
     url = model.push_to_hub(
         args.repo_id,
         eval_env=eval_env,
@@ -231,8 +430,10 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from dql_agent.export import read_metadata
+    from dql_agent.export import FORMATS, read_metadata
 
+    _check_suffix(args.output, sorted(FORMATS))
+    _check_output(args.output, "file", [args.model], make_parents=False)
     model = load_model(args.model, args.device)
     path = model.export(args.output, deterministic=not args.stochastic, n_action_samples=args.n_action_samples)
     meta = read_metadata(path)
@@ -241,9 +442,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dql-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="dql-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
@@ -313,12 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``dql-agent`` console script."""
+    """Entry point of the ``dql-agent`` console script.
+
+    A user error exits with status 2 and one line on stderr (``DQL_AGENT_DEBUG=1``: the
+    traceback); any other exception is a bug and propagates with its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
+        _check_device(args.device)
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        raise SystemExit(f"dql-agent {args.command}: {error}") from None
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not isinstance(error, _user_error_types()):
+            raise
+        _fail(_message(error))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,12 @@ this module (``dql_agent`` does, for ``dql_agent.load_from_hub``) stays cheap.
 from __future__ import annotations
 
 import datetime
+import functools
+import html
 import json
 import os
+import re
+import string
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,8 +155,74 @@ def _video_env(env: Any) -> tuple[gym.Env, bool]:
 
 
 # model card --------------------------------------------------------------------------------------
+# env_id and dataset_id come from files (checkpoint metadata, datasets): the card shows them as data
+# in every context (YAML, Markdown text, code spans, the Python usage snippet), never as markup or code.
+_MD_INERT = frozenset("-/")  # punctuation with no Markdown meaning mid-line, kept readable
+
+
+def _visible(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters as Python escapes (``\\n``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _md_text(text: str) -> str:
+    """``text`` as literal inline Markdown: punctuation backslash-escaped, ``<>&`` as entities."""
+    out = []
+    for c in _visible(text):
+        if c in "<>&":
+            out.append(html.escape(c))
+        elif c in string.punctuation and c not in _MD_INERT:
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _md_code(text: str, in_table: bool = False) -> str:
+    """``text`` as one Markdown code span, shown verbatim (line breaks as ``\\n``)."""
+    text = _visible(text)
+    if in_table and "|" in text:
+        # A pipe needs a backslash in a table cell, which a code span would show: use text.
+        return _md_text(text)
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""  # a space is stripped each side
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _py_str(text: str) -> str:
+    """A double-quoted Python string literal, on one line, that evaluates to ``text``."""
+    return _visible(json.dumps(text, ensure_ascii=False))  # JSON's escapes are Python's too
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
 def _format_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+@functools.cache
+def _card_class() -> type[ModelCard]:
+    """``ModelCard`` whose YAML metadata round-trips every string (made on first use, as
+    ``huggingface_hub`` is imported lazily)."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    class CardData(ModelCardData):
+        def to_yaml(self, line_break: str | None = None, original_order: list[str] | None = None) -> str:
+            text = super().to_yaml(line_break=line_break, original_order=original_order)
+            if "\x85" not in text:
+                return text
+            # PyYAML writes U+0085 (NEL) raw in a quoted scalar and reads it back as a line break;
+            # ASCII output escapes it (and every other non-ASCII character).
+            data = self.to_dict()
+            return yaml.safe_dump(data, sort_keys=False, line_break=line_break, allow_unicode=False).strip()
+
+    class Card(ModelCard):
+        card_data_class = CardData
+
+    return Card
 
 
 def make_model_card(
@@ -161,10 +231,14 @@ def make_model_card(
     repo_id: str | None = None,
     has_video: bool = False,
 ) -> ModelCard:
-    """The README.md card: Hub metadata (tags, datasets, model-index) plus the rendered template."""
+    """The README.md card: Hub metadata (tags, datasets, model-index) plus the rendered template.
+
+    The env and dataset ids (which may come from any checkpoint or dataset) are quoted for each
+    place they appear in: YAML by ``yaml``, Markdown escaped, the usage snippet as string literals.
+    """
     from importlib import resources
 
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import EvalResult
 
     algorithm = model.algorithm
     paper = model.paper
@@ -174,13 +248,13 @@ def make_model_card(
             f"class {type(model).__name__}(BaseAgent, algorithm=..., paper=Paper(...))"
         )
     meta = model.metadata
-    env_id = (results or {}).get("env_id") or meta.get("env_id")
-    dataset_id = meta.get("dataset_id")
+    env_id = _text_or_none((results or {}).get("env_id") or meta.get("env_id"))
+    dataset_id = _text_or_none(meta.get("dataset_id"))
     tags = [*CARD_TAGS, *(t for t in (env_id, dataset_id) if t), "dql_agent"]
     eval_results = None
     if results is not None:
         name = env_id or "custom-env"
-        common = {
+        common: dict[str, Any] = {
             "task_type": "reinforcement-learning",
             "task_name": "reinforcement-learning",
             "dataset_type": name,
@@ -197,8 +271,10 @@ def make_model_card(
                     **common,
                 )
             )
+        results = {**results, "env_id": _md_text(str(results.get("env_id")))}  # shown in a table cell
     model_name = repo_id.split("/")[-1] if repo_id else f"{algorithm}-{env_id or 'agent'}"
-    card_data = ModelCardData(
+    card_cls = _card_class()
+    card_data = card_cls.card_data_class(
         library_name="dql_agent",
         tags=tags,
         datasets=[dataset_id] if dataset_id else None,
@@ -206,23 +282,28 @@ def make_model_card(
         eval_results=eval_results,
     )
     template = resources.files("dql_agent.hub_cards").joinpath(CARD_TEMPLATE).read_text("utf-8")
-    n_usage = (results or {}).get("n_eval_episodes", 10)
-    return ModelCard.from_template(
+    n_usage = int((results or {}).get("n_eval_episodes", 10))
+    repo_literal = _py_str(repo_id or REPO_PLACEHOLDER)
+    return card_cls.from_template(
         card_data,
         template_str=template,
         algorithm=algorithm,
         class_name=type(model).__name__,
         paper=paper,
-        repo_id=repo_id or REPO_PLACEHOLDER,
-        env_id=env_id,
-        usage_env_id=env_id or "<env id>",
+        repo_literal=repo_literal,
+        usage_load=_md_code(f"dql_agent.load_from_hub({repo_literal})"),
+        env_id=_md_text(env_id) if env_id else None,
+        usage_env_literal=_py_str(env_id or "<env id>"),
         usage_n_eval_episodes=n_usage,
-        dataset_id=dataset_id,
+        dataset_id=_md_code(dataset_id) if dataset_id else None,
         results=results,
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
         has_video=has_video,
-        hyperparameters=[(k, _format_value(v)) for k, v in model.config.to_dict().items()],
+        hyperparameters=[
+            (_md_code(k, in_table=True), _md_code(_format_value(v), in_table=True))
+            for k, v in model.config.to_dict().items()
+        ],
         num_timesteps=int(model.num_timesteps),
         seed=model.seed,
         library_version=library_version(),

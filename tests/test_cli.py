@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from dql_agent import QVPO, DiffusionDICE, DiffusionQL, load_from_hub
+from dql_agent import QVPO, DiffusionDICE, DiffusionQL, cli, load_from_hub
 from dql_agent.cli import main
 
 QUIET = ["--episodes", "0", "--no-progress", "--device", "cpu"]  # no evaluation, no bar
@@ -91,25 +91,32 @@ def test_train_dice_offline_and_qvpo_online(npz, tmp_path):
     assert isinstance(load_from_hub(str(tmp_path / "qvpo")), QVPO)
 
 
+def bad(argv: list[str], message: str):  # one adversarial input: a counted case
+    return pytest.param(argv, message, marks=pytest.mark.bad_input("cli", "clear error"))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--algo", "dql", "-o", "x"], "trains offline: pass a DATASET"),
-        (["train", "data.npz", "--algo", "qvpo", "-o", "x"], "trains online"),
-        (["train", "data.npz", "--algo", "dice", "--preset", "hopper-medium", "-o", "x"], "use it with --algo dql"),
-        (["train", "missing.npz", "-o", "x"], "D4RL file not found"),
-        (["train", "nosuch/dataset-v0", "-o", "x"], "nosuch/dataset-v0"),
-        (["train", "data.npz", "--set", "noequals", "-o", "x"], "--set expects key=value"),
-        (["evaluate", "nowhere/model"], "nowhere/model"),
+        bad(["train", "--algo", "dql", "-o", "x"], "trains offline: pass a DATASET"),
+        bad(["train", "data.npz", "--algo", "qvpo", "-o", "x"], "trains online"),
+        bad(["train", "data.npz", "--algo", "dice", "--preset", "hopper-medium", "-o", "x"], "use it with --algo dql"),
+        bad(["train", "missing.npz", "-o", "x"], "missing.npz"),
+        bad(["train", "nosuch/dataset-v0", "-o", "x"], "nosuch/dataset-v0"),
+        bad(["train", "data.npz", "--set", "noequals", "-o", "x"], "--set expects key=value"),
+        bad(["evaluate", "nowhere/model"], "nowhere/model"),
     ],
 )
-def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, monkeypatch, hub_server, hub_offline):
+def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, monkeypatch, capsys, hub_server, hub_offline):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.delenv("DQL_AGENT_DEBUG", raising=False)
     hub_offline()  # a repo id must fail from the (empty) cache, never reach a real network
     with pytest.raises(SystemExit) as error:
         main(argv)
-    assert message in str(error.value)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dql-agent: error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_demo_pipeline_smoke(tmp_path, capsys):
@@ -137,3 +144,15 @@ def test_demo_beats_the_noisy_half_and_random_actions(tmp_path, capsys):
     noisy = float(out.split("dataset noisy half")[1].split()[0])
     random = float(out.split("random actions")[1].split()[0])
     assert results["mean_reward"] > noisy + 200 and results["mean_reward"] > random + 200, (results, noisy, random)
+
+
+@pytest.mark.parametrize("bug", [AttributeError("a bug"), AssertionError("a bug"), RuntimeError("a bug")])
+def test_a_bug_keeps_its_traceback(bug, monkeypatch):
+    """Only user errors become one line: anything else propagates (the console shows the traceback)."""
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(cli, "cmd_evaluate", broken)  # build_parser binds the command when main runs
+    with pytest.raises(type(bug), match="a bug"):
+        main(["evaluate", "model", "--device", "cpu"])

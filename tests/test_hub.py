@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import html
 import json
 import re
 from pathlib import Path
@@ -11,11 +13,13 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
+from markdown_it import MarkdownIt
 
 import dql_agent
 from dql_agent import CheckpointError, DiffusionQL, OfflineBuffer
-from dql_agent.integrations.hub import HubNotFoundError, load_from_hub, write_hub_folder
+from dql_agent.integrations.hub import HubNotFoundError, load_from_hub, make_model_card, write_hub_folder
 
 ENV_ID = "Pendulum-v1"
 REPO = "alice/dql-pendulum"
@@ -173,8 +177,7 @@ def test_load_from_local_directory(model, observations, tmp_path):
 
 
 def test_write_hub_folder_remakes_non_rendering_env_and_drops_stale_files(model, tmp_path):
-    folder = tmp_path / "hub"
-    folder.mkdir()
+    folder = write_hub_folder(model, tmp_path / "hub")  # a previous write, then a stale video in it
     (folder / "replay.mp4").write_bytes(b"stale")
     write_hub_folder(model, folder, eval_env=gym.make(ENV_ID), n_eval_episodes=1, video_length=5)
     assert iio.imread(folder / "replay.mp4", plugin="FFMPEG").shape[0] == 5
@@ -273,3 +276,90 @@ def test_load_from_hub_arguments():
         load_from_hub(DiffusionQL)
     with pytest.raises(ValueError, match="neither a local checkpoint directory"):
         load_from_hub("not a/valid/repo id!!")
+
+
+# Ids from files (checkpoint metadata, datasets) in the card: data in every context, never markup or code.
+HOSTILE_IDS = {
+    "double and single quotes": "Pendulum\"-v1'",
+    "newline and heading": "Pendulum-v1\n# injected heading\n",
+    "yaml document end": "x\n---\ntags: [evil]\n...\n",
+    "backticks": "a`b``c```d`",
+    "code fence": "x\n```\nimport os\n```\n",
+    "script tag": "<script>alert(1)</script>",
+    "python breakout": '"); import os #',
+    "markdown link": "](https://evil.example)[x",
+    "table pipes": "a|b\\|c |",
+    "unicode line breaks": "a\u2028b\u2029c\x85d\re\r\nf",
+    "html entity": "&lt;b&gt; &amp;",
+    "trailing backslash": "x\\",
+    "emphasis and autolink": "*a* _b_ www.evil.example https://evil.example <https://evil.example>",
+    "spaces and tab": " x\t ",
+    "astral and lone surrogate": "\U0001f600\ud800",
+}
+
+
+def _visible(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _card_text(model, tmp_path: Path, env_id: str, dataset_id: str) -> str:
+    model.metadata = {**METADATA, "env_id": env_id, "dataset_id": dataset_id}
+    results = {
+        "env_id": env_id,
+        "dataset_id": dataset_id,
+        "mean_reward": -500.0,
+        "std_reward": 10.0,
+        "normalized_score": 50.0,
+        "n_eval_episodes": 3,
+        "is_deterministic": True,
+        "eval_datetime": "2025-01-01T00:00:00+00:00",
+    }
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}.md"
+    make_model_card(model, results, repo_id=REPO).save(path)
+    return path.read_text(encoding="utf-8")
+
+
+def _python_snippet(text: str, replace: str, by: str) -> str:
+    """The usage snippet's AST, string constants equal to ``replace`` swapped for ``by``."""
+    tree = ast.parse(re.search(r"^```python\n(.*?)^```$", text, re.S | re.M).group(1))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value == replace:
+            node.value = by
+    return ast.dump(tree)
+
+
+def _markdown_tokens(text: str) -> list[str]:
+    """Block and inline token types of the card body (how the Markdown is structured)."""
+    tokens = MarkdownIt("js-default").parse(text)
+    return [t.type for token in tokens for t in (token, *(token.children or []))]
+
+
+@pytest.mark.bad_input("model card", "correct behaviour")
+@pytest.mark.parametrize("hostile", HOSTILE_IDS.values(), ids=HOSTILE_IDS.keys())
+def test_card_shows_hostile_ids_as_data(model, hostile, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "metadata", dict(model.metadata))  # restored after the test
+    dataset = f"{hostile}/data-v0"
+    baseline = _card_text(model, tmp_path, ENV_ID, METADATA["dataset_id"])
+    text = _card_text(model, tmp_path, hostile, dataset)
+
+    # YAML front matter: parsed as the Hub does, every id back as it was.
+    data = yaml.safe_load(re.match(r"---\n(.*?)\n---\n", text, re.S).group(1))
+    card = ModelCard(text)
+    for parsed in (data, card.data.to_dict()):
+        assert hostile in parsed["tags"] and dataset in parsed["tags"] and parsed["datasets"] == [dataset]
+        assert {r["dataset"]["name"] for r in parsed["model-index"][0]["results"]} == {hostile}
+
+    # Python snippet: parses, and holds the id as a string constant only.
+    assert _python_snippet(text, hostile, ENV_ID) == _python_snippet(baseline, ENV_ID, ENV_ID)
+
+    # Markdown: the same structure as a plain card (no new line, heading, link, HTML or cell).
+    assert len(card.text.splitlines()) == len(ModelCard(baseline).text.splitlines())
+    assert _markdown_tokens(card.text) == _markdown_tokens(ModelCard(baseline).text)
+    rendered = MarkdownIt("js-default").render(card.text)
+    assert "<script" not in rendered and "evil.example</a>" not in rendered
+    heading = re.search(r"<h1>(.*?)</h1>", rendered).group(1)
+    assert html.unescape(heading) == f"DiffusionQL on {_visible(hostile)}".rstrip()  # headings drop end spaces
+    codes = {html.unescape(c) for c in re.findall(r"<code>(.*?)</code>", rendered, re.S)}
+    assert _visible(dataset) in codes
+    cells = re.findall(r"<td>(.*?)</td>", rendered.split("<tbody>")[1].split("</tbody>")[0])
+    assert html.unescape(cells[0]) == _visible(hostile).strip()  # as cells do
