@@ -55,7 +55,7 @@ from dql_agent.checkpoint import (
     save_checkpoint,
 )
 from dql_agent.config import ConfigBase, check_seed, is_int, to_json_safe
-from dql_agent.spaces import flat_dim, scale_actions, spaces_equal
+from dql_agent.spaces import check_action_space, check_observation_space, flat_dim, scale_actions, spaces_equal
 
 if TYPE_CHECKING:
     from dql_agent.policy import PolicyBase
@@ -115,9 +115,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch sees no CUDA device; use device='auto' or 'cpu'")
+    return resolved
 
 
 def check_tensorboard(tensorboard_log: Any) -> None:
@@ -146,6 +149,8 @@ def resolve_spaces(
     act_space = next((s for s in (action_space, env_spaces[1], buffer_spaces[1]) if s is not None), None)
     if obs_space is None or act_space is None:
         raise ValueError("cannot tell the spaces: pass buffer=, env=, or observation_space= and action_space=")
+    check_observation_space(obs_space)
+    check_action_space(act_space)
     if buffer is not None:
         if flat_dim(obs_space) != buffer.obs_dim:
             raise ValueError(

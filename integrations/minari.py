@@ -80,7 +80,25 @@ def load_minari_dataset(dataset_or_id: str | minari.MinariDataset, download: boo
             "root; datasets live under $MINARI_DATASETS_PATH, else ~/.minari/datasets). Pass "
             f"download=True to fetch it, or run `minari download {dataset_or_id}`."
         )
+    if (path / "data").exists():
+        _refuse_spaces_from_code(path / "data", dataset_or_id)
     return minari.load_dataset(dataset_or_id, download=download)
+
+
+def _refuse_spaces_from_code(data_path: Path, dataset_id: str) -> None:
+    """Minari makes the env named in a dataset's ``env_spec`` (importing its entry point's module)
+    when the metadata lacks a stored space: code named in a file. Refuse such datasets instead."""
+    from minari.dataset.minari_storage import MinariStorage
+
+    metadata = MinariStorage.read_raw_metadata(str(data_path))
+    missing = [key for key in ("observation_space", "action_space") if key not in metadata]
+    if missing:
+        raise ValueError(
+            f"Minari dataset {dataset_id!r} stores no {' or '.join(missing)} in {data_path}/metadata.json; "
+            "minari would build them by making the env its env_spec names, which imports code named in a "
+            "file. Recreate the dataset with its spaces (minari.create_dataset_from_buffers(..., "
+            "observation_space=..., action_space=...))"
+        )
 
 
 def _leading_lengths(data: Any) -> set[int]:

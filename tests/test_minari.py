@@ -280,3 +280,21 @@ def test_values_beyond_float32_in_a_float64_dataset_are_refused(stored, index, k
     )
     with pytest.raises(ValueError, match=message):
         OfflineBuffer.from_minari("test/huge-v0")
+
+
+@pytest.mark.bad_input("data", "clear error")
+def test_a_dataset_without_stored_spaces_never_imports_the_module_its_env_spec_names(tmp_path, monkeypatch):
+    # Minari would gym.make the env_spec (importing its entry point) to recover missing spaces.
+    import json
+
+    (tmp_path / "evil_module.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_minari_dataset("test/nospace-v0", [_episode(0, 3, True)], observation_space=OBS_SPACE, action_space=ACT_SPACE)
+    meta_path = tmp_path / "test" / "nospace-v0" / "data" / "metadata.json"
+    metadata = json.loads(meta_path.read_text())
+    del metadata["observation_space"]
+    metadata["env_spec"] = gym.envs.registration.EnvSpec("Evil-v0", entry_point="evil_module:Env").to_json()
+    meta_path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"stores no observation_space .* imports code named in a file"):
+        minari_to_transitions("test/nospace-v0")
+    assert not (tmp_path / "IMPORTED").exists()
