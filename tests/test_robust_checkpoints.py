@@ -179,6 +179,7 @@ def test_optimizer_state_problems(saved, tmp_path):
     assert DiffusionQL.load(path, include_optimizer=False).num_timesteps == 2  # weights alone still load
 
 
+@pytest.mark.bad_input("checkpoint", "clear error")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.binary(max_size=2048), target=st.sampled_from(["config.json", "model.safetensors", "optimizer.safetensors"])
@@ -192,6 +193,7 @@ def test_fuzz_random_bytes(saved, tmp_path_factory, data, target):
         pass  # a clean, named error; a successful load is fine too (e.g. valid bytes by chance)
 
 
+@pytest.mark.bad_input("checkpoint", "clear error")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     target=st.sampled_from(["config.json", "model.safetensors"]),
@@ -360,6 +362,7 @@ def test_hyperparameters_and_metadata_are_plain_json_from_numpy_and_torch(saved,
     assert DiffusionQL.load(tmp_path / "plain").metadata["n"] == 3  # the failed save changed nothing
 
 
+@pytest.mark.bad_input("checkpoint", "clear error")
 def test_every_config_json_field_loads_or_names_itself_within_time_and_memory():
     # hypothesis over every field of three algorithms' config.json, in a subprocess whose address
     # space is capped at 2.5 GiB: any allocation past it would fail the run (see the script).
