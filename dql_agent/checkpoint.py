@@ -493,8 +493,8 @@ def _verify_optimizer(config: dict[str, Any], data: bytes, where: str) -> None:
     expected = config["optimizer_sha256"]
     if expected is None:
         raise CheckpointError(
-            f"{where} is not part of this checkpoint ({CONFIG_FILE}'s optimizer_sha256 is null: it records no optimizer state): it is stale "
-            "or was copied in; delete it, or load with include_optimizer=False"
+            f"{where} is not part of this checkpoint ({CONFIG_FILE}'s optimizer_sha256 is null: it records no "
+            "optimizer state): it is stale or was copied in; delete it, or load with include_optimizer=False"
         )
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
