@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -48,6 +50,7 @@ from dql_agent.checkpoint import (
     build_config,
     check_json_like,
     check_tensors,
+    library_version,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -83,6 +86,28 @@ class Paper:
 
 ALGORITHMS: dict[str, type[BaseAgent]] = {}
 """Algorithm name (config.json's "algorithm") -> its class; filled by the class statements."""
+
+
+IGNORED_SB3_LOAD_KEYWORDS = frozenset({"buffer_size", "optimize_memory_usage"})
+"""Keywords rl-zoo3 passes to SB3's off-policy ``load`` that mean nothing to a dql_agent model
+(its load allocates no replay buffer) unless they are hyperparameters."""
+RL_ZOO_CUSTOM_OBJECTS = frozenset({"learning_rate", "lr_schedule", "clip_range"})
+"""The ``custom_objects`` rl-zoo3's enjoy and record_video always pass: ignored without a warning."""
+
+
+def system_info() -> dict[str, str]:
+    """The versions that matter when a checkpoint does not load (``load(print_system_info=True)``)."""
+    import gymnasium
+
+    return {
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "dql_agent": library_version(),
+        "PyTorch": torch.__version__,
+        "GPU Enabled": str(torch.cuda.is_available()),
+        "Numpy": np.__version__,
+        "Gymnasium": gymnasium.__version__,
+    }
 
 
 def algorithm_class(name: str) -> type[BaseAgent]:
@@ -155,11 +180,13 @@ def resolve_spaces(
         if flat_dim(obs_space) != buffer.obs_dim:
             raise ValueError(
                 f"observation_space flattens to {flat_dim(obs_space)} dims, "
-                f"but the buffer's observations have {buffer.obs_dim}"
+                f"but the buffer's observations have {buffer.obs_dim}: pass observation_space= (or an env) that "
+                "matches the data"
             )
         if int(np.prod(act_space.shape)) != buffer.action_dim:
             raise ValueError(
-                f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}"
+                f"action_space has shape {act_space.shape}, but the buffer's actions have dim {buffer.action_dim}: "
+                "pass action_space= (or an env) that matches the data"
             )
     return obs_space, act_space
 
@@ -258,6 +285,7 @@ class BaseAgent:
             check_tensorboard(tensorboard_log)
         self.device = resolve_device(device)
         self.seed = draw_seed() if seed is None else check_seed(seed)
+        env_module, _, env_id = env.rpartition(":") if isinstance(env, str) else ("", "", None)
         if env is not None:
             from dql_agent.integrations.sb3 import wrap_env
 
@@ -265,6 +293,10 @@ class BaseAgent:
         observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
         # JSON-safe now (numpy scalars converted), so a save at the end of training cannot fail on it.
         self.metadata: dict[str, Any] = to_json_safe(dict(buffer.metadata), "metadata") if buffer is not None else {}
+        if env_id is not None:  # an id typed in code: the plain id, and the module it named apart
+            self.metadata.setdefault("env_id", env_id)
+            if env_module:
+                self.metadata.setdefault("env_module", env_module)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(self.seed)
             self.policy: Any = self.policy_class(observation_space, action_space, self.config).to(self.device)
@@ -565,6 +597,15 @@ class BaseAgent:
         """Write ``model.safetensors`` + ``config.json`` to the directory ``path`` (a ``.zip``
         archive of them when ``path`` ends in ``.zip``). ``include_optimizer`` adds the
         optimizer, scheduler and RNG state so :meth:`learn` can resume where it stopped."""
+        # huggingface_sb3.package_to_hub saves to a path without suffix, then unzips "<path>.zip" for
+        # SB3's pickled "data" entry and writes an SB3 model card: it cannot package this model, so
+        # stop it here, before it fails on a missing file (or uploads something unloadable).
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("huggingface_sb3"):
+            raise TypeError(
+                "huggingface_sb3.package_to_hub cannot package a dql_agent model (it expects SB3's pickled zip); "
+                "use model.push_to_hub(repo_id, eval_env=...) or `dql-agent push MODEL REPO_ID`, which upload "
+                "the weights, config.json, a model card, results.json and a replay video"
+            )
         config = build_config(
             algorithm=self.algorithm,
             hyperparameters=self.config.to_dict(),
@@ -592,15 +633,68 @@ class BaseAgent:
         env: Any = None,
         device: str | torch.device = "auto",
         include_optimizer: bool = True,
+        *,
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        seed: int | None = None,
         **overrides: Any,
     ) -> SelfAgent:
         """Load a model saved with :meth:`save`; no dataset needed, nothing unpickled.
 
         ``overrides`` replace saved hyperparameters that do not change network shapes (e.g.
         ``n_action_samples``); optimizer/RNG state is restored when present so ``learn`` resumes.
+        Any other keyword is a TypeError naming it.
+
+        SB3's load keywords are accepted (keyword-only), so SB3 code and rl-zoo3 load these models:
+
+        - ``custom_objects`` is ignored: SB3 replaces with it what it cannot unpickle, and nothing
+          here is unpickled. Keys other than those rl-zoo3 always passes (``learning_rate``,
+          ``lr_schedule``, ``clip_range``) warn; pass a hyperparameter to change as a keyword.
+        - ``print_system_info`` prints this system's versions, then those the checkpoint records.
+        - ``force_reset`` has nothing to do: a loaded model never holds an episode in progress (no
+          observation is saved), so an online algorithm's next ``learn`` starts from a reset.
+        - ``seed`` replaces the saved seed, as in the constructor (stochastic actions, QVPO's env
+          resets); RNG state saved with the optimizer still wins, so a resumed ``learn`` is exact.
+        - ``buffer_size`` and ``optimize_memory_usage`` (rl-zoo3 passes them to SB3's off-policy
+          algorithms) are ignored unless they are hyperparameters (QVPO's ``buffer_size``).
         """
+        for name, flag in (
+            ("include_optimizer", include_optimizer),
+            ("print_system_info", print_system_info),
+            ("force_reset", force_reset),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{cls.__name__}.load: {name} must be a bool, got {flag!r}")
+        if custom_objects is not None and not isinstance(custom_objects, dict):
+            raise TypeError(f"{cls.__name__}.load: custom_objects must be a dict or None, got {custom_objects!r}")
+        if seed is not None:
+            seed = check_seed(seed)
+        hyperparameters = cls.config_class.field_names() | set(cls.config_class.renamed)
+        unknown = sorted(set(overrides) - hyperparameters - IGNORED_SB3_LOAD_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.load got unknown keyword(s) {unknown}: neither {cls.__name__} hyperparameters "
+                f"({sorted(hyperparameters)}) nor SB3 load keywords (custom_objects, print_system_info, force_reset, "
+                "seed, buffer_size, optimize_memory_usage)"
+            )
+        ignored = sorted(set(custom_objects or {}) - RL_ZOO_CUSTOM_OBJECTS)
+        if ignored:
+            warnings.warn(
+                f"{cls.__name__}.load ignores custom_objects {ignored}: dql_agent unpickles nothing, so there is "
+                "nothing to replace; pass a hyperparameter to change as a keyword, e.g. load(path, n_action_samples=8)",
+                stacklevel=2,
+            )
+        if print_system_info:
+            print("== CURRENT SYSTEM INFO ==")
+            print("\n".join(f"- {key}: {value}" for key, value in system_info().items()))
         checkpoint = load_checkpoint(path, include_optimizer=include_optimizer)
-        return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, **overrides)
+        if print_system_info:
+            print("== SAVED MODEL SYSTEM INFO ==")
+            print(f"- dql_agent: {checkpoint.config.get('library_version')}")
+            print(f"- format_version: {checkpoint.config.get('format_version')}")
+        overrides = {key: value for key, value in overrides.items() if key in hyperparameters}
+        return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, seed=seed, **overrides)
 
     @classmethod
     def from_checkpoint(
@@ -609,9 +703,11 @@ class BaseAgent:
         where: str,
         env: Any = None,
         device: str | torch.device = "auto",
+        seed: int | None = None,
         **overrides: Any,
     ) -> SelfAgent:
-        """A model of this class from a parsed checkpoint; ``where`` names it in errors."""
+        """A model of this class from a parsed checkpoint; ``where`` names it in errors. ``seed``
+        replaces the saved seed (the optimizer's saved RNG state, when loaded, still wins)."""
         saved = read_config(checkpoint.config, where)
         if saved.algorithm != cls.algorithm:
             raise CheckpointError(
@@ -632,7 +728,7 @@ class BaseAgent:
                 observation_space=saved.observation_space,
                 action_space=saved.action_space,
                 device=device,
-                seed=saved.seed,
+                seed=saved.seed if seed is None else seed,
                 **config.to_dict(),
             )
         except (MemoryError, RuntimeError) as error:  # sizes that match the file can still not fit
