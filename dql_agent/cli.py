@@ -5,7 +5,7 @@
     dql-agent train --algo qvpo --env ENV [--steps N] -o DIR       # online
     dql-agent evaluate MODEL --env ENV [--episodes N]
     dql-agent record MODEL --env ENV -o replay.mp4
-    dql-agent push MODEL REPO_ID [--env ENV]
+    dql-agent push MODEL REPO_ID [--env ENV] [--local-dir DIR]      # --local-dir: no network
     dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
 
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
@@ -25,6 +25,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -116,10 +117,21 @@ def load_model(source: str, device: str = "auto"):  # noqa: ANN201 - an agent
     return load_from_hub(source, device=device)
 
 
-def _make_env(env_id: str, render: bool = False):  # noqa: ANN201 - gymnasium.Env
+def _make_env(env_id: str, render: bool = False, imports: Sequence[str] = ()):  # noqa: ANN201 - gymnasium.Env
+    """``gym.make(env_id)`` after importing the modules the user named (``--import``)."""
+    import importlib
+
     import gymnasium as gym
 
-    return gym.make(env_id, render_mode="rgb_array" if render else None)
+    for module in imports:
+        importlib.import_module(module)
+    try:
+        return gym.make(env_id, render_mode="rgb_array" if render else None)
+    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound) as error:
+        raise CLIError(
+            f"{error} If a package registers it (e.g. gymnasium_robotics for PointMaze), pass "
+            f"--import PACKAGE or --env PACKAGE:{env_id.split(':')[-1]}"
+        ) from error
 
 
 def _env_from_file(env_id: Any, where: str) -> str:
@@ -139,13 +151,23 @@ def _env_from_file(env_id: Any, where: str) -> str:
     return env_id
 
 
-def _env_id_of(model: Any, env_id: str | None, source: str) -> str:
+def _env_id_of(model: Any, env_id: str | None, source: str, imports: Sequence[str] = ()) -> str:
+    """The env to make for ``model``: the user's --env, else the one its checkpoint records. A
+    module recorded beside it (the user's ``--env MODULE:ENV`` at training) is imported only when
+    the user names it again."""
     if env_id:  # typed by the user, who may name a module
         return env_id
     saved = model.metadata.get("env_id")
     if saved is None:
         raise CLIError("the model does not name its environment: pass --env ENV_ID")
-    return _env_from_file(saved, f"the model {source}")
+    saved = _env_from_file(saved, f"the model {source}")
+    module = model.metadata.get("env_module")
+    if module and module not in imports:
+        raise CLIError(
+            f"the model {source} was trained on {saved!r}, which the module {module!r} registers; dql-agent "
+            f"never imports a module named in a file: if you trust it, pass --import {shlex.quote(str(module))}"
+        )
+    return saved
 
 
 def _is_checkpoint_zip(path: Path) -> bool:
@@ -256,6 +278,8 @@ def _print_evaluation(results: dict[str, Any]) -> None:
     line += f" over {results['n_eval_episodes']} episodes"
     if results.get("normalized_score") is not None:
         line += f" (normalized score {results['normalized_score']:.1f})"
+    if results.get("success_rate") is not None:
+        line += f", success rate {100 * results['success_rate']:.0f}%"
     print(line)
 
 
@@ -365,15 +389,29 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.dataset is None:
             raise CLIError(f"--algo {args.algo} trains offline: pass a DATASET (Minari id or .npz/.hdf5)")
+        for module in args.imports:  # before the dataset's env id is made
+            importlib.import_module(module)
         data = load_buffer(args.dataset, download=args.download, env_id=args.env)
         env = args.env
         if not env and data.metadata.get("env_id") is not None:
             env = _env_from_file(data.metadata["env_id"], f"the dataset {args.dataset}")
+    if env is not None:  # made here (with --import) so the model records the plain id
+        env_module, _, plain_id = env.rpartition(":")
+        env_module = env_module or ",".join(args.imports)
+        made = _make_env(env, imports=args.imports)
+        if cls.online:
+            data = made
     try:
-        kwargs = {} if cls.online else {"env": env}
+        kwargs = {} if cls.online else {"env": made if env is not None else None}
         model = cls(data, **kwargs, device=args.device, seed=args.seed, verbose=1, **overrides)
     except (ValueError, TypeError) as error:
         raise CLIError(_literal_hint(error, overrides)) from error
+    if env is not None:
+        # The plain id, and apart from it the module the user named: later commands import it only
+        # when the user names it again (--import), never because a file says so.
+        model.metadata["env_id"] = plain_id
+        if env_module:
+            model.metadata["env_module"] = env_module
     model.learn(args.steps, progress_bar=not args.no_progress, log_interval=args.log_interval)
     model.save(args.output, include_optimizer=args.include_optimizer)
     print(f"saved to {args.output}")
@@ -382,7 +420,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         from dql_agent.integrations.hub import evaluate
 
-        _print_evaluation(evaluate(model, Monitor(_make_env(env)), n_eval_episodes=args.episodes))
+        eval_env = Monitor(_make_env(env, imports=args.imports))
+        _print_evaluation(evaluate(model, eval_env, n_eval_episodes=args.episodes))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -393,8 +432,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         _check_output(args.json, "file", [args.model], make_parents=False)
     model = load_model(args.model, args.device)
-    env_id = _env_id_of(model, args.env, args.model)
-    results = evaluate(model, Monitor(_make_env(env_id)), n_eval_episodes=args.episodes)
+    env_id = _env_id_of(model, args.env, args.model, args.imports)
+    results = evaluate(model, Monitor(_make_env(env_id, imports=args.imports)), n_eval_episodes=args.episodes)
     _print_evaluation(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -406,26 +445,36 @@ def cmd_record(args: argparse.Namespace) -> None:
     _check_suffix(args.output, [".mp4"])
     _check_output(args.output, "file", [args.model])
     model = load_model(args.model, args.device)
-    env = _make_env(_env_id_of(model, args.env, args.model), render=True)
+    env = _make_env(_env_id_of(model, args.env, args.model, args.imports), render=True, imports=args.imports)
     path = record_video(model, env, args.output, n_episodes=args.episodes, max_steps=args.max_steps, seed=args.seed)
     env.close()
     print(f"wrote {path}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    """Push to the Hub, or with --local-dir write the same folder locally (no network)."""
+    if args.local_dir is not None:
+        if args.private or args.revision:
+            raise CLIError("--private and --revision apply to a push to the Hub, not to --local-dir")
+        _check_output(args.local_dir, "folder", [args.model])
     model = load_model(args.model, args.device)
     eval_env = None
     if args.episodes > 0:
-        eval_env = _make_env(_env_id_of(model, args.env, args.model), render=not args.no_video)
-    url = model.push_to_hub(
-        args.repo_id,
-        eval_env=eval_env,
-        n_eval_episodes=args.episodes,
-        video=not args.no_video,
-        video_length=args.video_length,
-        private=args.private or None,
-        revision=args.revision,
-    )
+        env_id = _env_id_of(model, args.env, args.model, args.imports)
+        eval_env = _make_env(env_id, render=not args.no_video, imports=args.imports)
+    options: dict[str, Any] = {
+        "eval_env": eval_env,
+        "n_eval_episodes": args.episodes,
+        "video": not args.no_video,
+        "video_length": args.video_length,
+    }
+    if args.local_dir is not None:
+        from dql_agent.integrations.hub import write_hub_folder
+
+        folder = write_hub_folder(model, args.local_dir, repo_id=args.repo_id, **options)
+        print(f"wrote the Hub folder to {folder}; push it once online with: dql-agent push {folder} {args.repo_id}")
+        return
+    url = model.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision, **options)
     print(f"pushed: {url}")
 
 
@@ -439,6 +488,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     meta = read_metadata(path)
     inputs = ", ".join(meta["inputs"])
     print(f"wrote {path}: {meta['algorithm']}, inputs {inputs} -> action {meta['action_shape']}")
+
+
+IMPORT_HELP = (
+    "import MODULE before making the env (a package that registers envs, e.g. gymnasium_robotics); "
+    "--env MODULE:ENV_ID does the same"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", choices=sorted(algos), default="dql", help=help_algo)
     p.add_argument("-o", "--output", required=True, help="model directory (or .zip) to write")
     p.add_argument("--env", help="env id for spaces and evaluation (default: the dataset's)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--preset", help="task preset, e.g. hopper-medium")
     p.add_argument("--steps", type=int, default=1_000_000, help="gradient steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override")
@@ -482,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "evaluate a saved or Hub model with SB3's evaluate_policy")
     p.add_argument("model")
     p.add_argument("--env", help="env id (default: the one the model was trained for)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--json", help="also write the results to this JSON file")
 
@@ -489,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", default="replay.mp4")
     p.add_argument("--env", help="env id (default: the one the model was trained for)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=None)
@@ -497,11 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("repo_id")
     p.add_argument("--env", help="env id for evaluation and video (default: the model's)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (0: push without results)")
     p.add_argument("--no-video", action="store_true")
     p.add_argument("--video-length", type=int, default=1000)
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", help="branch to push to")
+    p.add_argument(
+        "--local-dir", metavar="DIR", help="write the Hub folder (card, results, video) here instead: no network"
+    )
 
     p = add("export", cmd_export, "export acting to ONNX (.onnx) or torch.export (.pt2) for a robot's runtime")
     p.add_argument("model")

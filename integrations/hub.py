@@ -14,10 +14,18 @@ The three entry points are plain functions so the CLI can call them directly:
 
 ``huggingface_hub``, Stable-Baselines3 and Jinja are imported inside the functions, so importing
 this module (``dql_agent`` does, for ``dql_agent.load_from_hub``) stays cheap.
+
+Every ``huggingface_hub`` from 0.23 (HTTP through ``requests``) to 2.x (``httpx``/``httpx2``) works:
+only APIs common to them are used (errors from ``huggingface_hub.utils``, the offline flag
+``constants.HF_HUB_OFFLINE``). Before it transfers anything, a load or push checks with one
+request that the Hub can be reached (:func:`_connection_error`); when it cannot, a load uses the
+local cache and a push fails at once with :class:`HubUnreachableError`, instead of the client's
+retries (about 23 s, or minutes where packets are dropped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import html
@@ -25,11 +33,14 @@ import json
 import os
 import re
 import string
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gymnasium as gym
+import numpy as np
 
 from dql_agent.base import algorithm_class
 from dql_agent.checkpoint import (
@@ -54,6 +65,7 @@ __all__ = [
     "RESULTS_FILE",
     "VIDEO_FILE",
     "HubNotFoundError",
+    "HubUnreachableError",
     "evaluate",
     "load_from_hub",
     "make_model_card",
@@ -67,6 +79,14 @@ VIDEO_FILE = "replay.mp4"
 CARD_TEMPLATE = "model_card.md"  # in the dql_agent.hub_cards package
 REPO_PLACEHOLDER = "<user>/<repo>"
 CARD_TAGS = ("reinforcement-learning", "offline-rl", "diffusion-policy")
+CONNECT_TIMEOUT = 3.0  # seconds to open a connection to the Hub before calling it unreachable
+# The errors of failing to open a connection (refused, timed out, DNS, proxy, TLS) in each HTTP
+# library huggingface_hub has used: requests (0.x), httpx (1.x), httpx2 (2.x).
+_CONNECT_ERRORS = {
+    "requests": ("ConnectionError",),  # ConnectTimeout, ProxyError and SSLError derive from it
+    "httpx": ("ConnectError", "ConnectTimeout", "ProxyError"),
+    "httpx2": ("ConnectError", "ConnectTimeout", "ProxyError"),
+}
 
 
 class HubNotFoundError(FileNotFoundError):
@@ -81,6 +101,87 @@ class HubNotFoundError(FileNotFoundError):
     ) -> None:
         super().__init__(message)
         self.repo_id, self.path_in_repo, self.revision = repo_id, path_in_repo, revision
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub endpoint could not be reached (no network, connection refused or timed out, DNS,
+    proxy or TLS failure), or offline mode forbids a push.
+
+    ``endpoint`` and ``repo_id`` say what was tried; the message also says how to work offline.
+    """
+
+    def __init__(self, message: str, endpoint: str, repo_id: str) -> None:
+        super().__init__(message)
+        self.endpoint, self.repo_id = endpoint, repo_id
+
+
+# reaching the Hub --------------------------------------------------------------------------------
+def _offline_mode() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub read it (``constants.is_offline_mode`` is 1.x+ only)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    types = tuple(
+        getattr(sys.modules[module], name)
+        for module, names in _CONNECT_ERRORS.items()
+        if module in sys.modules  # only an imported library can have raised its errors
+        for name in names
+    )
+    return isinstance(error, types)
+
+
+def _connection_error(endpoint: str) -> BaseException | None:
+    """Why no connection to ``endpoint`` opens within :data:`CONNECT_TIMEOUT` (None: the Hub answers).
+
+    One HEAD request through huggingface_hub's own HTTP session (its proxies, certificates and
+    headers), without retries. Any answer, even an HTTP error, means reachable; so does an error
+    other than a failed connection (a slow answer, say), which is left to huggingface_hub.
+    """
+    from huggingface_hub import __version__, constants
+    from huggingface_hub.utils import get_session
+
+    read = float(constants.HF_HUB_ETAG_TIMEOUT)
+    # requests (0.x) takes (connect, read), httpx (1.x, 2.x) (connect, read, write, pool).
+    timeout: Any = (CONNECT_TIMEOUT, read) if __version__.startswith("0.") else (CONNECT_TIMEOUT, read, read, read)
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as error:
+        return error if _is_connection_error(error) else None
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of ``error``, in one line: what the socket said."""
+    cause: BaseException | None = error
+    while cause is not None:
+        error, cause = cause, cause.__cause__ or cause.__context__
+    return f"{type(error).__name__}: {' '.join(str(error).split())}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _connection_lost(endpoint: str, repo_id: str) -> Iterator[None]:
+    """Turn a connection failing during a push (after :func:`_connection_error` found the Hub) into
+    a :class:`HubUnreachableError`."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_connection_error(error):
+            raise
+        why = f"the connection to {endpoint} failed ({_reason(error)})"
+        raise _unreachable_on_push(endpoint, repo_id, why) from error
+
+
+def _unreachable_on_push(endpoint: str, repo_id: str, why: str) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"cannot push to model repo {repo_id!r}: {why}. To work offline, write the Hub folder (model, card, "
+        f"results, video) with `dql-agent push MODEL {repo_id} --local-dir DIR` (or write_hub_folder) and push it "
+        "once online",
+        endpoint,
+        repo_id,
+    )
 
 
 # evaluation --------------------------------------------------------------------------------------
@@ -105,19 +206,38 @@ def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict
     Keys: ``mean_reward``, ``std_reward`` (plain floats), ``n_eval_episodes``,
     ``is_deterministic``, ``eval_datetime`` (ISO 8601, UTC), ``env_id``, ``dataset_id`` and
     ``normalized_score`` (``100 * (mean - ref_min) / (ref_max - ref_min)`` when the model's
-    metadata has both reference scores, else None).
+    metadata has both reference scores, else None), ``success_rate`` (the fraction of episodes
+    whose final info says ``is_success`` or ``success``, as goal-conditioned envs report it and
+    SB3's ``EvalCallback`` logs it; None when the env reports neither).
     """
     from stable_baselines3.common.env_util import is_wrapped
     from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.monitor import Monitor
 
+    from dql_agent.integrations.sb3 import refuse_normalized_observations
+
     if not isinstance(n_eval_episodes, int) or n_eval_episodes < 1:
         raise ValueError(f"n_eval_episodes must be an int >= 1, got {n_eval_episodes!r}")
     _check_spaces(model, eval_env)
+    refuse_normalized_observations(eval_env)
     env = eval_env
     if isinstance(env, gym.Env) and not is_wrapped(env, Monitor):
         env = Monitor(env)  # episode returns from the Monitor, not from possibly-wrapped rewards
-    mean, std = evaluate_policy(model, env, n_eval_episodes=n_eval_episodes, deterministic=True)
+    successes: list[bool] = []
+
+    def record_success(local_vars: dict[str, Any], _: dict[str, Any]) -> None:
+        # As SB3's EvalCallback: an episode's success is its final info's is_success (or the
+        # "success" key gymnasium-robotics' mazes report).
+        if local_vars["done"]:
+            info = local_vars["info"]
+            flag = info.get("is_success", info.get("success"))
+            if flag is not None:
+                successes.append(bool(flag))
+
+    mean, std = cast(
+        "tuple[float, float]",  # the (mean, std) form: return_episode_rewards is False
+        evaluate_policy(model, env, n_eval_episodes=n_eval_episodes, deterministic=True, callback=record_success),
+    )
     meta = model.metadata
     normalized = None
     ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
@@ -129,6 +249,7 @@ def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict
         "mean_reward": float(mean),
         "std_reward": float(std),
         "normalized_score": normalized,
+        "success_rate": float(np.mean(successes)) if successes else None,
         "n_eval_episodes": int(n_eval_episodes),
         "is_deterministic": True,
         "eval_datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -211,7 +332,9 @@ def _card_class() -> type[ModelCard]:
 
     class CardData(ModelCardData):
         def to_yaml(self, line_break: str | None = None, original_order: list[str] | None = None) -> str:
-            text = super().to_yaml(line_break=line_break, original_order=original_order)
+            # original_order only when given: huggingface_hub 0.23 neither has nor passes it.
+            order = {} if original_order is None else {"original_order": original_order}
+            text = super().to_yaml(line_break=line_break, **order)
             if "\x85" not in text:
                 return text
             # PyYAML writes U+0085 (NEL) raw in a quoted scalar and reads it back as a line break;
@@ -268,6 +391,15 @@ def make_model_card(
                     metric_type="normalized_score",
                     metric_name="normalized_score",
                     metric_value=round(float(results["normalized_score"]), 2),
+                    **common,
+                )
+            )
+        if results.get("success_rate") is not None:
+            eval_results.append(
+                EvalResult(
+                    metric_type="success_rate",
+                    metric_name="success_rate",
+                    metric_value=round(float(results["success_rate"]), 4),
                     **common,
                 )
             )
@@ -399,33 +531,47 @@ def push_to_hub(
     :func:`write_hub_folder` into a temporary directory and uploads it with
     ``HfApi.upload_folder``. ``revision`` is the branch to commit to (created from main if
     missing; default main). ``token`` defaults to the logged-in token / ``HF_TOKEN``.
+
+    Raises:
+        HubUnreachableError: (a ``ConnectionError``) offline mode is on or the Hub cannot be
+            reached; checked before the evaluation, so it fails in seconds.
     """
     from huggingface_hub import HfApi
 
     if eval_env is not None:
         _check_spaces(model, eval_env)  # fail before creating anything on the Hub
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="dql_agent-push-") as tmp:
-        write_hub_folder(
-            model,
-            tmp,
-            eval_env=eval_env,
-            n_eval_episodes=n_eval_episodes,
-            video=video,
-            video_length=video_length,
-            repo_id=repo_id,
-        )
-        if commit_message is None:
-            commit_message = f"Upload {model.algorithm} agent"
-            dataset_id = model.metadata.get("dataset_id")
-            if dataset_id:
-                commit_message += f" trained on {dataset_id}"
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
-        )
+    endpoint = api.endpoint
+    if _offline_mode():
+        raise _unreachable_on_push(endpoint, repo_id, "HF_HUB_OFFLINE is set (unset it to push)")
+    error = _connection_error(endpoint)
+    if error is not None:
+        raise _unreachable_on_push(endpoint, repo_id, f"no connection to {endpoint} ({_reason(error)})") from error
+    with _connection_lost(endpoint, repo_id):
+        if private is None:  # the Hub's default visibility (0.x would send None as JSON null)
+            api.create_repo(repo_id, exist_ok=True, repo_type="model")
+        else:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="dql_agent-push-") as tmp:
+            write_hub_folder(
+                model,
+                tmp,
+                eval_env=eval_env,
+                n_eval_episodes=n_eval_episodes,
+                video=video,
+                video_length=video_length,
+                repo_id=repo_id,
+            )
+            if commit_message is None:
+                commit_message = f"Upload {model.algorithm} agent"
+                dataset_id = model.metadata.get("dataset_id")
+                if dataset_id:
+                    commit_message += f" trained on {dataset_id}"
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
+            )
     return info.commit_url
 
 
@@ -441,20 +587,39 @@ def _download(
     revision: str | None,
     token: str | None,
     cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
+    offline: bool,
+    unreachable: BaseException | None,
 ) -> Path:
-    """``hf_hub_download`` with its errors turned into ones that name the repo and the file."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
+    """The local path of ``filename`` of ``repo_id``, with errors that name the repo and the file.
+
+    Downloaded with ``hf_hub_download``; or, when ``offline`` (the user asked for the cache only)
+    or ``unreachable`` (why the Hub cannot be reached), read from the cache without a request.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import (  # where every supported version exports them
         EntryNotFoundError,
         GatedRepoError,
-        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     at = f" at revision {revision!r}" if revision else ""
+    cache = None if cache_dir is None else os.fspath(cache_dir)
+    if offline or unreachable is not None:
+        # Not hf_hub_download(local_files_only=True): 2.x still fetches its agent registry from the Hub.
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+        if unreachable is None:  # offline
+            raise HubNotFoundError(
+                f"{filename} of model repo {repo_id!r}{at} is not in the local cache and offline mode or "
+                "local_files_only is on: download it once while online",
+                repo_id,
+                filename,
+                revision,
+            )
+        raise _unreachable_on_load(repo_id, filename, at, unreachable) from unreachable
     try:
         return Path(
             hf_hub_download(
@@ -462,8 +627,7 @@ def _download(
                 filename,
                 revision=revision,
                 token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
+                cache_dir=cache,
                 library_name="dql_agent",
                 library_version=library_version(),
             )
@@ -491,16 +655,8 @@ def _download(
             filename,
             revision,
         ) from error
-    except LocalEntryNotFoundError as error:  # offline, local_files_only, or Hub unreachable
-        offline = constants.is_offline_mode() or local_files_only
-        why = "offline mode or local_files_only is on" if offline else "the Hub is unreachable"
-        raise HubNotFoundError(
-            f"{filename} of model repo {repo_id!r}{at} is not in the local cache and {why}: "
-            "download it once while online",
-            repo_id,
-            filename,
-            revision,
-        ) from error
+    except LocalEntryNotFoundError as error:  # the connection failed after _connection_error found the Hub
+        raise _unreachable_on_load(repo_id, filename, at, error) from error
     except EntryNotFoundError as error:
         raise HubNotFoundError(
             f"model repo {repo_id!r}{at} has no {filename}; a dql_agent repo holds {CONFIG_FILE} "
@@ -509,10 +665,20 @@ def _download(
             filename,
             revision,
         ) from error
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is neither a local checkpoint directory nor a valid Hub repo id ('owner/name'): {error}"
-        ) from None
+
+
+def _unreachable_on_load(repo_id: str, filename: str, at: str, error: BaseException) -> HubUnreachableError:
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    return HubUnreachableError(
+        f"cannot reach the Hub at {endpoint} ({_reason(error)}) to download {filename} of model repo "
+        f"{repo_id!r}{at}, and it is not in the local cache. To work offline, load a model downloaded before "
+        "(with HF_HUB_OFFLINE=1 or local_files_only=True nothing is asked of the Hub) or a local checkpoint "
+        "directory (model.save, `dql-agent push MODEL REPO_ID --local-dir DIR`)",
+        endpoint,
+        repo_id,
+    )
 
 
 def _download_checkpoint(
@@ -521,24 +687,35 @@ def _download_checkpoint(
     token: str | None,
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
-    cls: type | None,
-) -> tuple[Checkpoint, str, type]:
+    cls: type[BaseAgent] | None,
+) -> tuple[Checkpoint, str, type[BaseAgent]]:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # before any request
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is neither a local checkpoint directory nor a valid Hub repo id ('owner/name'): {error}"
+        ) from None
+    offline = local_files_only or _offline_mode()
+    unreachable = None if offline else _connection_error(constants.ENDPOINT)
     where = repo_id if revision is None else f"{repo_id}@{revision}"
-    config_path = _download(repo_id, CONFIG_FILE, revision, token, cache_dir, local_files_only)
+    config_path = _download(repo_id, CONFIG_FILE, revision, token, cache_dir, offline, unreachable)
     config = parse_config(config_path.read_bytes(), f"{where}/{CONFIG_FILE}")
     agent_cls = _pick_class(cls, config, where)  # before fetching weights of the wrong kind
     # The cache stores files under snapshots/<commit>/: fetch the weights of that same commit,
     # so a push between the two downloads cannot pair a config with other weights.
     snapshot = config_path.parent
     pinned = snapshot.name if snapshot.parent.name == "snapshots" else revision
-    weights_path = _download(repo_id, MODEL_FILE, pinned, token, cache_dir, local_files_only)
+    weights_path = _download(repo_id, MODEL_FILE, pinned, token, cache_dir, offline, unreachable)
     weights = weights_path.read_bytes()
     verify_weights(config, weights, f"{where}/{MODEL_FILE}")
     tensors = parse_safetensors(weights, f"{where}/{MODEL_FILE}")
     return Checkpoint(config, tensors), where, agent_cls
 
 
-def _pick_class(cls: type | None, config: dict[str, Any], where: str) -> type:
+def _pick_class(cls: type[BaseAgent] | None, config: dict[str, Any], where: str) -> type[BaseAgent]:
     name = config["algorithm"]
     if cls is None or getattr(cls, "algorithm", None) is None:  # any algorithm (or BaseAgent)
         try:
@@ -581,9 +758,14 @@ def load_from_hub(
         cache_dir: the Hub cache to use (default ``HF_HUB_CACHE``).
         local_files_only: use the cache only (as ``HF_HUB_OFFLINE=1`` does).
 
+    When the Hub cannot be reached (checked in at most :data:`CONNECT_TIMEOUT` seconds), the
+    cached files of the repo are loaded, as offline.
+
     Raises:
         HubNotFoundError: (a ``FileNotFoundError``) the repo, revision or one of config.json /
             model.safetensors is missing, or not cached while offline; the message says which.
+        HubUnreachableError: (a ``ConnectionError``) the Hub cannot be reached and the files are
+            not cached; the message says what was tried and how to work offline.
         CheckpointError: config.json from a newer dql_agent, of another algorithm than ``cls``,
             or weights whose shapes disagree with it.
     """
@@ -592,9 +774,9 @@ def load_from_hub(
             raise TypeError("load_from_hub needs a repo id: load_from_hub('owner/name')")
         cls, repo_id = None, cls_or_repo_id
     else:
-        cls = cls_or_repo_id
-        if cls is not None and not isinstance(cls, type):
-            raise TypeError(f"the first argument must be an agent class or None, got {cls!r}")
+        if cls_or_repo_id is not None and not isinstance(cls_or_repo_id, type):
+            raise TypeError(f"the first argument must be an agent class or None, got {cls_or_repo_id!r}")
+        cls = cast("type[BaseAgent] | None", cls_or_repo_id)
     if not isinstance(repo_id, (str, os.PathLike)):
         raise TypeError(f"repo_id must be a str or a path, got {type(repo_id).__name__}")
     if _is_local(repo_id):

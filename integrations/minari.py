@@ -334,7 +334,7 @@ def write_minari_dataset(
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # minari made the directory before failing
         raise
-    if ref_min_score is not None and "ref_min_score" not in dataset.storage.metadata:
+    if ref_min_score is not None and ref_max_score is not None and "ref_min_score" not in dataset.storage.metadata:
         # Without an env spec minari silently drops the reference scores; store them ourselves.
         dataset.storage.update_metadata({"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)})
     return dataset

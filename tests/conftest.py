@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,86 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # own test) fails at once instead of waiting on a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hub_server import FakeHub  # noqa: E402  # tests/ is on sys.path (rootdir conftest, no __init__.py)
-
-HUB_TEST_TOKEN = "hf_fake_test_token"
-
-
-@pytest.fixture
-def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    """A fresh fake Hub (see ``tests/hub_server.py``) with the real ``huggingface_hub`` aimed at it.
-
-    ``huggingface_hub`` reads its environment at import time, so besides the env vars this patches
-    the module constants it already computed, and the endpoint of the module-level ``HfApi`` behind
-    the ``huggingface_hub.create_repo``/``list_repo_files``/... functions. The cache lives under
-    ``tmp_path/hf_home``; a dummy token is set so writes are authorised. Yields the server:
-    ``.url``, ``.repos`` (repo_id -> Repo with its commits), ``.requests`` / ``.calls()``.
-    """
-    import huggingface_hub.hf_api
-    import huggingface_hub.utils._cache_manager
-    from huggingface_hub import constants
-
-    server = FakeHub().start()
-    home = tmp_path / "hf_home"
-    cache = home / "hub"
-    env = {
-        "HF_ENDPOINT": server.url,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(cache),
-        "HF_TOKEN": HUB_TEST_TOKEN,
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    unset = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")
-    for key in unset:
-        monkeypatch.delenv(key, raising=False)
-
-    patches = {
-        "ENDPOINT": server.url,
-        # hf_hub_url formats this template, so it must follow ENDPOINT.
-        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"},
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(cache),
-        "HUGGINGFACE_HUB_CACHE": str(cache),
-        "HF_ASSETS_CACHE": str(home / "assets"),
-        "HF_XET_CACHE": str(home / "xet"),
-        "HF_TOKEN_PATH": str(home / "token"),
-        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
-        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
-        "HF_HUB_OFFLINE": False,
-        "HF_HUB_DISABLE_TELEMETRY": True,
-    }
-    for name, value in patches.items():
-        monkeypatch.setattr(constants, name, value)
-    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", server.url)
-    monkeypatch.setattr(huggingface_hub.utils._cache_manager, "HF_HUB_CACHE", str(cache))
-    # `huggingface_hub.utils.tqdm` the attribute is the class; the module is in sys.modules.
-    tqdm_module = importlib.import_module("huggingface_hub.utils.tqdm")
-    monkeypatch.setattr(tqdm_module, "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def hub_offline(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
-    """A switch for ``huggingface_hub`` offline mode: call ``hub_offline()`` to go offline.
-
-    ``constants.is_offline_mode()`` returns the module flag ``constants.HF_HUB_OFFLINE`` (set from
-    the env at import), so the flag is what gets patched; the env var is set too for subprocesses.
-    Undone at the end of the test. Use it after ``hub_server`` so the cache dir is the tmp one.
-    """
-    from huggingface_hub import constants
-
-    def set_offline(offline: bool = True) -> None:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
-
-    return set_offline
+from hub_server import hub_offline_fixture, hub_server_fixture  # noqa: E402, F401  # tests/ is on sys.path
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,6 +1,6 @@
-"""An in-process fake of the Hugging Face Hub HTTP API, for tests.
+"""An in-process fake of the Hugging Face Hub HTTP API, for tests, and the fixtures aiming the client at it.
 
-Only model repos, only what ``huggingface_hub`` 2.4.0 calls for create/upload/download:
+Only model repos, only what ``huggingface_hub`` (0.23 to 2.4) calls for create/upload/download:
 
 ======  ==================================================  =====================================
 POST    /api/repos/create                                   200 {"url"}; 409 WITH "url" if it exists
@@ -20,18 +20,29 @@ Repos keep real history: each commit is a full snapshot ``{path: bytes}`` with a
 ``X-Error-Code`` header the client maps to exceptions (RepoNotFound, RevisionNotFound,
 EntryNotFound). Writes need an ``Authorization: Bearer`` header (any token); a private repo
 answers 401 to reads without one. Every request is appended to ``server.requests``.
+
+The fixtures :func:`hub_server` and :func:`hub_offline` point the real client at a fresh server
+and switch its offline mode, on every ``huggingface_hub`` version ``pyproject.toml`` allows.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import socket
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.mp4 filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -351,3 +362,154 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(data)
+
+
+# -- aiming the real client at the fake -------------------------------------------------------
+HUB_TEST_TOKEN = "hf_fake_test_token"
+
+
+def _hub_modules() -> list[ModuleType]:
+    """``huggingface_hub`` and its loaded submodules (the ones an upload or download uses are loaded first)."""
+    import huggingface_hub.file_download
+    import huggingface_hub.hf_api
+    import huggingface_hub.repocard  # noqa: F401 - loaded so that their constants get patched
+
+    modules = list(sys.modules.items())
+    return [m for n, m in modules if m is not None and (n == "huggingface_hub" or n.startswith("huggingface_hub."))]
+
+
+def _set_constant(monkeypatch: pytest.MonkeyPatch, name: str, value: Any) -> None:
+    """Set ``huggingface_hub.constants.<name>`` and every copy of it: 0.x modules import constants by
+    name (``from .constants import ENDPOINT``), so patching ``constants`` alone misses them."""
+    from huggingface_hub import constants
+
+    if not hasattr(constants, name):  # a newer version's constant: nothing of this version reads it
+        return
+    for module in _hub_modules():
+        if name in vars(module):
+            monkeypatch.setattr(module, name, value)
+
+
+def _reset_sessions() -> None:
+    """Drop the client's cached HTTP sessions: 0.x mounts its offline adapter when it makes one."""
+    from huggingface_hub import utils
+
+    reset: Callable[[], None] = getattr(utils, "reset_sessions", None) or utils.close_session
+    reset()
+
+
+def _set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
+    _set_constant(monkeypatch, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")  # for subprocesses
+    _reset_sessions()
+
+
+def aim_client(monkeypatch: pytest.MonkeyPatch, url: str, home: Path) -> None:
+    """Point the real ``huggingface_hub`` at the Hub ``url``, with its cache under ``home``, online.
+
+    ``huggingface_hub`` reads its environment at import time, so besides the env vars this patches
+    the constants it computed (and their copies in its modules), the endpoint of the module-level
+    ``HfApi`` behind ``huggingface_hub.create_repo``/``list_repo_files``/..., and drops its HTTP
+    sessions. A dummy token is set so writes are authorised. Undone by ``monkeypatch.undo()``
+    followed by :func:`_reset_sessions`, as :func:`hub_server_fixture` does.
+    """
+    import huggingface_hub.hf_api
+    from huggingface_hub import constants
+
+    cache = home / "hub"
+    env = {
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_TOKEN": HUB_TEST_TOKEN,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(key, raising=False)
+    patches = {
+        "ENDPOINT": url,
+        # hf_hub_url formats this template, so it must follow ENDPOINT.
+        "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": getattr(constants, "HF_URL_HOSTS", frozenset()) | {"127.0.0.1"},
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HUGGINGFACE_HUB_CACHE": str(cache),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_DISABLE_PROGRESS_BARS": True,
+    }
+    for name, value in patches.items():
+        _set_constant(monkeypatch, name, value)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", url)
+    _set_offline(monkeypatch, False)
+
+
+@pytest.fixture(name="hub_server")
+def hub_server_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fresh fake Hub with the real ``huggingface_hub`` aimed at it (:func:`aim_client`).
+
+    The cache lives under ``tmp_path/hf_home``. Yields the server: ``.url``, ``.repos`` (repo_id ->
+    Repo with its commits), ``.requests`` / ``.calls()``.
+    """
+    server = FakeHub().start()
+    try:
+        aim_client(monkeypatch, server.url, tmp_path / "hf_home")
+        yield server
+    finally:
+        server.stop()
+        # Restore now, not after this teardown, so that the sessions made from here on are offline again.
+        monkeypatch.undo()
+        _reset_sessions()
+
+
+@pytest.fixture(name="hub_offline")
+def hub_offline_fixture(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """A switch for ``huggingface_hub`` offline mode: call ``hub_offline()`` to go offline, ``(False)`` back.
+
+    Sets the module flag ``constants.HF_HUB_OFFLINE`` (read from the env at import; 2.x checks it per
+    request, 0.x when it makes a session, so sessions are dropped too) and the env var for
+    subprocesses. Undone at the end of the test. Use it after ``hub_server`` so the cache dir is the tmp one.
+    """
+
+    def switch(offline: bool = True) -> None:
+        _set_offline(monkeypatch, offline)
+
+    return switch
+
+
+# -- endpoints that cannot be reached, on this machine ----------------------------------------
+@contextlib.contextmanager
+def unreachable_endpoint(kind: Literal["refused", "blackhole"]) -> Iterator[str]:
+    """The URL of a loopback endpoint that no connection opens to.
+
+    "refused": a bound port that does not listen (the kernel answers RST at once). "blackhole": a
+    port whose accept queue is full, so the kernel drops further SYNs, as a firewall that drops
+    packets does: a connect waits until its timeout.
+    """
+    sockets = [socket.socket()]
+    try:
+        sockets[0].bind(("127.0.0.1", 0))
+        address = sockets[0].getsockname()
+        if kind == "blackhole":
+            sockets[0].listen(0)
+            sockets.append(socket.create_connection(address, timeout=1))  # fills the queue of a backlog of 0
+            check = socket.socket()
+            sockets.append(check)
+            check.settimeout(0.2)
+            try:
+                check.connect(address)
+            except TimeoutError:
+                pass
+            else:
+                raise RuntimeError("this kernel accepts connections past a full accept queue: no blackhole")
+        yield f"http://{address[0]}:{address[1]}"
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,4 +1,5 @@
-"""Hub round trip against the fake Hub: push, load back, offline cache, card, video, errors."""
+"""Hub round trip against the fake Hub: push, load back, offline cache, card, video, errors, an
+unreachable Hub (a loopback port that refuses or drops connections) and the CLI's offline push."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ast
 import html
 import json
 import re
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -14,12 +16,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hub_server import (  # the fixtures, for every huggingface_hub version
+    aim_client,
+    hub_offline_fixture,  # noqa: F401
+    hub_server_fixture,  # noqa: F401
+    unreachable_endpoint,
+)
 from huggingface_hub import HfApi, ModelCard
 from markdown_it import MarkdownIt
 
 import dql_agent
 from dql_agent import CheckpointError, DiffusionQL, OfflineBuffer
-from dql_agent.integrations.hub import HubNotFoundError, load_from_hub, make_model_card, write_hub_folder
+from dql_agent.cli import main
+from dql_agent.integrations.hub import (
+    HubNotFoundError,
+    HubUnreachableError,
+    load_from_hub,
+    make_model_card,
+    write_hub_folder,
+)
 
 ENV_ID = "Pendulum-v1"
 REPO = "alice/dql-pendulum"
@@ -226,6 +241,88 @@ def test_offline_without_cache(hub_server, hub_offline):
     hub_offline()
     with pytest.raises(HubNotFoundError, match="not in the local cache.*offline"):
         DiffusionQL.load_from_hub("alice/never-downloaded")
+
+
+FAST = 5.0  # seconds: an unreachable Hub is reported within this (the connect timeout is 3 s)
+
+
+@pytest.mark.bad_input("hub", "clear error")
+@pytest.mark.parametrize("kind", ["refused", "blackhole"])
+def test_load_from_unreachable_hub(kind, hub_server, monkeypatch, tmp_path):
+    with unreachable_endpoint(kind) as url:
+        aim_client(monkeypatch, url, tmp_path / "hf_home")
+        start = time.monotonic()
+        with pytest.raises(HubUnreachableError) as info:
+            DiffusionQL.load_from_hub("alice/never-downloaded")
+        assert time.monotonic() - start < FAST
+    error = info.value
+    assert isinstance(error, ConnectionError) and (error.endpoint, error.repo_id) == (url, "alice/never-downloaded")
+    message = str(error)
+    assert f"cannot reach the Hub at {url}" in message and "'alice/never-downloaded'" in message
+    for way_offline in ("HF_HUB_OFFLINE=1", "local_files_only=True", "local checkpoint directory", "--local-dir"):
+        assert way_offline in message
+
+
+@pytest.mark.bad_input("hub", "clear error")
+@pytest.mark.parametrize("kind", ["refused", "blackhole"])
+def test_push_to_unreachable_hub(model, kind, hub_server, monkeypatch, tmp_path):
+    with unreachable_endpoint(kind) as url:
+        aim_client(monkeypatch, url, tmp_path / "hf_home")
+        start = time.monotonic()
+        with pytest.raises(HubUnreachableError, match=f"'alice/new'.*no connection to {url}.*--local-dir DIR"):
+            model.push_to_hub("alice/new", eval_env=gym.make(ENV_ID), video=False)  # fails before evaluating
+        assert time.monotonic() - start < FAST
+
+
+@pytest.mark.bad_input("hub", "correct behaviour")
+def test_unreachable_hub_loads_from_cache(model, observations, hub_server, monkeypatch, tmp_path):
+    model.push_to_hub(REPO, video=False)
+    DiffusionQL.load_from_hub(REPO, device="cpu")  # cached
+    with unreachable_endpoint("blackhole") as url:
+        aim_client(monkeypatch, url, tmp_path / "hf_home")  # the same cache
+        start = time.monotonic()
+        loaded = DiffusionQL.load_from_hub(REPO, device="cpu")
+        assert time.monotonic() - start < FAST
+    np.testing.assert_array_equal(_actions(loaded, observations), _actions(model, observations))
+
+
+@pytest.mark.bad_input("hub", "clear error")
+def test_push_in_offline_mode(model, hub_server, hub_offline):
+    hub_offline()
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE is set.*--local-dir DIR"):
+        model.push_to_hub("alice/offline")
+    assert not hub_server.requests
+
+
+def test_cli_push_local_dir_needs_no_network(model, hub_server, hub_offline, tmp_path, capsys):
+    model.save(tmp_path / "model")
+    hub_offline()
+    folder = tmp_path / "hub"
+    argv = ["push", str(tmp_path / "model"), REPO, "--local-dir", str(folder), "--env", ENV_ID]
+    main([*argv, "--episodes", "1", "--video-length", "5", "--device", "cpu"])
+    assert not hub_server.requests
+    assert "wrote the Hub folder" in capsys.readouterr().out
+    files = {"model.safetensors", "config.json", "README.md", "results.json", "replay.mp4"}
+    assert {p.name for p in folder.iterdir()} == files
+    assert f'DiffusionQL.load_from_hub("{REPO}")' in (folder / "README.md").read_text()
+    assert json.loads((folder / "results.json").read_text())["n_eval_episodes"] == 1
+    assert DiffusionQL.load_from_hub(folder, device="cpu").num_timesteps == model.num_timesteps
+
+
+@pytest.mark.bad_input("hub", "clear error")
+@pytest.mark.parametrize("options", [[], ["--local-dir", "hub", "--private"]], ids=["unreachable", "local private"])
+def test_cli_push_errors_are_one_line(options, model, hub_server, monkeypatch, tmp_path, capsys):
+    model.save(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DQL_AGENT_DEBUG", raising=False)
+    with unreachable_endpoint("refused") as url:
+        aim_client(monkeypatch, url, tmp_path / "hf_home")
+        with pytest.raises(SystemExit) as info:
+            main(["push", "model", REPO, "--episodes", "0", "--device", "cpu", *options])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dql-agent: error: ") and err.count("\n") == 1, err
+    assert ("--local-dir DIR" if not options else "--private and --revision apply to a push") in err
 
 
 def test_newer_format_version(model, hub_server, tmp_path):
