@@ -37,10 +37,12 @@ KINDS = ("expert", "medium", "medium-expert")
 CUSTOM_OBJECTS = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0}
 
 
-def load_expert(source: str, hub_filename: str | None = None) -> Any:
+def load_expert(source: str, hub_filename: str | None = None, env: gym.Env | None = None) -> Any:
     """An SB3 agent from a zip path, or from a Hub repo id (``sb3/sac-Hopper-v3``) when no such file exists.
 
     The algorithm class is read from the zip name or repo id (``sac``, ``td3``, ``ppo``...); SAC by default.
+    With ``env``, its spaces replace the zip's pickled ones (old ``gym`` spaces, which need the
+    ``gym`` package to unpickle).
     """
     import stable_baselines3 as sb3
 
@@ -54,7 +56,8 @@ def load_expert(source: str, hub_filename: str | None = None) -> Any:
     name = path.name.lower()
     algo = next((a for a in ("td3", "ddpg", "ppo", "a2c", "sac") if a in name), "sac")
     cls = getattr(sb3, algo.upper())
-    return cls.load(str(path), device="cpu", custom_objects=CUSTOM_OBJECTS)
+    spaces = {} if env is None else {"observation_space": env.observation_space, "action_space": env.action_space}
+    return cls.load(str(path), device="cpu", custom_objects={**CUSTOM_OBJECTS, **spaces})
 
 
 def run_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], seed: int, max_steps: int | None = None) -> dict:
@@ -144,8 +147,8 @@ def build(
         raise ValueError(f"kinds must be among {KINDS}, got {unknown}")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    expert = load_expert(expert_source, hub_filename)
     env = gym.make(env_id)
+    expert = load_expert(expert_source, hub_filename, env)
     space = env.action_space
     rng = np.random.default_rng(seed)
 

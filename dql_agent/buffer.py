@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from dql_agent.config import is_int
 from dql_agent.spaces import check_action_space, check_observation_space, flat_dim
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
@@ -34,12 +35,58 @@ def _check_dtype(name: str, array: np.ndarray) -> None:
         raise TypeError(f"{name} must be a numeric array (bool, int or float), got dtype {array.dtype}{hint}")
 
 
-def _as_array(name: str, value: Any, ndim: int) -> np.ndarray:
+def dict_space_of(observations: Mapping[str, Any]) -> spaces.Dict:
+    """An unbounded float32 Dict space shaped like a dict of (N, ...) arrays (nested dicts nest)."""
+    members: dict[str, spaces.Space] = {}
+    for key, value in observations.items():
+        if isinstance(value, Mapping):
+            members[key] = dict_space_of(value)
+        else:
+            shape = np.shape(value)[1:]
+            members[key] = spaces.Box(-np.inf, np.inf, shape if shape else (1,), np.float32)
+    return spaces.Dict(members)
+
+
+def flatten_observations(name: str, observations: Mapping[str, Any], space: spaces.Space) -> np.ndarray:
+    """A dict of (N, *shape) arrays, one per key of the Dict ``space``, as checked (N, flat_dim)
+    float32 rows in the space's flattening order (:mod:`dql_agent.spaces`)."""
+    if not isinstance(space, spaces.Dict):
+        raise TypeError(f"{name} is a dict, so observation_space must be a Dict space, got {type(space).__name__}")
+    missing = sorted(set(space.spaces) - set(observations))
+    unexpected = sorted(set(observations) - set(space.spaces))
+    if missing or unexpected:
+        raise ValueError(f"{name} keys must be {sorted(space.spaces)}; missing {missing}, unexpected {unexpected}")
+    parts, rows = [], None
+    for key, sub in space.spaces.items():
+        where = f"{name}[{key!r}]"
+        if isinstance(sub, spaces.Dict):
+            value = observations[key]
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{where} must be a dict for its Dict space, got {type(value).__name__}")
+            part = flatten_observations(where, value, sub)
+        else:
+            array = _as_array(where, observations[key], None)
+            shape = tuple(sub.shape or ())
+            if array.shape[1:] != shape and not (shape == (1,) and array.ndim == 1):
+                raise ValueError(f"{where} must have shape (N, {', '.join(map(str, shape))}), got {array.shape}")
+            part = as_float32(where, array.reshape(len(array), -1))
+        if rows is not None and len(part) != rows:
+            raise ValueError(f"{where} has {len(part)} rows, expected {rows} (the other keys' count)")
+        rows = len(part)
+        parts.append(part)
+    return np.concatenate(parts, axis=1)
+
+
+def _as_array(name: str, value: Any, ndim: int | None) -> np.ndarray:
     try:
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:  # ragged lists, tensors that need grad
         raise ValueError(f"{name} cannot be read as an array: {error}") from None
     _check_dtype(name, array)
+    if ndim is None:  # any shape with a first (row) axis
+        if array.ndim == 0:
+            raise ValueError(f"{name} must have a first axis of rows, got a scalar")
+        return array
     if ndim == 1 and array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]  # (N, 1) rewards/flags are common; accept them
     if ndim == 2 and array.ndim == 1:
@@ -112,11 +159,14 @@ class OfflineBuffer:
     device, where :meth:`sample` draws uniform batches with replacement without leaving the device.
 
     Args:
-        observations: (N, obs_dim) flattened observations (see :mod:`dql_agent.spaces` for the
-            Dict flattening order).
+        observations: (N, obs_dim) flattened observations, or for a Dict observation space a
+            dict of (N, *shape) arrays per key (goal-conditioned data: ``observation``,
+            ``achieved_goal``, ``desired_goal``), flattened here in the Dict space's order (see
+            :mod:`dql_agent.spaces`); without ``observation_space`` one is inferred from the keys.
         actions: (N, act_dim) actions in the environment's units (within ``action_space``).
         rewards: (N,) rewards.
-        next_observations: (N, obs_dim) observations after each action.
+        next_observations: (N, obs_dim) observations after each action (a dict when
+            ``observations`` is one).
         terminals: (N,) true where the episode ended in a terminal state (no bootstrap); bool,
             or numbers that are all 0 or 1.
         timeouts: (N,) true where the episode was cut by a time limit (still bootstrapped); bool
@@ -145,6 +195,14 @@ class OfflineBuffer:
         clip_actions: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ):
+        if isinstance(observations, Mapping) or isinstance(next_observations, Mapping):
+            # Goal-conditioned layout: a dict of arrays per key, flattened in the Dict space's order.
+            if not (isinstance(observations, Mapping) and isinstance(next_observations, Mapping)):
+                raise TypeError("observations and next_observations must both be dicts of arrays, or both arrays")
+            if observation_space is None:
+                observation_space = dict_space_of(observations)
+            observations = flatten_observations("observations", observations, observation_space)
+            next_observations = flatten_observations("next_observations", next_observations, observation_space)
         obs = _as_array("observations", observations, 2)
         act = _as_array("actions", actions, 2)
         rew = _as_array("rewards", rewards, 1)
@@ -236,15 +294,31 @@ class OfflineBuffer:
         return cls(**arrays, **kwargs)
 
     @classmethod
-    def from_sb3(cls, replay_buffer: Any, **kwargs: Any) -> OfflineBuffer:
-        """From a Stable-Baselines3 ``ReplayBuffer`` (its Box actions are stored scaled to [-1, 1])."""
+    def from_sb3(cls, replay_buffer: Any, relabeled_samples: int = 0, **kwargs: Any) -> OfflineBuffer:
+        """From a Stable-Baselines3 ``ReplayBuffer``, ``DictReplayBuffer`` or ``HerReplayBuffer``
+        (its Box actions are stored scaled to [-1, 1]): the transitions as stored, plus, with
+        ``relabeled_samples`` > 0 and a HER buffer, that many drawn by its own ``sample`` with
+        relabelled goals and recomputed rewards (see
+        :func:`dql_agent.integrations.sb3.replay_buffer_to_transitions`)."""
         from dql_agent.integrations.sb3 import replay_buffer_to_transitions
 
+        if not is_int(relabeled_samples) or relabeled_samples < 0:
+            raise ValueError(f"relabeled_samples must be an int >= 0, got {relabeled_samples!r}")
         kwargs.setdefault("observation_space", replay_buffer.observation_space)
         kwargs.setdefault("action_space", replay_buffer.action_space)
-        return cls(**replay_buffer_to_transitions(replay_buffer), **kwargs)
+        return cls(**replay_buffer_to_transitions(replay_buffer, int(relabeled_samples)), **kwargs)
 
     # use -----------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        ends = (self.terminals | self.timeouts).cpu()
+        episodes = int(ends.sum()) + int(len(self) > 0 and not bool(ends[-1]))
+        described = self.metadata.get("dataset_id") or self.metadata.get("env_id")
+        return (
+            f"OfflineBuffer({len(self):,} transitions, {episodes:,} episodes"
+            f"{f' of {described!r}' if described else ''}, obs_dim={self.obs_dim}, action_dim={self.action_dim}, "
+            f"terminals={int(self.terminals.sum()):,}, timeouts={int(self.timeouts.sum()):,}, device={self.device})"
+        )
+
     def __len__(self) -> int:
         return self.observations.shape[0]
 
@@ -383,9 +457,9 @@ def _check_bounds(actions: np.ndarray, space: spaces.Box, clip: bool) -> np.ndar
     return np.clip(actions, low, high)
 
 
-def _read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
+def _read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     if isinstance(data, Mapping):
-        return {k: np.asarray(v) for k, v in data.items()}
+        return {k: (dict(v) if isinstance(v, Mapping) else np.asarray(v)) for k, v in data.items()}
     path = os.fspath(data)
     if not os.path.exists(path):
         raise FileNotFoundError(f"D4RL file not found: {path}")
@@ -396,26 +470,66 @@ def _read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndar
             if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle and suggests unpickling
                 raise ValueError("it is not a zip archive, as an .npz file is")
             with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
-                return {k: npz[k] for k in npz.files}
+                return _nest({k: npz[k] for k in npz.files})
         import h5py
 
+        def read(group: Any) -> dict[str, Any]:  # a group per dict key (goal-conditioned observations)
+            return {
+                k: (read(v) if isinstance(v, h5py.Group) else v[()])
+                for k, v in group.items()
+                if isinstance(v, (h5py.Group, h5py.Dataset))
+            }
+
         with h5py.File(path, "r") as f:
-            return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+            return read(f)
     except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
         # h5py and numpy name neither the file nor what was expected of it
         raise ValueError(f"{path} is not a readable HDF5/NPZ dataset: {error}") from error
 
 
-def _derive_next_observations(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    obs = _as_array("observations", arrays["observations"], 2)
-    n = len(obs)
+def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """npz keys ``observations/achieved_goal`` (an .npz cannot hold dicts) as nested dicts."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
+def _rows(value: Any, index: Any) -> Any:
+    """``value[index]`` for an array or, key by key, a dict of arrays."""
+    if isinstance(value, Mapping):
+        return {k: _rows(v, index) for k, v in value.items()}
+    return np.asarray(value)[index]
+
+
+def _shift(value: Any) -> Any:
+    """Each row's successor (the last row repeats), for an array or a dict of arrays."""
+    if isinstance(value, Mapping):
+        return {k: _shift(v) for k, v in value.items()}
+    array = np.asarray(value)
+    return np.concatenate([array[1:], array[-1:]], axis=0)
+
+
+def _first_array(value: Any) -> Any:
+    return _first_array(next(iter(value.values()))) if isinstance(value, Mapping) and value else value
+
+
+def _derive_next_observations(arrays: dict[str, Any]) -> dict[str, Any]:
+    raw = arrays["observations"]
+    obs = raw if isinstance(raw, Mapping) else _as_array("observations", raw, 2)
+    first = _as_array("observations", _first_array(obs), None)
+    n = len(first)
     if n == 0:
-        raise ValueError(f"the dataset is empty: observations has shape {np.shape(arrays['observations'])}")
+        raise ValueError(f"the dataset is empty: observations has shape {first.shape}")
     for key in ("actions", "rewards", "terminals", "timeouts"):
-        shape = np.shape(arrays.get(key, obs))
+        shape = np.shape(arrays.get(key, first))
         if not shape or shape[0] != n:
             raise ValueError(
-                f"{key} has shape {shape}, expected {n} rows like observations {np.shape(arrays['observations'])} "
+                f"{key} has shape {shape}, expected {n} rows like observations {first.shape} "
                 "(next_observations are taken from the following rows)"
             )
     terminals, timeouts = episode_flags(arrays["terminals"], arrays.get("timeouts"))
@@ -424,8 +538,8 @@ def _derive_next_observations(arrays: dict[str, np.ndarray]) -> dict[str, np.nda
     keep = ~timeouts
     keep[-1] = bool(terminals[-1])  # a terminal last row needs no successor
     out = {k: np.asarray(arrays[k])[keep] for k in ("actions", "rewards")}
-    out["observations"], out["terminals"] = obs[keep], terminals[keep]
-    out["next_observations"] = np.concatenate([obs[1:], obs[-1:]], axis=0)[keep]
+    out["observations"], out["terminals"] = _rows(obs, keep), terminals[keep]
+    out["next_observations"] = _rows(_shift(obs), keep)
     out["timeouts"] = np.zeros(int(keep.sum()), dtype=bool)
     return out
 

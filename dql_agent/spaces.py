@@ -39,7 +39,11 @@ def check_action_space(space: spaces.Space) -> None:
         # an integer Box would truncate every action the policy produces
         raise TypeError(f"action_space must have a float dtype (continuous actions), got {space.dtype}")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-        raise ValueError(f"action_space must have finite bounds, got low={space.low}, high={space.high}")
+        raise ValueError(
+            f"action_space must have finite bounds, got low={space.low}, high={space.high}; pass "
+            "action_space=gymnasium.spaces.Box(low, high) with the bounds the actuators accept (to the model, "
+            "or to OfflineBuffer)"
+        )
     if np.any(space.high <= space.low):
         raise ValueError(f"action_space needs high > low in every dimension, got low={space.low}, high={space.high}")
 
