@@ -715,7 +715,7 @@ class BaseAgent:
                 f"(or dql_agent.load_from_hub, which picks the class) instead of {cls.algorithm}"
             )
         try:
-            config = cls.config_class.from_dict({**saved.hyperparameters, **overrides})
+            config = cls.config_class.from_saved({**saved.hyperparameters, **overrides})
             # The policy the config describes, built on the meta device (no memory): its tensors
             # are compared with the file's before the real model allocates anything.
             with torch.device("meta"):
@@ -803,13 +803,16 @@ class BaseAgent:
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
+        deterministic: bool = True,
     ) -> str:
         """Push to the Hub repo ``repo_id`` (created if missing); returns the commit URL.
 
         Uploads model.safetensors, config.json and a README.md model card; with ``eval_env``
         (a ``gymnasium.Env``, ideally made with ``render_mode="rgb_array"``) also results.json
-        from a deterministic ``evaluate_policy`` over ``n_eval_episodes`` and, with ``video``,
-        a ``video_length``-frame replay.mp4. ``revision`` is the branch to commit to. See
+        from ``evaluate_policy`` over ``n_eval_episodes`` (``deterministic``: the argmax over
+        fixed-noise candidates; False samples as the official evaluation does; results.json and
+        the card say which) and, with ``video``, a ``video_length``-frame replay.mp4.
+        ``revision`` is the branch to commit to. See
         :func:`dql_agent.integrations.hub.push_to_hub`.
         """
         from dql_agent.integrations.hub import push_to_hub
@@ -825,6 +828,7 @@ class BaseAgent:
             private=private,
             token=token,
             revision=revision,
+            deterministic=deterministic,
         )
 
     @classmethod

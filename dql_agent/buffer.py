@@ -259,8 +259,10 @@ class OfflineBuffer:
         Keys: observations, actions, rewards, terminals, optional timeouts and
         next_observations. Without next_observations (raw D4RL files), they are taken from the
         following row, and the last row of each episode is dropped as ``d4rl.qlearning_dataset``
-        does, since its successor is not in the file. A row that is both terminal and timeout is
-        terminal (see :class:`OfflineBuffer`), so it is kept, where ``qlearning_dataset`` drops it.
+        does, since its successor is not in the file; the row before it then ends the episode (a
+        timeout), so episode boundaries survive (``qlearning_dataset`` loses them). A row that is
+        both terminal and timeout is terminal (see :class:`OfflineBuffer`), so it is kept, where
+        ``qlearning_dataset`` drops it.
 
         Raises:
             ValueError: a file that is not a readable NPZ/HDF5 dataset (the message names the
@@ -537,10 +539,16 @@ def _derive_next_observations(arrays: dict[str, Any]) -> dict[str, Any]:
     # is the last row of the file.
     keep = ~timeouts
     keep[-1] = bool(terminals[-1])  # a terminal last row needs no successor
+    # A dropped row ended its episode: the kept row before it ends it now (a timeout: still
+    # bootstrapped), so per-episode returns (Diffusion-DICE's reward scale) do not merge episodes.
+    ends = np.zeros(n, dtype=bool)
+    dropped = np.flatnonzero(~keep)
+    before = dropped[dropped >= 1] - 1
+    ends[before[keep[before] & ~terminals[before]]] = True
     out = {k: np.asarray(arrays[k])[keep] for k in ("actions", "rewards")}
     out["observations"], out["terminals"] = _rows(obs, keep), terminals[keep]
     out["next_observations"] = _rows(_shift(obs), keep)
-    out["timeouts"] = np.zeros(int(keep.sum()), dtype=bool)
+    out["timeouts"] = ends[keep]
     return out
 
 

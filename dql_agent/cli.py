@@ -275,7 +275,8 @@ def _message(error: BaseException) -> str:
 
 def _print_evaluation(results: dict[str, Any]) -> None:
     line = f"mean return {results['mean_reward']:.1f} +/- {results['std_reward']:.1f}"
-    line += f" over {results['n_eval_episodes']} episodes"
+    protocol = "deterministic" if results["is_deterministic"] else "stochastic"
+    line += f" over {results['n_eval_episodes']} {protocol} episodes"
     if results.get("normalized_score") is not None:
         line += f" (normalized score {results['normalized_score']:.1f})"
     if results.get("success_rate") is not None:
@@ -421,7 +422,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from dql_agent.integrations.hub import evaluate
 
         eval_env = Monitor(_make_env(env, imports=args.imports))
-        _print_evaluation(evaluate(model, eval_env, n_eval_episodes=args.episodes))
+        _print_evaluation(evaluate(model, eval_env, n_eval_episodes=args.episodes, deterministic=not args.stochastic))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -433,7 +434,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _check_output(args.json, "file", [args.model], make_parents=False)
     model = load_model(args.model, args.device)
     env_id = _env_id_of(model, args.env, args.model, args.imports)
-    results = evaluate(model, Monitor(_make_env(env_id, imports=args.imports)), n_eval_episodes=args.episodes)
+    env = Monitor(_make_env(env_id, imports=args.imports))
+    results = evaluate(model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic)
     _print_evaluation(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -467,6 +469,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         "n_eval_episodes": args.episodes,
         "video": not args.no_video,
         "video_length": args.video_length,
+        "deterministic": not args.stochastic,
     }
     if args.local_dir is not None:
         from dql_agent.integrations.hub import write_hub_folder
@@ -490,6 +493,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}: {meta['algorithm']}, inputs {inputs} -> action {meta['action_shape']}")
 
 
+STOCHASTIC_HELP = (
+    "evaluate with predict(deterministic=False): sample by softmax over fresh candidates, as the official "
+    "Diffusion-QL evaluation does (default: the argmax over fixed-noise candidates)"
+)
 IMPORT_HELP = (
     "import MODULE before making the env (a package that registers envs, e.g. gymnasium_robotics); "
     "--env MODULE:ENV_ID does the same"
@@ -515,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits the demo's small networks)")
 
     p = add("train", cmd_train, "train an agent: offline on a Minari id or D4RL .npz/.hdf5 file, or online (qvpo)")
+    p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     p.add_argument("dataset", nargs="?", help="Minari id or .npz/.hdf5 file (offline algorithms)")
     algos = algorithms_by_short_name()
     help_algo = ", ".join(
@@ -536,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     p = add("evaluate", cmd_evaluate, "evaluate a saved or Hub model with SB3's evaluate_policy")
+    p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     p.add_argument("model")
     p.add_argument("--env", help="env id (default: the one the model was trained for)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
@@ -552,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
 
     p = add("push", cmd_push, "push a model with its card, results and video to the Hugging Face Hub")
+    p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     p.add_argument("model")
     p.add_argument("repo_id")
     p.add_argument("--env", help="env id for evaluation and video (default: the model's)")

@@ -138,6 +138,9 @@ class ConfigBase:
     """
 
     renamed: ClassVar[dict[str, str]] = {}
+    saved_before: ClassVar[dict[str, Any]] = {}
+    """Fields added later, with the value that keeps the meaning of a config.json written before
+    them (where a new default would change what an old checkpoint builds)."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -181,6 +184,12 @@ class ConfigBase:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> Any:
+        """From a config.json's hyperparameters: :meth:`from_dict`, with ``saved_before`` filling
+        the fields an older file lacks."""
+        return cls.from_dict({**cls.saved_before, **values})
 
     @classmethod
     def from_hyperparameters(cls, hyperparameters: dict[str, Any], base: dict[str, Any] | None = None) -> Any:

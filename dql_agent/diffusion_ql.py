@@ -72,9 +72,13 @@ class DiffusionQLConfig(ConfigBase):
     ema_start_step: int = 1000
     """...from this step on; before it the EMA actor stays the initial actor."""
     lr_decay: bool = False
-    """Cosine-anneal both learning rates to 0 over `lr_decay_steps`."""
-    lr_decay_steps: int = 1_000_000
-    """Length of the cosine decay in gradient steps (used when `lr_decay`)."""
+    """Cosine-anneal both learning rates to 0 over `lr_decay_steps`, then hold them at 0. (The
+    official `--lr_decay` is in effect a constant LR: its CosineAnnealingLR has T_max = num_epochs
+    but is stepped once per 50 epochs, so the LR ends at x0.998. This decays over the run.)"""
+    lr_decay_steps: int | None = None
+    """Length of the cosine decay in gradient steps; None: the run's, i.e. the ``total_timesteps``
+    of the first ``learn`` call (fixed then and saved with the schedule; set it when training in
+    chunks)."""
     n_action_samples: int = 50
     """Candidate actions per observation when acting; one is picked by the target critics' min-Q."""
     act_with_ema: bool = False
@@ -100,7 +104,6 @@ class DiffusionQLConfig(ConfigBase):
             "diffusion_steps",
             "n_max_q_samples",
             "ema_update_every",
-            "lr_decay_steps",
             "n_action_samples",
             "hidden_dim",
             "n_hidden",
@@ -112,6 +115,12 @@ class DiffusionQLConfig(ConfigBase):
         check_field(0.0 <= self.ema_decay <= 1.0, "ema_decay", "in [0, 1]", self.ema_decay)
         check_field(self.eta >= 0.0, "eta", ">= 0", self.eta)
         check_field(self.ema_start_step >= 0, "ema_start_step", ">= 0", self.ema_start_step)
+        check_field(
+            self.lr_decay_steps is None or self.lr_decay_steps >= 1,
+            "lr_decay_steps",
+            "an int >= 1 or None",
+            self.lr_decay_steps,
+        )
         check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
         check_field(
             self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
@@ -335,8 +344,9 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_learning_rate)
         self.lr_schedulers = []
         if config.lr_decay:
+            # T_max 1 is a placeholder until the first learn call fixes the run's length (None).
             self.lr_schedulers = [
-                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.lr_decay_steps, eta_min=0.0)
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.lr_decay_steps or 1, eta_min=0.0)
                 for opt in (self.actor_optimizer, self.critic_optimizer)
             ]
         self.coin_generator = torch.Generator().manual_seed(self.seed + 1)  # host-side: no device sync
@@ -400,7 +410,10 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             self.update_ema(1.0 - cfg.ema_decay)
         self.update_critic_target(cfg.tau)
         for scheduler in self.lr_schedulers:
-            scheduler.step()
+            if step == 0 and cfg.lr_decay_steps is None:  # the run's length: the first learn call's target
+                scheduler.T_max = max(self._total_timesteps, 1)
+            if scheduler.last_epoch < scheduler.T_max:  # torch's cosine is periodic: hold at 0 after T_max
+                scheduler.step()
 
     def train_step(self) -> dict[str, torch.Tensor]:
         # The actor's loss reads the critic this step has just updated (as the official code does),

@@ -91,7 +91,8 @@ class SinusoidalEmbedding(nn.Module):
 class NoiseMLP(nn.Module):
     """eps(x_t, t, s): MLP on [x_t, time embedding, state] with Mish, as in Diffusion-QL.
 
-    Time: sinusoidal(time_dim) -> Linear(time_dim, 2 time_dim) -> Mish -> Linear(., time_dim).
+    Time: sinusoidal(time_dim) -> Linear(time_dim, time_hidden_dim) -> Mish -> Linear(., time_dim),
+    ``time_hidden_dim`` 2 * time_dim by default (Diffusion-QL's; QVPO's official code uses 256).
     Body: n_hidden x (Linear(hidden_dim) + Mish), then Linear(hidden_dim, action_dim).
     """
 
@@ -102,14 +103,16 @@ class NoiseMLP(nn.Module):
         hidden_dim: int = 256,
         n_hidden: int = 3,
         time_dim: int = 16,
+        time_hidden_dim: int | None = None,
     ):
         super().__init__()
         self.state_dim, self.action_dim, self.time_dim = state_dim, action_dim, time_dim
+        time_hidden_dim = 2 * time_dim if time_hidden_dim is None else time_hidden_dim
         self.time_mlp = nn.Sequential(
             SinusoidalEmbedding(time_dim),
-            nn.Linear(time_dim, 2 * time_dim),
+            nn.Linear(time_dim, time_hidden_dim),
             Mish(),
-            nn.Linear(2 * time_dim, time_dim),
+            nn.Linear(time_hidden_dim, time_dim),
         )
         self.input_layer = nn.Linear(action_dim + time_dim + state_dim, hidden_dim)
         layers: list[nn.Module] = []
@@ -235,6 +238,23 @@ class SoftUpdate:
     @torch.no_grad()
     def __call__(self, rate: float) -> None:
         torch._foreach_lerp_(self.target, self.source, rate)
+
+
+@torch.no_grad()
+def scaled_normal_init(module: nn.Module) -> None:
+    """Weights N(0, 1 / (2 sqrt(fan_in))), biases 0, for every ``nn.Linear`` and
+    :class:`EnsembleMLP` in ``module``: QVPO's official initialisation. (Its helper means a normal
+    truncated at 2 std, but its resampling loop rebinds a local name, so the weights it leaves are
+    the untruncated normal draw, which is what this reproduces.)"""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            sub.weight.normal_(0.0, 1.0 / (2.0 * math.sqrt(sub.in_features)))
+            if sub.bias is not None:
+                sub.bias.zero_()
+        elif isinstance(sub, EnsembleMLP):
+            for weight, bias in zip(sub.weights, sub.biases, strict=True):
+                weight.normal_(0.0, 1.0 / (2.0 * math.sqrt(weight.shape[1])))
+                bias.zero_()
 
 
 def optimize(

@@ -36,7 +36,7 @@ from dql_agent.base import BaseAgent, Paper, Rollout
 from dql_agent.buffer import ReplayBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
+from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize, scaled_normal_init
 from dql_agent.policy import PolicyBase, best_of
 from dql_agent.spaces import flatten_batch, unscale_actions
 
@@ -44,11 +44,15 @@ Q_TRANSFORMS = ("qadv", "qrelu")
 
 
 # configuration ---------------------------------------------------------------------------------
+WEIGHT_INITS = ("official", "torch")
+
+
 @dataclass(frozen=True)
 class QVPOConfig(ConfigBase):
     """Hyperparameters of QVPO. Defaults are the official code's (identical for every task)."""
 
     renamed: ClassVar[dict[str, str]] = {"n_eval_samples": "n_action_samples"}
+    saved_before: ClassVar[dict[str, Any]] = {"time_hidden_dim": None, "weight_init": "torch"}
 
     learning_rate: float = 1e-4
     """Actor (diffusion policy) Adam learning rate (official `--diffusion_lr`)."""
@@ -82,9 +86,11 @@ class QVPOConfig(ConfigBase):
     """omega_ent at step 0 (official `--entropy_alpha`); the uniform actions' weight is omega_ent * w(s)."""
     entropy_coef_end: float = 0.002
     """Floor of omega_ent, reached at 90% of the decay with the official numbers."""
-    entropy_decay_steps: int | None = None
-    """Env steps over which omega_ent = max(end, start * (1 - step / decay_steps)) decays linearly;
-    None uses the ``total_timesteps`` of ``learn`` (the official `num_steps`)."""
+    entropy_decay_steps: int | None = 1_000_000
+    """Env steps of the whole run, over which omega_ent = max(end, start * (1 - step / decay_steps))
+    decays linearly (the official `num_steps`, 1M): a saved field, so chunked ``learn(...,
+    reset_num_timesteps=False)`` calls follow one schedule. None (the default before 0.2, still
+    read from old checkpoints) uses the target of the ``learn`` call in progress."""
     q_transform: str = "qadv"
     """Weight of the best sample: 'qadv' = max(Q - mean_{N_d} Q, 0) (QVPO) or 'qrelu' = max(Q, 0)."""
     n_behavior_samples: int = 4
@@ -100,6 +106,12 @@ class QVPOConfig(ConfigBase):
     """Hidden layers of the denoiser and critic MLPs."""
     time_dim: int = 32
     """Size of the denoiser's sinusoidal time embedding."""
+    time_hidden_dim: int | None = 256
+    """Hidden width of the time-embedding MLP, time_dim -> 256 -> time_dim as in the official
+    code; None is 2 * time_dim (Diffusion-QL's, and what checkpoints saved before this field hold)."""
+    weight_init: str = "official"
+    """'official': weights N(0, 1 / (2 sqrt(fan_in))), zero biases (the official `init_weights`),
+    for the denoiser and critics; 'torch': PyTorch's default (the behaviour before 0.2)."""
 
     def check(self) -> None:
         for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
@@ -140,6 +152,13 @@ class QVPOConfig(ConfigBase):
         )
         check_field(self.q_transform in Q_TRANSFORMS, "q_transform", f"one of {Q_TRANSFORMS}", self.q_transform)
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_field(
+            self.time_hidden_dim is None or self.time_hidden_dim >= 1,
+            "time_hidden_dim",
+            "an int >= 1 or None",
+            self.time_hidden_dim,
+        )
+        check_field(self.weight_init in WEIGHT_INITS, "weight_init", f"one of {WEIGHT_INITS}", self.weight_init)
 
     def entropy_coef(self, step: int, decay_steps: int) -> float:
         """omega_ent after ``step`` env steps: linear decay from start, floored at end."""
@@ -175,10 +194,15 @@ class QVPOPolicy(PolicyBase):
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: QVPOConfig):
         super().__init__(observation_space, action_space, config)
-        denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
+        denoiser = NoiseMLP(
+            self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim, config.time_hidden_dim
+        )
         self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        if config.weight_init == "official":
+            scaled_normal_init(self.actor)
+            scaled_normal_init(self.critic)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     # acting ---------------------------------------------------------------------------------

@@ -264,6 +264,7 @@ class SeedStack:
         for model in self.models:
             model.check_can_learn()
             model.policy.train()
+            model._total_timesteps = model.num_timesteps + total_timesteps  # as learn: the run's length
         sums: dict[str, torch.Tensor] = {}
         n_summed, start_time, start_timesteps = 0, time.time(), self.models[0].num_timesteps
         try:

@@ -200,7 +200,7 @@ def _check_spaces(model: BaseAgent, env: Any) -> None:
     model.check_env_spaces(env.observation_space, env.action_space)
 
 
-def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict[str, Any]:
+def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10, deterministic: bool = True) -> dict[str, Any]:
     """Deterministic SB3 ``evaluate_policy`` on a ``Monitor``-wrapped env: the results.json dict.
 
     Keys: ``mean_reward``, ``std_reward`` (plain floats), ``n_eval_episodes``,
@@ -218,6 +218,8 @@ def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict
 
     if not isinstance(n_eval_episodes, int) or n_eval_episodes < 1:
         raise ValueError(f"n_eval_episodes must be an int >= 1, got {n_eval_episodes!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     _check_spaces(model, eval_env)
     refuse_normalized_observations(eval_env)
     env = eval_env
@@ -236,7 +238,9 @@ def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict
 
     mean, std = cast(
         "tuple[float, float]",  # the (mean, std) form: return_episode_rewards is False
-        evaluate_policy(model, env, n_eval_episodes=n_eval_episodes, deterministic=True, callback=record_success),
+        evaluate_policy(
+            model, env, n_eval_episodes=n_eval_episodes, deterministic=deterministic, callback=record_success
+        ),
     )
     meta = model.metadata
     normalized = None
@@ -251,7 +255,7 @@ def evaluate(model: BaseAgent, eval_env: Any, n_eval_episodes: int = 10) -> dict
         "normalized_score": normalized,
         "success_rate": float(np.mean(successes)) if successes else None,
         "n_eval_episodes": int(n_eval_episodes),
-        "is_deterministic": True,
+        "is_deterministic": bool(deterministic),
         "eval_datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -453,6 +457,7 @@ def write_hub_folder(
     video_length: int = 1000,
     repo_id: str | None = None,
     results: dict[str, Any] | None = None,
+    deterministic: bool = True,
 ) -> Path:
     """Write the hub-ready folder locally: what :func:`push_to_hub` uploads. No network.
 
@@ -462,7 +467,10 @@ def write_hub_folder(
             results.json/replay.mp4 is removed when this write has none).
         eval_env: a ``gymnasium.Env`` or SB3 VecEnv with the model's spaces; when given, the
             model is evaluated (results.json) and, with ``video``, recorded (replay.mp4).
-        n_eval_episodes: episodes of the deterministic evaluation.
+        n_eval_episodes: evaluation episodes.
+        deterministic: evaluate (and record) with ``predict(deterministic=True)``, the argmax
+            over candidates from fixed noise; False samples as the official Diffusion-QL
+            evaluation does (softmax over fresh candidates). results.json and the card say which.
         video: record ``replay.mp4`` from ``eval_env`` (an env that does not render rgb arrays
             is re-made from its spec with ``render_mode="rgb_array"``).
         video_length: frame budget of the video (episodes are recorded back to back).
@@ -487,7 +495,7 @@ def write_hub_folder(
         results = None
     else:
         if results is None:
-            results = evaluate(model, eval_env, n_eval_episodes)
+            results = evaluate(model, eval_env, n_eval_episodes, deterministic)
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         if video:
             from dql_agent.integrations.video import record_video
@@ -501,7 +509,7 @@ def write_hub_folder(
                     folder / VIDEO_FILE,
                     n_episodes=video_length,
                     max_steps=video_length,
-                    deterministic=True,
+                    deterministic=deterministic,
                     seed=model.seed,
                 )
             finally:
@@ -524,6 +532,7 @@ def push_to_hub(
     private: bool | None = None,
     token: str | None = None,
     revision: str | None = None,
+    deterministic: bool = True,
 ) -> str:
     """Push ``model`` to the Hub repo ``repo_id`` in one commit; returns the commit URL.
 
@@ -531,6 +540,7 @@ def push_to_hub(
     :func:`write_hub_folder` into a temporary directory and uploads it with
     ``HfApi.upload_folder``. ``revision`` is the branch to commit to (created from main if
     missing; default main). ``token`` defaults to the logged-in token / ``HF_TOKEN``.
+    ``deterministic`` is the evaluation protocol (see :func:`write_hub_folder`).
 
     Raises:
         HubUnreachableError: (a ``ConnectionError``) offline mode is on or the Hub cannot be
@@ -563,6 +573,7 @@ def push_to_hub(
                 video=video,
                 video_length=video_length,
                 repo_id=repo_id,
+                deterministic=deterministic,
             )
             if commit_message is None:
                 commit_message = f"Upload {model.algorithm} agent"
