@@ -40,20 +40,23 @@ def assert_same(found: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_logging_and_acting_match_the_stored_outputs(name, stored):
+def test_training_logging_and_acting_match_the_stored_outputs(name, stored, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        _, outputs = run_case(name)
+        model, outputs = run_case(name)
     assert outputs["logged"] == stored[name]["logged"]
     assert_same(outputs, stored[name])
+    # What is saved is what the run produced: loading loses nothing.
+    model.save(tmp_path / "m", include_optimizer=True)
+    assert_same(fingerprint(type(model).load(tmp_path / "m", device="cpu")), stored[name])
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_checkpoints_saved_by_earlier_code_load_act_and_resume(name, stored):
     outputs = resume_case(name, CHECKPOINTS / name)
+    # The earlier release's model loads as it was saved (its training may predate a deliberate
+    # change of behaviour, so it is compared with what was recorded when it was written).
     assert_same(outputs["loaded"], stored[name]["loaded"])
-    # What was saved is what the run produced: loading loses nothing.
-    assert_same(outputs["loaded"], stored[name])
     assert outputs["resumed"]["logged"] == stored[name]["resumed"]["logged"]
     assert_same(outputs["resumed"], stored[name]["resumed"])
 
