@@ -46,6 +46,7 @@ def test_speed_main_runs(tmp_path):
     assert json.loads(out.read_text())["machine"]["torch_threads"] == 1
 
 
+@pytest.mark.slow  # ~25 s: the deployment paths themselves are tested in test_export and the deploy example
 def test_speed_deploy_runs(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     speed = load_script("speed")

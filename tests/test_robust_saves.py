@@ -129,7 +129,7 @@ def start_saver(path, seed: int, count: int = -1) -> subprocess.Popen:
 def test_sigkill_at_random_points_of_a_save_leaves_a_loadable_checkpoint(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     rng = random.Random(0)
-    for seed in range(1, 4):  # three processes, each killed at a random point of its save loop
+    for seed in range(1, 3):  # two processes, each killed at a random point of its save loop
         saver = start_saver(path, seed)
         assert saver.stdout.readline().strip() == "ready"
         assert saver.stdout.readline().strip() == "saved"
