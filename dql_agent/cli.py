@@ -7,6 +7,7 @@
     dql-agent record MODEL --env ENV -o replay.mp4
     dql-agent push MODEL REPO_ID [--env ENV] [--local-dir DIR]      # --local-dir: no network
     dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
+    dql-agent sweep SPEC.yaml [--address auto] [--resume]          # on Ray Tune: pip install dql_agent[ray]
 
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
 ``.npz``/``.hdf5`` file. MODEL is a directory written by ``save``, a ``.zip`` of one, or a Hub
@@ -493,6 +494,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}: {meta['algorithm']}, inputs {inputs} -> action {meta['action_shape']}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run the sweep a YAML spec describes (dql_agent.integrations.ray.SweepSpec), print its table."""
+    from dql_agent.integrations.ray import SweepSpec
+
+    spec = SweepSpec.from_yaml(args.spec)
+    if args.device != "auto":
+        spec.device = args.device
+    result = spec.run(address=args.address, resume=args.resume, verbose=args.verbose)
+    print(result.markdown)
+    for note in result.notes:
+        print(f"note: {note}")
+    print("results: " + ", ".join(str(f) for f in result.files))
+    print(f"sweep folder (Tune's state, trials, checkpoints): {result.path}")
+
+
 STOCHASTIC_HELP = (
     "evaluate with predict(deterministic=False): sample by softmax over fresh candidates, as the official "
     "Diffusion-QL evaluation does (default: the argmax over fixed-noise candidates)"
@@ -580,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="policy.onnx or policy.pt2")
     p.add_argument("--stochastic", action="store_true", help="take the noise (and uniforms) as inputs")
     p.add_argument("--n-action-samples", type=int, default=None, help="candidates per observation")
+
+    p = add("sweep", cmd_sweep, "run a sweep of datasets x seeds x hyperparameters on Ray Tune (dql_agent[ray])")
+    p.add_argument("spec", help="YAML spec: the fields of dql_agent.integrations.ray.SweepSpec")
+    p.add_argument("--address", default=None, help="Ray cluster to join: 'auto', 'ray://HOST:10001' (default: local)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep at storage/name")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output")
     return parser
 
 

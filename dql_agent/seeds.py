@@ -48,6 +48,11 @@ def train_seeds(
     preset: str | None = None,
     log_interval: int = 1000,
     verbose: int = 0,
+    callback: Sequence[Any] | None = None,
+    eval_env: str | Callable[[], Any] | None = None,
+    eval_freq: int = 0,
+    n_eval_episodes: int = 10,
+    eval_seed: int = 0,
     **hyperparameters: Any,
 ) -> list[DiffusionQL]:
     """Train one DiffusionQL per seed on ``buffer``, all replicas' losses in one batched pass.
@@ -66,6 +71,15 @@ def train_seeds(
         log_interval: every this many steps each model writes its mean losses to its own SB3
             logger (``train/critic_loss``, ...; stdout with ``verbose=1``); 0 never.
         verbose: passed to each model.
+        callback: one SB3 callback (or list of them, or None) per seed, in the order of ``seeds``;
+            each is bound to its replica and called after every step, as ``learn`` calls it. One
+            returning False stops all replicas (they train in lockstep).
+        eval_env: evaluate each replica on this env (an env id, or a function that makes a new
+            ``gymnasium.Env`` or VecEnv, called once per replica) every ``eval_freq`` steps and at
+            the end, through a :class:`dql_agent.integrations.metrics.MetricsCallback` per seed:
+            ``eval/mean_reward`` (and the normalized score, success rate) go to each model's
+            logger. For the numbers in Python pass your own ``MetricsCallback`` per seed instead.
+        eval_freq, n_eval_episodes, eval_seed: see ``MetricsCallback``.
         **hyperparameters: fields of :class:`DiffusionQLConfig`, the same for every replica.
 
     Returns:
@@ -79,6 +93,17 @@ def train_seeds(
         raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
     if not isinstance(log_interval, (int, np.integer)) or log_interval < 0:
         raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
+    if isinstance(callback, (str, bytes)) or (callback is not None and len(callback) != len(seeds)):
+        raise ValueError(
+            f"callback must hold one callback (or list, or None) per seed ({len(seeds)}), got {callback!r}"
+        )
+    callbacks = [_as_list(c) for c in (callback or [None] * len(seeds))]
+    if eval_env is not None:
+        from dql_agent.integrations.metrics import MetricsCallback
+
+        for extra in callbacks:
+            env = eval_env if isinstance(eval_env, str) else eval_env()
+            extra.insert(0, MetricsCallback(env, eval_freq, n_eval_episodes, eval_seed))
     models: list[DiffusionQL] = []
     for seed in seeds:
         model = DiffusionQL(buffer, device=device, seed=seed, preset=preset, verbose=verbose, **hyperparameters)
@@ -86,8 +111,12 @@ def train_seeds(
             # Same buffer and config give the same training view: keep one copy on the device.
             model.replay_buffer = models[0].replay_buffer
         models.append(model)
-    SeedStack(models).learn(int(total_timesteps), int(log_interval))
+    SeedStack(models).learn(int(total_timesteps), int(log_interval), callbacks=callbacks)
     return models
+
+
+def _as_list(callback: Any) -> list[Any]:
+    return [] if callback is None else list(callback) if isinstance(callback, list) else [callback]
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -259,12 +288,23 @@ class SeedStack:
                 optimize(optimizer, grads=[grads[name][i] for name in self.names[net]], grad_norm=self.config.grad_norm)
 
     # the loop ------------------------------------------------------------------------------------
-    def learn(self, total_timesteps: int, log_interval: int = 1000) -> SeedStack:
-        """``total_timesteps`` steps of every replica, with ``learn``'s bookkeeping and logging."""
+    def learn(
+        self, total_timesteps: int, log_interval: int = 1000, callbacks: Sequence[Any] | None = None
+    ) -> SeedStack:
+        """``total_timesteps`` steps of every replica, with ``learn``'s bookkeeping, logging and
+        callbacks (``callbacks[i]``: an SB3 callback, a list of them or None, for replica i)."""
+        from dql_agent.integrations.sb3 import make_callback
+
+        if callbacks is not None and len(callbacks) != len(self.models):
+            raise ValueError(f"callbacks must hold one entry per replica ({len(self.models)}), got {len(callbacks)}")
         for model in self.models:
             model.check_can_learn()
             model.policy.train()
             model._total_timesteps = model.num_timesteps + total_timesteps  # as learn: the run's length
+        bound = [make_callback(c, False) for c in callbacks or [None] * len(self.models)]
+        for callback, model in zip(bound, self.models, strict=True):
+            callback.init_callback(model)
+            callback.on_training_start(locals(), globals())
         sums: dict[str, torch.Tensor] = {}
         n_summed, start_time, start_timesteps = 0, time.time(), self.models[0].num_timesteps
         try:
@@ -273,6 +313,12 @@ class SeedStack:
                 for key, value in losses.items():  # summed on the device: no host sync per step
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 n_summed += 1
+                go_on = True
+                for callback in bound:  # each runs at every step, even after another said stop
+                    callback.update_locals(locals())
+                    go_on = callback.on_step() and go_on
+                if not go_on:
+                    break
                 if log_interval and self.models[0].num_timesteps % log_interval == 0:
                     self._dump_logs(sums, n_summed, start_time, start_timesteps)
                     sums, n_summed = {}, 0
@@ -281,6 +327,8 @@ class SeedStack:
         finally:
             for model in self.models:
                 model.policy.eval()
+        for callback in bound:
+            callback.on_training_end()
         return self
 
     def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:

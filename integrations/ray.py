@@ -1,0 +1,563 @@
+"""Sweeps on Ray Tune: datasets x seeds x hyperparameters, on one machine or a cluster, resumable.
+
+::
+
+    from dql_agent.integrations.ray import run_sweep
+
+    result = run_sweep(
+        algo="dql", datasets=["data/hopper-medium.npz", "mujoco/hopper/medium-v0"], env="Hopper-v5",
+        seeds=[0, 1, 2], param_space={"eta": [0.5, 1.0, 2.5], "grad_norm": [1.0, 9.0]},
+        total_timesteps=200_000, eval_every=10_000, eval_episodes=10,
+        resources={"cpu": 1, "gpu": 0.25}, address=None, storage="./sweeps",
+    )
+    print(result.markdown)  # mean +/- std over seeds per dataset and configuration; the best per dataset
+
+or ``dql-agent sweep SPEC.yaml [--address auto] [--resume]`` with the same fields in YAML.
+
+Each Tune trial (:func:`train_trial`) trains one dataset x one hyperparameter setting x one seed
+(or, with ``pack_seeds``, all seeds in one process through :class:`dql_agent.seeds.SeedStack`,
+the engine of ``train_seeds``). It calls ``learn`` once per ``eval_every`` timesteps with a
+:class:`~dql_agent.integrations.metrics.MetricsCallback`, then reports the interval's mean
+losses (``train/*``) and the evaluation (``eval/mean_reward``, ``eval/normalized_score``,
+``eval/success_rate``) to Tune with a checkpoint written by ``save(include_optimizer=True)``. A
+trial that fails (its worker dies, an exception) restarts from its last checkpoint, up to
+``max_failures`` times, and ends with the weights an uninterrupted run would have (bit for bit on
+a CPU); ``resume=True`` (``--resume``) continues an interrupted sweep.
+
+Lists in ``param_space`` are grids; ``{"loguniform": [1e-4, 1e-3]}`` (or any Tune search space
+object, in Python) is sampled ``num_samples`` times; ``scheduler="asha"`` stops weak trials early.
+Needs ``pip install dql_agent[ray]``; see docs/SCALING.md for clusters.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+except ImportError as error:
+    raise ImportError(f"dql_agent's sweeps need Ray Tune: pip install dql_agent[ray] ({error})") from error
+
+__all__ = ["SweepResult", "SweepSpec", "run_sweep", "summarize", "train_trial"]
+
+FILE_SUFFIXES = (".npz", ".hdf5", ".h5")
+"""A dataset named with one of these is a file (D4RL-style); anything else is a Minari id."""
+SAMPLERS = ("uniform", "quniform", "loguniform", "qloguniform", "randn", "randint", "choice")
+"""``{"<sampler>": [args]}`` in a param_space is ``tune.<sampler>(*args)`` (``choice``: the list)."""
+METRICS = {
+    "eval/mean_reward": "return",
+    "eval/normalized_score": "normalized score",
+    "eval/success_rate": "success rate",
+}
+"""The reported evaluation metrics the results table summarises, and their column titles."""
+
+CallbackFactory = Callable[[dict[str, Any]], Sequence[Any]]
+"""Extra SB3 callbacks for one model of a trial, from ``{"dataset", "seed", "hyperparameters"}``."""
+
+
+@dataclass
+class SweepSpec:
+    """What to sweep: the fields of a YAML spec and the keywords of :func:`run_sweep`.
+
+    Args:
+        datasets: Minari ids (loaded from each worker's local store, or downloaded there with
+            ``download``) or ``.npz``/``.hdf5`` paths (relative ones against ``root``; on a
+            cluster, a path every node sees, e.g. on shared storage).
+        algo: an offline algorithm's command-line name: ``dql`` or ``dice``.
+        env: the env id to evaluate on (and to give a file dataset its spaces); None: each
+            dataset's own ``env_id``.
+        seeds: one trial per seed, or one trial for all of them with ``pack_seeds``.
+        param_space: hyperparameters (fields of the algorithm's config, and ``preset``): a list is
+            a grid, ``{"loguniform": [lo, hi]}`` (any of ``SAMPLERS``) or a Tune search space is
+            sampled, anything else is a constant.
+        total_timesteps: gradient steps per trial.
+        eval_every: evaluate, report and checkpoint every this many steps (and at the end).
+        eval_episodes: deterministic evaluation episodes.
+        eval_seed: every evaluation resets its env with this seed (the same episodes each time).
+        resources: per trial, e.g. ``{"cpu": 1, "gpu": 0.25}`` (Ray resource names).
+        storage: folder of the sweep (``storage/name``): Tune's state, checkpoints, the tables.
+            A relative path is taken against ``root``; on a cluster, shared storage.
+        name: the sweep's folder under ``storage``.
+        pack_seeds: train all seeds of a configuration in one trial (``dql`` only; for a GPU).
+        num_samples: how many times to sample the param_space (each grid point that often).
+        scheduler: None, ``"asha"`` or ``{"asha": {ASHAScheduler keywords}}``, or a Tune scheduler:
+            early stopping on ``metric``. Off by default: a seed sweep wants every run.
+        metric, mode: the reported metric the scheduler compares, and whether "max" or "min" is best.
+        max_failures: restarts of a failed trial from its last checkpoint (-1: no limit).
+        device: the trials' torch device ('auto': CUDA when the trial was given a GPU).
+        download: let workers download Minari datasets they do not hold.
+        root: what relative dataset paths and ``storage`` are taken against (YAML: its folder).
+    """
+
+    datasets: list[str]
+    algo: str = "dql"
+    env: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    param_space: dict[str, Any] = field(default_factory=dict)
+    total_timesteps: int = 1_000_000
+    eval_every: int = 10_000
+    eval_episodes: int = 10
+    eval_seed: int = 0
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
+    storage: str = "./sweeps"
+    name: str = "sweep"
+    pack_seeds: bool = False
+    num_samples: int = 1
+    scheduler: Any = None
+    metric: str = "eval/mean_reward"
+    mode: str = "max"
+    max_failures: int = 2
+    device: str = "auto"
+    download: bool = False
+    root: str = "."
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> SweepSpec:
+        """The spec in a YAML file; relative paths in it are taken against the file's folder."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a sweep spec is a YAML mapping of fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"root"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown}; a sweep spec has {sorted(known)}")
+        try:
+            return cls(**data, root=str(Path(path).resolve().parent))
+        except (TypeError, ValueError) as error:  # a missing field, or one that cannot run
+            raise ValueError(f"{path}: {error}") from None
+
+    def check(self) -> None:
+        """Raise ValueError/TypeError naming the first field that cannot run."""
+        from dql_agent.cli import algorithms_by_short_name
+        from dql_agent.config import check_seed
+
+        offline = {name: cls for name, cls in algorithms_by_short_name().items() if not cls.online}
+        if self.algo not in offline:
+            raise ValueError(f"algo must be an offline algorithm, one of {sorted(offline)}; got {self.algo!r}")
+        if isinstance(self.datasets, str) or not self.datasets or not all(isinstance(d, str) for d in self.datasets):
+            raise TypeError(f"datasets must be a non-empty list of Minari ids or file paths, got {self.datasets!r}")
+        self.datasets, self.seeds = list(self.datasets), [check_seed(s, "seeds") for s in self.seeds]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        for name, least in (("total_timesteps", 1), ("eval_every", 1), ("eval_episodes", 1), ("num_samples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an int >= -1 (-1: no limit), got {self.max_failures!r}")
+        if not isinstance(self.param_space, dict):
+            raise TypeError(f"param_space must be a mapping of hyperparameter names, got {self.param_space!r}")
+        allowed = offline[self.algo].config_class.field_names() | ({"preset"} if self.algo == "dql" else set())
+        unknown = sorted(set(self.param_space) - allowed)
+        if unknown:
+            raise ValueError(f"param_space: {unknown} are not {self.algo} hyperparameters ({sorted(allowed)})")
+        if not isinstance(self.resources, dict) or not all(
+            isinstance(v, (int, float)) and v >= 0 for v in self.resources.values()
+        ):
+            raise ValueError(f"resources must map Ray resource names to numbers >= 0, got {self.resources!r}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        if self.pack_seeds and self.algo != "dql":
+            raise ValueError("pack_seeds trains the seeds through train_seeds' SeedStack, which is Diffusion-QL's")
+        _scheduler(self)  # refuses an unknown one
+
+    # running -------------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The sweep's folder: ``storage/name``."""
+        return (Path(self.root) / self.storage).resolve() / self.name
+
+    def run(
+        self,
+        address: str | None = None,
+        resume: bool = False,
+        callbacks: CallbackFactory | None = None,
+        verbose: int = 1,
+    ) -> SweepResult:
+        """Run (or, with ``resume``, continue) the sweep; see :func:`run_sweep`."""
+        restore = tune.Tuner.can_restore(self.path)
+        if restore and not resume:
+            raise ValueError(
+                f"{self.path} already holds a sweep: continue it with resume=True (dql-agent sweep --resume) "
+                "or choose another name or storage"
+            )
+        if resume and not restore and verbose:
+            print(f"nothing to resume at {self.path}: starting the sweep")
+        started = not ray.is_initialized()
+        if started:
+            if address is None:  # on a cluster the files need only exist where the trials run
+                for name in self.datasets:
+                    if name.endswith(FILE_SUFFIXES) and not (Path(self.root) / name).is_file():
+                        raise FileNotFoundError(f"dataset file {name} not found (relative to {self.root})")
+            ray.init(address=address)  # None: a local Ray on this machine
+        try:
+            trainable = tune.with_resources(tune.with_parameters(train_trial, callbacks=callbacks), self.resources)
+            if restore:
+                tuner = tune.Tuner.restore(str(self.path), trainable=trainable, resume_errored=True)
+            else:
+                tuner = self.tuner(trainable, verbose)
+            grid = tuner.fit()
+        finally:
+            if started:
+                ray.shutdown()
+        return summarize(grid, self.path)
+
+    def tuner(self, trainable: Any, verbose: int = 1) -> tune.Tuner:
+        """The Tune ``Tuner`` of this sweep around ``trainable`` (:func:`train_trial` with resources)."""
+        scheduler = _scheduler(self)
+        return tune.Tuner(
+            trainable,
+            param_space=self.trial_space(),
+            tune_config=tune.TuneConfig(
+                num_samples=self.num_samples,
+                scheduler=scheduler,
+                metric=self.metric if scheduler else None,
+                mode=self.mode if scheduler else None,
+                trial_dirname_creator=_trial_dirname,
+                reuse_actors=True,  # a trial after another in the same slot skips the worker start and imports
+            ),
+            run_config=tune.RunConfig(
+                name=self.name,
+                storage_path=str(self.path.parent),
+                failure_config=tune.FailureConfig(max_failures=self.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # resuming needs only the last
+                verbose=verbose,
+            ),
+        )
+
+    def trial_space(self) -> dict[str, Any]:
+        """Tune's param_space: the grid over datasets and seeds, the hyperparameters, the settings."""
+        settings = ("algo", "total_timesteps", "eval_every", "eval_episodes", "eval_seed", "device", "download")
+        return {
+            **{name: getattr(self, name) for name in settings},
+            "env_id": self.env,  # not "env": Tune would put it in every trial's name
+            "root": str(Path(self.root).resolve()),
+            "dataset": tune.grid_search(self.datasets),
+            "seeds": [*self.seeds] if self.pack_seeds else tune.grid_search([[s] for s in self.seeds]),
+            "hyperparameters": {key: _search_space(value) for key, value in self.param_space.items()},
+        }
+
+
+def _search_space(value: Any) -> Any:
+    if isinstance(value, list):
+        return tune.grid_search(value)
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SAMPLERS:
+        sampler, args = next(iter(value.items()))
+        return getattr(tune, sampler)(args) if sampler == "choice" else getattr(tune, sampler)(*args)
+    return value
+
+
+def _scheduler(spec: SweepSpec) -> TrialScheduler | None:
+    chosen: Any = spec.scheduler
+    if chosen is None or isinstance(chosen, TrialScheduler):
+        return chosen
+    options: dict[str, Any] = {}
+    if isinstance(chosen, dict) and list(chosen) == ["asha"]:
+        chosen, options = "asha", dict(chosen["asha"] or {})
+    if chosen != "asha":
+        raise ValueError(f"scheduler must be None, 'asha', {{'asha': {{...}}}} or a Tune scheduler, got {chosen!r}")
+    # Milestones in timesteps, from the first evaluation on.
+    defaults = {"time_attr": "timesteps", "max_t": spec.total_timesteps, "grace_period": spec.eval_every}
+    return ASHAScheduler(**{**defaults, "reduction_factor": 3, **options})
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # the default joins every config value: too long for a path
+
+
+def run_sweep(
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    callbacks: CallbackFactory | None = None,
+    verbose: int = 1,
+    **spec: Any,
+) -> SweepResult:
+    """Run a sweep on Ray Tune and write its results table; see the module docstring.
+
+    Args:
+        address: None starts a local Ray (unless one is running in this process: it is used);
+            ``"auto"`` or ``"ray://host:10001"`` joins a cluster.
+        resume: continue the interrupted sweep at ``storage/name`` (its unfinished and failed
+            trials, from their last checkpoints); without it an existing sweep there is an error.
+        callbacks: extra SB3 callbacks per model, ``callbacks({"dataset", "seed",
+            "hyperparameters"}) -> list``; called in the worker (e.g. one that stops early).
+        verbose: Tune's progress output (0 silent, 1, 2).
+        **spec: the fields of :class:`SweepSpec` (``datasets``, ``algo``, ``env``, ``seeds``,
+            ``param_space``, ``total_timesteps``, ``eval_every``, ``eval_episodes``, ``resources``,
+            ``storage``, ...). Relative paths are taken against the working directory.
+
+    Returns:
+        The :class:`SweepResult`: table rows, the best configuration per dataset, and where the
+        CSV and Markdown tables, the learning curves and Tune's files are.
+    """
+    return SweepSpec(**spec).run(address=address, resume=resume, callbacks=callbacks, verbose=verbose)
+
+
+# the trial -----------------------------------------------------------------------------------------
+def train_trial(config: dict[str, Any], callbacks: CallbackFactory | None = None) -> None:
+    """Ray Tune function trainable: one configuration on one dataset, for one seed or several packed.
+
+    ``config`` is a point of :meth:`SweepSpec.trial_space`. Starts from ``tune.get_checkpoint()``
+    when Tune restarts the trial, else from scratch; every ``eval_every`` steps it reports
+    ``timesteps``, ``train/*`` (the interval's mean losses) and ``eval/*``, with a checkpoint of
+    each model (``seed_<seed>/``, saved with ``include_optimizer=True``). With several seeds each
+    metric is reported per seed (``seed_<seed>/eval/mean_reward``) and as their mean.
+    """
+    from dql_agent.cli import algorithms_by_short_name, load_buffer
+    from dql_agent.integrations.metrics import MetricsCallback
+    from dql_agent.seeds import SeedStack
+
+    cls = algorithms_by_short_name()[config["algo"]]
+    total, every, seeds = int(config["total_timesteps"]), int(config["eval_every"]), list(config["seeds"])
+    buffer = load_buffer(_dataset_source(config["dataset"], config["root"]), config["download"], config["env_id"])
+    env_id = config["env_id"] or _dataset_env(buffer, config["dataset"])
+    hyperparameters = dict(config["hyperparameters"])
+    if getattr(cls.make_config(dict(hyperparameters)), "lr_decay_steps", 0) is None:
+        # None means "the first learn call's length", and each evaluation interval is a learn call.
+        hyperparameters["lr_decay_steps"] = total
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        models = [cls(buffer, seed=seed, device=config["device"], **hyperparameters) for seed in seeds]
+    else:
+        with checkpoint.as_directory() as folder:
+            models = [cls.load(Path(folder) / f"seed_{seed}", device=config["device"]) for seed in seeds]
+        for model in models:
+            model.set_buffer(buffer)
+    for model in models[1:]:  # as train_seeds: one copy of the training data on the device
+        model.replay_buffer = models[0].replay_buffer
+
+    recorders = [MetricsCallback(env_id, every, config["eval_episodes"], config["eval_seed"]) for _ in models]
+    info = {"dataset": config["dataset"], "hyperparameters": hyperparameters}
+    extras = [list(callbacks({**info, "seed": seed})) if callbacks else [] for seed in seeds]
+    model_callbacks = [[recorder, *extra] for recorder, extra in zip(recorders, extras, strict=True)]
+    stack = SeedStack(models) if len(models) > 1 else None
+    while (step := models[0].num_timesteps) < total:
+        n = min(every - step % every, total - step)
+        if stack is not None:
+            stack.learn(n, log_interval=every, callbacks=model_callbacks)
+        else:
+            models[0].learn(n, callback=model_callbacks[0], log_interval=every, reset_num_timesteps=False)
+        step = models[0].num_timesteps
+        metrics: dict[str, Any] = {"timesteps": step}
+        records = [
+            {k: v for k, v in r.records.get(step, {}).items() if k.startswith(("train/", "eval/"))} for r in recorders
+        ]
+        if len(models) == 1:
+            metrics.update(records[0])
+        else:
+            for seed, record in zip(seeds, records, strict=True):
+                metrics.update({f"seed_{seed}/{key}": value for key, value in record.items()})
+            for key in set.intersection(*(set(r) for r in records)):
+                metrics[key] = sum(r[key] for r in records) / len(records)
+        with tempfile.TemporaryDirectory() as folder:
+            for model in models:
+                model.save(Path(folder) / f"seed_{model.seed}", include_optimizer=True)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _dataset_source(name: str, root: str) -> str:
+    return str(Path(root) / name) if name.endswith(FILE_SUFFIXES) else name
+
+
+def _dataset_env(buffer: Any, name: str) -> str:
+    env_id = buffer.metadata.get("env_id")
+    if not isinstance(env_id, str):
+        raise ValueError(f"dataset {name} names no env to evaluate on: give the sweep an env")
+    if ":" in env_id:  # gym.make would import the module a file names
+        raise ValueError(f"dataset {name} names the env {env_id!r} with a module: give it as env if you trust it")
+    return env_id
+
+
+# results -------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """What a sweep produced; ``markdown`` is the table ``dql-agent sweep`` prints."""
+
+    path: Path
+    """The sweep's folder (Tune's state, one folder per trial with its checkpoints, the tables)."""
+    rows: list[dict[str, Any]]
+    """One per dataset and configuration: ``dataset``, the hyperparameters, ``seeds``,
+    ``timesteps`` (of the last evaluation), ``<metric>_mean`` and ``<metric>_std`` over seeds for
+    ``mean_reward``, ``normalized_score`` and ``success_rate`` (None where not reported), ``best``."""
+    best: dict[str, dict[str, Any]]
+    """The best row per dataset: the highest mean normalized score, else the highest mean return."""
+    markdown: str
+    files: list[Path]
+    """``results.csv``, ``results.md``, ``curves.csv`` and, with matplotlib, ``curves_<dataset>.png``."""
+    notes: list[str]
+    """What the table lacks: trials that reported nothing, unfinished runs, plots skipped."""
+    grid: Any = field(repr=False, default=None)
+    """Tune's ``ResultGrid``."""
+
+
+@dataclass
+class _Curve:
+    """The evaluations of one seed of one trial."""
+
+    dataset: str
+    setting: str  # the hyperparameters as sorted JSON: one configuration
+    seed: int
+    total_timesteps: int
+    points: list[dict[str, float]]  # {"timesteps", and the METRICS reported}
+
+
+def _curves(grid: Any, notes: list[str]) -> list[_Curve]:
+    curves = []
+    for result in grid:
+        frame, config = result.metrics_dataframe, result.config
+        if frame is None or frame.empty or "timesteps" not in frame:
+            notes.append(f"trial {result.path} reported nothing: {result.error}")
+            continue
+        # A trial restarted from a checkpoint may report a step again: the last report wins.
+        frame = frame.drop_duplicates("timesteps", keep="last").sort_values("timesteps")
+        seeds = list(config["seeds"])
+        setting = json.dumps(config["hyperparameters"], sort_keys=True)
+        for seed in seeds:
+            prefix = f"seed_{seed}/" if len(seeds) > 1 else ""
+            columns = {key: prefix + key for key in METRICS if prefix + key in frame}
+            points = [
+                {"timesteps": int(row["timesteps"])} | {k: float(row[c]) for k, c in columns.items()}
+                for _, row in frame.iterrows()
+            ]
+            curves.append(_Curve(config["dataset"], setting, seed, config["total_timesteps"], points))
+    return curves
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))  # population std, as np.std
+
+
+def summarize(grid: Any, path: str | os.PathLike[str]) -> SweepResult:
+    """The results of a finished (or interrupted) sweep from Tune's ``ResultGrid``, written to ``path``:
+    ``results.csv``, ``results.md``, ``curves.csv`` and, with matplotlib, ``curves_<dataset>.png``.
+
+    ``run`` calls it; for a sweep's folder later:
+    ``summarize(tune.Tuner.restore(path, train_trial).get_results(), path)``."""
+    path = Path(path)
+    notes: list[str] = []
+    curves = _curves(grid, notes)
+    groups: dict[tuple[str, str], list[_Curve]] = {}
+    for curve in curves:
+        if curve.points:
+            groups.setdefault((curve.dataset, curve.setting), []).append(curve)
+    names = sorted({name for _, setting in groups for name in json.loads(setting)})
+    rows: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
+    top: dict[str, float] = {}
+    for (dataset, setting), group in groups.items():
+        finals = [curve.points[-1] for curve in group]
+        steps = sorted({int(final["timesteps"]) for final in finals})
+        row = {"dataset": dataset, **{name: json.loads(setting).get(name) for name in names}}
+        row |= {"seeds": len(group), "timesteps": steps[0] if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"}
+        for key in METRICS:
+            values = [final[key] for final in finals if not math.isnan(final.get(key, math.nan))]
+            row[f"{key[5:]}_mean"], row[f"{key[5:]}_std"] = _mean_std(values) if values else (None, None)
+        score = row["mean_reward_mean"] if row["normalized_score_mean"] is None else row["normalized_score_mean"]
+        if score is not None and score > top.get(dataset, -math.inf):
+            best[dataset], top[dataset] = row, score
+        rows.append(row)
+    for row in rows:
+        row["best"] = best.get(row["dataset"]) is row
+    short = sum(curve.points[-1]["timesteps"] < curve.total_timesteps for curve in curves if curve.points)
+    if short or grid.num_errors:
+        notes.append(
+            f"{short} run(s) ended before total_timesteps (interrupted, or stopped by the scheduler) and "
+            f"{grid.num_errors} trial(s) failed: resume=True (dql-agent sweep --resume) continues an interrupted "
+            "sweep from the last checkpoints"
+        )
+    # The table shows the hyperparameters that differ between its rows; the CSV has them all.
+    varying = [name for name in names if len({json.dumps(row[name]) for row in rows}) > 1]
+    markdown = _markdown(rows, names, varying, best)
+    files = _write(path, rows, curves, markdown)
+    files += _plot(path, groups, varying, notes)
+    return SweepResult(path=path, rows=rows, best=best, markdown=markdown, files=files, notes=notes, grid=grid)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    mean, std = row[f"{key[5:]}_mean"], row[f"{key[5:]}_std"]
+    return "" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def _markdown(rows: list[dict[str, Any]], names: list[str], varying: list[str], best: dict[str, Any]) -> str:
+    shown = [key for key in METRICS if any(row[f"{key[5:]}_mean"] is not None for row in rows)]
+    head = ["dataset", *varying, "seeds", "timesteps", *(METRICS[key] for key in shown), "best"]
+    fixed = ", ".join(f"{name}={rows[0][name]}" for name in names if name not in varying)
+    lines = [f"Same in every row: {fixed}", ""] if fixed else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row[key]) for key in ("dataset", *varying, "seeds", "timesteps")]
+        cells += [_cell(row, key) for key in shown] + ["**best**" if row["best"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± std (ddof=0) over seeds of each run's last evaluation. Best configuration per dataset:"]
+    key = "eval/normalized_score" if "eval/normalized_score" in shown else "eval/mean_reward"
+    for dataset, row in best.items():
+        setting = ", ".join(f"{name}={row[name]}" for name in varying) or "the only configuration"
+        lines.append(f"- {dataset}: {setting} ({_cell(row, key)} {METRICS[key]})")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, rows: list[dict[str, Any]], curves: list[_Curve], markdown: str) -> list[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    files = [path / "results.csv", path / "results.md", path / "curves.csv"]
+    with files[0].open("w", newline="") as out:
+        table = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["dataset"])
+        table.writeheader()
+        table.writerows(rows)
+    files[1].write_text(markdown)
+    with files[2].open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["dataset", "hyperparameters", "seed", "timesteps", *METRICS])
+        for c in curves:
+            for p in c.points:
+                writer.writerow([c.dataset, c.setting, c.seed, p["timesteps"], *(p.get(key, "") for key in METRICS)])
+    return files
+
+
+def _plot(path: Path, groups: dict[tuple[str, str], list[_Curve]], varying: list[str], notes: list[str]) -> list[Path]:
+    """One PNG per dataset: a line per configuration, its mean over seeds and a ±std band."""
+    try:
+        import matplotlib
+    except ImportError:
+        notes.append("matplotlib is not installed: no learning-curve PNGs (pip install matplotlib); see curves.csv")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for dataset in dict.fromkeys(name for name, _ in groups):
+        mine = {setting: group for (name, setting), group in groups.items() if name == dataset}
+        every = [point for group in mine.values() for curve in group for point in curve.points]
+        key = "eval/normalized_score" if all("eval/normalized_score" in p for p in every) else "eval/mean_reward"
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for setting, group in mine.items():
+            steps = sorted(set.intersection(*({p["timesteps"] for p in c.points if key in p} for c in group)))
+            at = [{p["timesteps"]: p[key] for p in c.points if key in p} for c in group]
+            stats = [_mean_std([values[step] for values in at]) for step in steps]
+            label = ", ".join(f"{k}={json.loads(setting).get(k)}" for k in varying) or "all runs"
+            axes.plot(steps, [m for m, _ in stats], label=label)
+            axes.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+        axes.set(xlabel="gradient steps", ylabel=METRICS[key], title=dataset)
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        files.append(path / f"curves_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in dataset)}.png")
+        figure.savefig(files[-1], dpi=100)
+        plt.close(figure)
+    return files
