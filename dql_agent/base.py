@@ -338,11 +338,12 @@ class BaseAgent:
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (RNG states) and JSON state (schedulers) beyond the optimizers, to resume exactly."""
-        return {"rng.train": self.generator.get_state()}, {}
+        return {"rng.train": self.generator.get_state()}, {"rng_device": self.generator.device.type}
 
     def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`training_state` returned."""
-        self.generator.set_state(tensors["rng.train"])
+        if "rng.train" in tensors:  # absent when saved by a generator of another device type
+            self.generator.set_state(tensors["rng.train"])
 
     def collect_step(self) -> Rollout:
         """Online algorithms: act in ``env`` once, store the transitions, say how many gradient
@@ -748,15 +749,28 @@ class BaseAgent:
                 model.n_updates = int(n_updates)
                 # RNG states and schedulers must have the shapes and types a fresh model's have.
                 fresh_tensors, fresh_meta = model.training_state()
-                check_json_like(fresh_meta, {key: meta[key] for key in fresh_meta}, where_optimizer)
+                tensors = checkpoint.optimizer_tensors
+                rng_device = meta.get("rng_device", model.generator.device.type)  # absent before 0.2
+                if rng_device != model.generator.device.type:
+                    # A CUDA generator's state means nothing to a CPU one (and back): the weights and
+                    # optimizer state load, the update's random stream starts afresh.
+                    warnings.warn(
+                        f"{where_optimizer}: the training RNG state is a {rng_device} generator's and this model "
+                        f"trains on {model.generator.device.type}: its random draws start a fresh stream",
+                        stacklevel=3,
+                    )
+                    tensors = {k: v for k, v in tensors.items() if k != "rng.train"}
+                    fresh_tensors.pop("rng.train")
+                found_meta = {key: meta[key] for key in fresh_meta if key != "rng_device" or key in meta}
+                check_json_like({k: fresh_meta[k] for k in found_meta}, found_meta, where_optimizer)
                 for key, tensor in fresh_tensors.items():
-                    found = checkpoint.optimizer_tensors[key]
+                    found = tensors[key]
                     if found.shape != tensor.shape or found.dtype != tensor.dtype:
                         raise CheckpointError(
                             f"{where_optimizer}: {key} has shape {tuple(found.shape)} and dtype {found.dtype}, "
                             f"expected {tuple(tensor.shape)} and {tensor.dtype}"
                         )
-                model.load_training_state(checkpoint.optimizer_tensors, meta)
+                model.load_training_state(tensors, meta)
             except CheckpointError:
                 raise
             except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:

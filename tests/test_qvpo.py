@@ -216,6 +216,7 @@ def test_vecenv_counts_env_steps():
 
 
 # learning ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~50 s of a 10-minute suite budget; QVPO's update is checked step by step above
 def test_learns_pendulum_within_a_cpu_budget():
     """3,000 env steps (about 2,500 updates, ~40 s on 2 shared cores) lift the deterministic return
     of 5 seeded episodes from random's ~-1,200 to above -900. Settings: ``PENDULUM`` above."""

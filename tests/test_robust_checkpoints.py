@@ -376,3 +376,29 @@ def test_every_config_json_field_loads_or_names_itself_within_time_and_memory():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ok: 400 examples" in result.stdout
+
+
+def test_a_checkpoint_with_a_cuda_generator_state_loads_and_resumes_on_the_cpu(saved, tmp_path):
+    # What a save on CUDA writes: a 16-byte Philox state and rng_device "cuda" (found on an H200:
+    # loading it on the CPU was refused). The weights and optimizer load; the stream starts afresh.
+    import hashlib
+
+    from safetensors import safe_open
+
+    path = copy_checkpoint(saved, tmp_path / "from_cuda")
+    with safe_open(path / "optimizer.safetensors", "pt") as f:
+        metadata = f.metadata()
+    state = json.loads(metadata["state"])
+    state["rng_device"] = "cuda"
+    tensors = load_file(path / "optimizer.safetensors")
+    tensors["rng.train"] = torch.zeros(16, dtype=torch.uint8)
+    save_file(tensors, path / "optimizer.safetensors", metadata={**metadata, "state": json.dumps(state)})
+    digest = hashlib.sha256((path / "optimizer.safetensors").read_bytes()).hexdigest()
+    edit_config(path, lambda c: c.update(optimizer_sha256=digest))
+    with pytest.warns(UserWarning, match="training RNG state is a cuda generator's"):
+        model = DiffusionQL.load(path, device="cpu")
+    assert model.n_updates == 2
+    original = DiffusionQL.load(saved, device="cpu")
+    for name in ("actor_optimizer", "critic_optimizer"):
+        a, b = getattr(model, name).state_dict()["state"], getattr(original, name).state_dict()["state"]
+        assert all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
