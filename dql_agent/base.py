@@ -563,15 +563,19 @@ class BaseAgent:
         loss = loss.detach()
         if bool(torch.isfinite(loss)):
             return True
+        self.refuse_step(f"{name} is {float(loss)}", skip, applied)
+        return False
+
+    def refuse_step(self, what: str, skip: bool, applied: str = "no weights were updated at this step") -> None:
+        """Warn that this step's batch is skipped (``skip``) or raise FloatingPointError, saying
+        ``what`` was not finite and what the step had already ``applied``."""
         step = self.n_updates + 1
         if skip:
-            warnings.warn(
-                f"{name} is {float(loss)} at gradient step {step}; {applied}: skipping the batch", stacklevel=3
-            )
-            return False
+            warnings.warn(f"{what} at gradient step {step}; {applied}: skipping the batch", stacklevel=4)
+            return
         raise FloatingPointError(
-            f"{name} is {float(loss)} at gradient step {step}; {applied}. Check the data "
-            "(rewards/observations scale), lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
+            f"{what} at gradient step {step}; {applied}. Check the data (rewards/observations scale), "
+            "lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
         )
 
     def dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:

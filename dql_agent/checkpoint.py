@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -280,11 +281,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, looked up once (``find_library`` runs a subprocess), or None."""
+    libc_name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     system or filesystem cannot."""
-    libc_name = ctypes.util.find_library("c")
-    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2

@@ -22,6 +22,7 @@ one kept by softmax over Q (argmax with fixed noise when ``deterministic``).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -36,6 +37,12 @@ from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
 
 DQL_REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
+
+
+def _nonfinite(name: str, loss: torch.Tensor) -> str:
+    """What was not finite when ``optimize`` refused a step: the loss, else its gradients."""
+    value = float(loss)
+    return f"{name} is {value}" if not math.isfinite(value) else f"{name}'s gradient norm is not finite"
 
 
 # configuration ---------------------------------------------------------------------------------
@@ -417,16 +424,15 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
 
     def train_step(self) -> dict[str, torch.Tensor]:
         # The actor's loss reads the critic this step has just updated (as the official code does),
-        # so a bad actor loss is only seen after the critic stepped. Checking the critic's loss and
-        # gradient norm first means that step is always finite, and the errors say what was applied.
+        # so a bad actor loss is only seen after the critic stepped. Each optimizer steps only with a
+        # finite loss and gradient norm (one host read each), so no step leaves a non-finite weight,
+        # and the errors say what was applied.
         cfg, skip = self.config, self.config.nonfinite_loss == "skip"
         skipped = {"skipped_batches": torch.ones((), device=self.device)}
         batch, next_noise = self.critic_inputs()
         loss, losses = self.compute_critic_loss(self.policy, cfg, batch, next_noise)
-        if not self.loss_is_finite("critic_loss", loss, skip):
-            return skipped
-        norm = optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True)
-        if norm is not None and not self.loss_is_finite("critic_loss's gradient norm", norm, skip):
+        if not optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True):
+            self.refuse_step(_nonfinite("critic_loss", loss), skip)
             return skipped
 
         noise = self.actor_inputs()
@@ -437,11 +443,9 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
             loss, actor_losses = self.compute_actor_loss(self.policy, cfg, batch, noise)
         finally:
             self.critic.requires_grad_(True)
-        after_critic = "the critic's update of this step was applied (finite), the actor was not updated"
-        if not self.loss_is_finite("actor_loss", loss, skip, applied=after_critic):
-            return skipped
-        norm = optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True)
-        if norm is not None and not self.loss_is_finite("actor_loss's gradient norm", norm, skip, applied=after_critic):
+        if not optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True):
+            applied = "the critic's update of this step was applied (finite), the actor was not updated"
+            self.refuse_step(_nonfinite("actor_loss", loss), skip, applied)
             return skipped
         self.update_targets()
         return losses | actor_losses

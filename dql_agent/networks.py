@@ -264,14 +264,13 @@ def optimize(
     grads: Sequence[torch.Tensor] | None = None,
     grad_norm: float | None = None,
     require_finite: bool = False,
-) -> torch.Tensor | None:
+) -> bool:
     """One step of ``optimizer``: gradients from ``loss.backward()``, or ``grads`` given one per
     parameter in the optimizer's order (stacked seeds compute them under vmap), clipped to a total
-    norm of ``grad_norm`` when it is set.
+    norm of ``grad_norm`` when it is set. Returns whether the step was taken.
 
-    Returns the total gradient norm when it was computed (``grad_norm`` or ``require_finite``),
-    else None. With ``require_finite`` a NaN/inf norm (a finite loss can still overflow its
-    gradients) leaves the parameters untouched: the caller sees it in the returned norm.
+    With ``require_finite`` the step is taken only if the loss and the total gradient norm are
+    finite (a finite loss can still overflow its gradients); both are read in one host read.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -282,13 +281,16 @@ def optimize(
             param.grad = grad
     else:
         raise TypeError("optimize needs a loss or grads")
-    total_norm = None
     if grad_norm is not None:
         total_norm = clip_grad_norm_(params, grad_norm)
     elif require_finite:
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if require_finite and total_norm is not None and not bool(torch.isfinite(total_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return total_norm
+    if require_finite:
+        finite = torch.isfinite(total_norm)
+        if loss is not None:
+            finite = finite & torch.isfinite(loss.detach())
+        if not bool(finite):
+            optimizer.zero_grad(set_to_none=True)
+            return False
     optimizer.step()
-    return total_norm
+    return True

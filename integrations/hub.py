@@ -389,24 +389,10 @@ def make_model_card(
         }
         value = f"{results['mean_reward']:.2f} +/- {results['std_reward']:.2f}"
         eval_results = [EvalResult(metric_type="mean_reward", metric_name="mean_reward", metric_value=value, **common)]
-        if results.get("normalized_score") is not None:
-            eval_results.append(
-                EvalResult(
-                    metric_type="normalized_score",
-                    metric_name="normalized_score",
-                    metric_value=round(float(results["normalized_score"]), 2),
-                    **common,
-                )
-            )
-        if results.get("success_rate") is not None:
-            eval_results.append(
-                EvalResult(
-                    metric_type="success_rate",
-                    metric_name="success_rate",
-                    metric_value=round(float(results["success_rate"]), 4),
-                    **common,
-                )
-            )
+        for metric, digits in (("normalized_score", 2), ("success_rate", 4)):
+            if results.get(metric) is not None:
+                rounded = round(float(results[metric]), digits)
+                eval_results.append(EvalResult(metric_type=metric, metric_name=metric, metric_value=rounded, **common))
         results = {**results, "env_id": _md_text(str(results.get("env_id")))}  # shown in a table cell
     model_name = repo_id.split("/")[-1] if repo_id else f"{algorithm}-{env_id or 'agent'}"
     card_cls = _card_class()
