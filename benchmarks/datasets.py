@@ -103,8 +103,15 @@ def noisy_policy(
     return act
 
 
-def collect(env: gym.Env, act: Callable, n_steps: int, rng: np.random.Generator) -> list[dict]:
-    """Whole episodes until at least ``n_steps`` transitions; the last one is cut (truncated) to fit exactly."""
+def collect(
+    env: gym.Env, act: Callable, n_steps: int, rng: np.random.Generator, n_episodes: int | None = None
+) -> list[dict]:
+    """Whole episodes until at least ``n_steps`` transitions; the last one is cut (truncated) to fit exactly.
+
+    With ``n_episodes``, exactly that many whole episodes instead (``n_steps`` is then ignored).
+    """
+    if n_episodes is not None:
+        return [run_episode(env, act, int(rng.integers(2**31))) for _ in range(n_episodes)]
     episodes, total = [], 0
     while total < n_steps:
         episode = run_episode(env, act, int(rng.integers(2**31)), max_steps=n_steps - total)
@@ -135,8 +142,13 @@ def build(
     seed: int = 0,
     overwrite: bool = True,
     hub_filename: str | None = None,
+    n_episodes: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Collect and write the datasets; returns ``{dataset_id: summary}`` (steps, episodes, returns, refs)."""
+    """Collect and write the datasets; returns ``{dataset_id: summary}`` (steps, episodes, returns, refs).
+
+    ``n_episodes`` collects that many whole episodes of expert and of medium instead of ``n_steps``
+    transitions.
+    """
     import minari
     from minari.storage import get_dataset_path
 
@@ -159,10 +171,10 @@ def build(
 
     parts: dict[str, list[dict]] = {}
     if {"expert", "medium-expert"} & set(kinds):
-        parts["expert"] = collect(env, noisy_policy(expert, space, rng, expert_noise, 0.0), n_steps, rng)
+        parts["expert"] = collect(env, noisy_policy(expert, space, rng, expert_noise, 0.0), n_steps, rng, n_episodes)
     if {"medium", "medium-expert"} & set(kinds):
         act = noisy_policy(expert, space, rng, medium_noise, medium_random_prob)
-        parts["medium"] = collect(env, act, n_steps, rng)
+        parts["medium"] = collect(env, act, n_steps, rng, n_episodes)
     settings = {
         "expert": f"expert + N(0, {expert_noise} * half-range) action noise",
         "medium": f"expert + N(0, {medium_noise} * half-range) noise, uniform random actions w.p. {medium_random_prob}",
@@ -214,6 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hub-filename", default=None, help="file in the Hub repo (default <repo name>.zip)")
     p.add_argument("--env", default="Hopper-v5", help="Gymnasium env id (default Hopper-v5)")
     p.add_argument("--steps", type=int, default=50_000, help="transitions of expert and of medium (default 50000)")
+    p.add_argument(
+        "--episodes", type=int, default=None, help="whole episodes of expert and of medium (instead of --steps)"
+    )
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--expert-noise", type=float, default=0.1, help="expert action noise std / half-range")
     p.add_argument("--medium-noise", type=float, default=0.3, help="medium action noise std / half-range")
@@ -243,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         namespace=args.namespace,
         seed=args.seed,
         hub_filename=args.hub_filename,
+        n_episodes=args.episodes,
     )
     print(f"built in {time.perf_counter() - start:.0f} s")
     print("| dataset | steps | episodes | mean return | normalized | ref_min | ref_max |")

@@ -1,0 +1,233 @@
+"""The official Diffusion-QL and dql_agent trained side by side: same data, same budget, same evaluation.
+
+Each implementation trains from scratch for ``--steps`` gradient steps (batch 256) on one Minari
+dataset, once per seed, with the official per-task settings (``--preset``, default
+walker2d-medium-expert: lr 3e-4, eta 1, grad_norm 5, vp schedule with T=5, EMA 0.995 every 5
+steps from step 1000, constant LR). Then each trained agent plays the same ``--eval-episodes``
+evaluation episodes (reset seeds ``--eval-seed + i``), selecting actions stochastically as the
+official ``sample_action`` does (softmax over the target critics' min-Q of 50 fresh candidates):
+the official agent through its own ``sample_action``, one state at a time; ours through
+``predict(..., deterministic=False)``. Scores are normalised with the dataset's reference scores
+(0 = uniform random actions, 100 = the noiseless expert).
+
+Every finished run is appended to ``--out`` (JSON lines), so the two implementations can run as two
+processes (one thread each) and an interrupted run resumes where it stopped. ``--report`` reads the
+file and prints mean +- std per implementation with two exact two-sample tests (a permutation test
+of the difference of means, and Mann-Whitney's U; both enumerate every split of the runs).
+
+Build the dataset (Walker2d: half the expert with sigma 0.1 action noise, half with sigma 0.5 and 30%
+uniform random actions, 50 episodes each), then run both sides and report::
+
+    MINARI_DATASETS_PATH=/tmp/sbs python benchmarks/datasets.py /work/shared/agents/sac_Walker2d.zip \
+        --env Walker2d-v5 --kinds medium-expert --episodes 50 --expert-noise 0.1 --medium-noise 0.5 \
+        --medium-random-prob 0.3 --namespace dql_sbs
+    export MINARI_DATASETS_PATH=/tmp/sbs OMP_NUM_THREADS=1
+    python benchmarks/side_by_side.py --impl ours --reference /tmp/official --out /tmp/sbs/runs.jsonl &
+    python benchmarks/side_by_side.py --impl official --reference /tmp/official --out /tmp/sbs/runs.jsonl
+    python benchmarks/side_by_side.py --report --out /tmp/sbs/runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scores import evaluate  # noqa: E402  # benchmarks/ is not a package
+from speed import machine, official_imports  # noqa: E402
+
+IMPLEMENTATIONS = ("ours", "official")
+
+
+def train_ours(data: dict[str, np.ndarray], space: Any, preset: str, steps: int, seed: int) -> Any:
+    """A DiffusionQL with the preset, trained for ``steps``; returns the batched stochastic ``act``."""
+    from dql_agent import DiffusionQL, OfflineBuffer
+
+    buffer = OfflineBuffer(**data, action_space=space)
+    model = DiffusionQL(buffer, device="cpu", seed=seed, preset=preset)
+    model.learn(steps, log_interval=0)
+    return lambda obs: model.predict(obs, deterministic=False)[0]
+
+
+def train_official(data: dict[str, np.ndarray], space: Any, preset: str, steps: int, seed: int, reference: Path) -> Any:
+    """The official agent as its main.py builds it for the preset, trained for ``steps``; returns an
+    ``act`` that calls its ``sample_action`` once per state."""
+    from dql_agent import get_preset
+
+    settings = get_preset(preset)
+    if settings["reward_transform"] != "none":
+        raise ValueError(f"--preset {preset!r}: only presets without a reward transform are supported here")
+    with official_imports(reference):
+        ql = importlib.import_module("agents.ql_diffusion")
+        sampler = importlib.import_module("utils.data_sampler")
+    torch.manual_seed(seed)  # main.py seeds torch and numpy before building the agent
+    np.random.seed(seed)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    agent = ql.Diffusion_QL(
+        obs_dim, act_dim, float(space.high[0]), "cpu", 0.99, 0.005, max_q_backup=settings["max_q_backup"],
+        eta=settings["eta"], beta_schedule="vp", n_timesteps=5, ema_decay=0.995, step_start_ema=1000,
+        update_ema_every=5, lr=settings["learning_rate"], lr_decay=False, grad_norm=settings["grad_norm"],
+    )  # fmt: skip
+    agent.train(sampler.Data_Sampler(data, "cpu", "no"), iterations=steps, batch_size=256)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sample_action's F.softmax without dim
+            return np.stack([agent.sample_action(np.asarray(o)) for o in obs])
+
+    return act
+
+
+def run(args: argparse.Namespace) -> None:
+    import minari
+
+    from dql_agent.integrations.minari import load_minari_dataset, minari_to_transitions
+
+    torch.set_num_threads(args.threads)
+    dataset = load_minari_dataset(args.dataset)
+    data = minari_to_transitions(dataset)
+    env_id = dataset.spec.env_spec.id
+    done = {
+        (r["impl"], r["seed"]) for r in read_runs(args.out) if r["dataset"] == args.dataset and r["steps"] == args.steps
+    }
+    for seed in args.seeds:
+        if (args.impl, seed) in done:
+            print(f"{args.impl} seed {seed}: already in {args.out}", flush=True)
+            continue
+        start = time.perf_counter()
+        if args.impl == "ours":
+            act = train_ours(data, dataset.action_space, args.preset, args.steps, seed)
+        else:
+            act = train_official(data, dataset.action_space, args.preset, args.steps, seed, args.reference)
+        trained = time.perf_counter() - start
+        returns = evaluate(act, env_id, args.eval_episodes, args.eval_seed)
+        scores = minari.get_normalized_score(dataset, returns) * 100.0
+        record = {
+            "impl": args.impl, "seed": seed, "dataset": args.dataset, "preset": args.preset, "steps": args.steps,
+            "eval_seed": args.eval_seed, "returns": returns.tolist(), "score": float(np.mean(scores)),
+            "train_seconds": trained, "total_seconds": time.perf_counter() - start,
+            "machine": machine(torch.device("cpu"), args.threads),
+        }  # fmt: skip
+        with args.out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{args.impl} seed {seed}: score {record['score']:.1f} ({trained:.0f} s training)", flush=True)
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def exact_tests(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Two-sided exact p-values over every split of the pooled runs into groups of len(a) and len(b):
+    the difference of means (permutation test) and Mann-Whitney's U (ties count half)."""
+    pooled = np.asarray([*a, *b], dtype=np.float64)
+    n = len(a)
+
+    def mean_gap(idx: tuple[int, ...]) -> float:
+        mask = np.zeros(len(pooled), bool)
+        mask[list(idx)] = True
+        return float(pooled[mask].mean() - pooled[~mask].mean())
+
+    def u_stat(idx: tuple[int, ...]) -> float:
+        mask = np.zeros(len(pooled), bool)
+        mask[list(idx)] = True
+        diff = pooled[mask][:, None] - pooled[~mask][None, :]
+        return float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+
+    splits = list(itertools.combinations(range(len(pooled)), n))
+    observed = tuple(range(n))
+    gaps = np.array([mean_gap(s) for s in splits])
+    us = np.array([u_stat(s) for s in splits])
+    centre = n * (len(pooled) - n) / 2.0
+    eps = 1e-9
+    return {
+        "mean_difference": mean_gap(observed),
+        "permutation_p": float(np.mean(np.abs(gaps) >= abs(mean_gap(observed)) - eps)),
+        "mann_whitney_u": u_stat(observed),
+        "mann_whitney_p": float(np.mean(np.abs(us - centre) >= abs(u_stat(observed) - centre) - eps)),
+        "splits": len(splits),
+    }
+
+
+def report(path: Path) -> str:
+    runs = read_runs(path)
+    if not runs:
+        raise SystemExit(f"no runs in {path}")
+    lines = []
+    for (dataset, steps), group in itertools.groupby(
+        sorted(runs, key=lambda r: (r["dataset"], r["steps"])), key=lambda r: (r["dataset"], r["steps"])
+    ):
+        group = list(group)
+        scores = {impl: [r["score"] for r in group if r["impl"] == impl] for impl in IMPLEMENTATIONS}
+        lines.append(f"{dataset}, {steps} gradient steps, {len(group[0]['returns'])} evaluation episodes each")
+        lines.append("")
+        lines.append("| implementation | runs | score per seed | mean +- std | train s/run |")
+        lines.append("|---|---|---|---|---|")
+        for impl in IMPLEMENTATIONS:
+            rows = sorted((r for r in group if r["impl"] == impl), key=lambda r: r["seed"])
+            if not rows:
+                continue
+            s = np.array([r["score"] for r in rows])
+            per_seed = ", ".join(f"{r['seed']}: {r['score']:.1f}" for r in rows)
+            seconds = np.mean([r["train_seconds"] for r in rows])
+            lines.append(
+                f"| {impl} | {len(rows)} | {per_seed} | {s.mean():.1f} +- {s.std(ddof=1) if len(s) > 1 else 0:.1f} "
+                f"| {seconds:.0f} |"
+            )
+        if all(len(v) >= 2 for v in scores.values()):
+            t = exact_tests(scores["ours"], scores["official"])
+            lines.append("")
+            lines.append(
+                f"ours - official: {t['mean_difference']:+.1f} points; exact permutation p = {t['permutation_p']:.3f}, "
+                f"Mann-Whitney U = {t['mann_whitney_u']:.1f}, exact p = {t['mann_whitney_p']:.3f} "
+                f"(two-sided, {t['splits']} splits)"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--impl", choices=IMPLEMENTATIONS, help="which implementation to train")
+    p.add_argument("--report", action="store_true", help="print the table and tests of the runs in --out")
+    p.add_argument("--reference", type=Path, help="the official Diffusion-QL checkout (for --impl official)")
+    p.add_argument("--dataset", default="dql_sbs/walker2d/medium-expert-v0", help="local Minari dataset id")
+    p.add_argument("--preset", default="walker2d-medium-expert", help="the official settings (dql_agent.PRESETS)")
+    p.add_argument("--steps", type=int, default=20_000, help="gradient steps per run (default 20000)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-seed", type=int, default=10_000, help="episode i resets with seed eval_seed + i")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--out", type=Path, required=True, help="JSON-lines file the runs are appended to")
+    args = p.parse_args(argv)
+    if not args.report and args.impl is None:
+        p.error("give --impl ours|official, or --report")
+    if args.impl == "official" and args.reference is None:
+        p.error("--impl official needs --reference DIR (a checkout of the official Diffusion-QL)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        print(report(args.out))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
