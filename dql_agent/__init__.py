@@ -5,7 +5,8 @@
 >>> model.learn(total_timesteps=1_000_000, progress_bar=True)
 >>> action, _ = model.predict(obs, deterministic=True)
 
-Importing the package defines the three algorithms, and so registers them for ``load_from_hub``.
+Importing the package defines the three algorithms, and so registers them for ``load_from_hub``,
+and registers the PixelReach camera task (``dql_agent/PixelReach-v0``, see :mod:`dql_agent.pixel_reach`).
 """
 
 from dql_agent.base import ALGORITHMS, BaseAgent, Paper
@@ -14,6 +15,7 @@ from dql_agent.checkpoint import CheckpointError, library_version
 from dql_agent.diffusion_dice import DiffusionDICE, DiffusionDICEConfig, DiffusionDICEPolicy
 from dql_agent.diffusion_ql import PRESETS, DiffusionQL, DiffusionQLConfig, DiffusionQLPolicy, get_preset
 from dql_agent.integrations.hub import load_from_hub
+from dql_agent.pixel_reach import IMAGE_ENV_ID as _PIXEL_REACH  # noqa: F401  # registers dql_agent/PixelReach-v0
 from dql_agent.qvpo import QVPO, QVPOConfig, QVPOPolicy
 from dql_agent.seeds import SeedStack, train_seeds
 

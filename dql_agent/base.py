@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dql_agent.buffer import OfflineBuffer, transform_rewards
+from dql_agent.buffer import Batch, OfflineBuffer, storage_device, transform_rewards, tree_to
 from dql_agent.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -430,17 +430,40 @@ class BaseAgent:
                 f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
                 f"obs_dim={policy.obs_dim}, action_dim={policy.action_dim}"
             )
+        if buffer.has_images != policy.encoder.uses_images or (
+            buffer.has_images and not spaces_equal(buffer.observation_space, policy.observation_space)
+        ):
+            raise ValueError(
+                f"buffer has observation_space {buffer.observation_space}; the model expects "
+                f"{policy.observation_space} (camera keys must match: uint8 [0, 255] Boxes of the same shapes)"
+            )
         rewards = transform_rewards(buffer, getattr(self.config, "reward_transform", "none"))
         if getattr(self.config, "normalize_observations", False):
             mean, std = buffer.observation_stats()
             policy.obs_mean.copy_(mean)
             policy.obs_std.copy_(std)
+        # On the training device when it fits, else on the host with batches moved over.
+        place = storage_device(len(buffer) * buffer.bytes_per_transition(), self.device)
         self.replay_buffer = buffer.replace(
-            observations=policy.normalize_observations(buffer.observations.to(self.device)),
-            next_observations=policy.normalize_observations(buffer.next_observations.to(self.device)),
+            observations=policy.normalize_observations(tree_to(buffer.observations, place)),
+            next_observations=policy.normalize_observations(tree_to(buffer.next_observations, place)),
             actions=scale_actions(buffer.actions, self.action_space),
             rewards=rewards,
-        ).to(self.device)
+        ).to(place)
+        if place != self.device:
+            self.replay_buffer.batch_device = self.device
+            warnings.warn(
+                f"the dataset ({len(buffer) * buffer.bytes_per_transition() / 2**30:.1f} GiB) takes more than half "
+                f"of {self.device}'s free memory: it stays in host memory and each batch is copied over",
+                stacklevel=2,
+            )
+
+    def sample_batch(self, replay: Any, batch_size: int) -> Batch:
+        """A batch from ``replay`` drawn with the update's generator, its observations encoded for
+        the networks (camera keys through the CNNs, random-shift augmented, drawing from the same
+        generator; flat observations as they are)."""
+        batch = replay.sample(batch_size, self.generator)
+        return self.policy.encode_batch(batch, self.generator)
 
     def check_can_learn(self) -> None:
         """Raise RuntimeError naming what is missing when the model has nothing to train on."""

@@ -14,19 +14,37 @@ import torch
 from gymnasium import spaces
 
 from dql_agent.config import is_int
+from dql_agent.encoders import has_images, is_image_space, leaves, tree_from_arrays, tree_nbytes_per_row
 from dql_agent.spaces import check_action_space, check_observation_space, flat_dim
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
 class Batch(NamedTuple):
-    """A batch of transitions; ``not_dones`` is 1 - terminal (timeouts are not terminals)."""
+    """A batch of transitions; ``not_dones`` is 1 - terminal (timeouts are not terminals).
 
-    observations: torch.Tensor  # (B, obs_dim)
+    Observations are (B, obs_dim) float32, or for spaces with images an observation tree (a dict
+    of (B, *shape) tensors per key, see :mod:`dql_agent.encoders`) until the policy encodes them.
+    """
+
+    observations: Any  # (B, obs_dim), or a tree
     actions: torch.Tensor  # (B, act_dim)
     rewards: torch.Tensor  # (B,)
-    next_observations: torch.Tensor  # (B, obs_dim)
+    next_observations: Any  # (B, obs_dim), or a tree
     not_dones: torch.Tensor  # (B,)
+
+
+def take_rows(observations: Any, index: Any) -> Any:
+    """Rows of a (N, ...) tensor or of every tensor of an observation tree."""
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
+def tree_to(observations: Any, device: str | torch.device) -> Any:
+    if isinstance(observations, dict):
+        return {key: value.to(device) for key, value in observations.items()}
+    return observations.to(device)
 
 
 def _check_dtype(name: str, array: np.ndarray) -> None:
@@ -42,9 +60,18 @@ def dict_space_of(observations: Mapping[str, Any]) -> spaces.Dict:
         if isinstance(value, Mapping):
             members[key] = dict_space_of(value)
         else:
-            shape = np.shape(value)[1:]
-            members[key] = spaces.Box(-np.inf, np.inf, shape if shape else (1,), np.float32)
+            members[key] = box_of(value)
     return spaces.Dict(members)
+
+
+def box_of(observations: Any) -> spaces.Box:
+    """The Box of (N, *shape) observations: a uint8 [0, 255] image Box for uint8 arrays of rank 3
+    per row (a camera), else an unbounded float32 Box."""
+    array = np.asarray(observations)
+    shape = array.shape[1:]
+    if array.dtype == np.uint8 and len(shape) == 3:
+        return spaces.Box(0, 255, shape, np.uint8)
+    return spaces.Box(-np.inf, np.inf, shape if shape else (1,), np.float32)
 
 
 def flatten_observations(name: str, observations: Mapping[str, Any], space: spaces.Space) -> np.ndarray:
@@ -195,42 +222,64 @@ class OfflineBuffer:
         clip_actions: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ):
+        if observation_space is None and not isinstance(observations, Mapping) and np.ndim(observations) == 4:
+            observation_space = box_of(observations)  # (N, H, W, C) uint8 frames: a camera
         if isinstance(observations, Mapping) or isinstance(next_observations, Mapping):
-            # Goal-conditioned layout: a dict of arrays per key, flattened in the Dict space's order.
+            # Goal-conditioned / camera layout: a dict of arrays per key.
             if not (isinstance(observations, Mapping) and isinstance(next_observations, Mapping)):
                 raise TypeError("observations and next_observations must both be dicts of arrays, or both arrays")
             if observation_space is None:
                 observation_space = dict_space_of(observations)
-            observations = flatten_observations("observations", observations, observation_space)
-            next_observations = flatten_observations("next_observations", next_observations, observation_space)
-        obs = _as_array("observations", observations, 2)
+        if observation_space is not None:
+            check_observation_space(observation_space)
+        images = observation_space is not None and has_images(observation_space)
+        if observation_space is not None and images:
+            # uint8 images stay uint8 (a float32 copy would take 4x the memory), keyed like the space
+            obs_tree = tree_from_arrays(observation_space, observations, "observations")
+            next_tree = tree_from_arrays(observation_space, next_observations, "next_observations")
+            n = len(next(iter(obs_tree.values())))
+            n_next = len(next(iter(next_tree.values())))
+            if n_next != n:
+                raise ValueError(f"next_observations has {n_next} rows, expected {n} (the length of observations)")
+        else:
+            if isinstance(observations, Mapping):
+                assert observation_space is not None  # inferred from the keys above
+                observations = flatten_observations("observations", observations, observation_space)
+                next_observations = flatten_observations("next_observations", next_observations, observation_space)
+            obs = _as_array("observations", observations, 2)
+            next_obs = _as_array("next_observations", next_observations, 2)
+            n = len(obs)
         act = _as_array("actions", actions, 2)
         rew = _as_array("rewards", rewards, 1)
-        next_obs = _as_array("next_observations", next_observations, 2)
         term = _as_array("terminals", terminals, 1)
         tout = np.zeros(len(term), dtype=bool) if timeouts is None else _as_array("timeouts", timeouts, 1)
-        n = len(obs)
         if n == 0:
             raise ValueError("the dataset is empty: observations has 0 rows")
         for name, array in (
             ("actions", act),
             ("rewards", rew),
-            ("next_observations", next_obs),
             ("terminals", term),
             ("timeouts", tout),
         ):
             if len(array) != n:
                 raise ValueError(f"{name} has {len(array)} rows, expected {n} (the length of observations)")
-        if next_obs.shape[1] != obs.shape[1]:
-            raise ValueError(f"next_observations has dim {next_obs.shape[1]}, expected {obs.shape[1]} (observations)")
-        obs, next_obs = as_float32("observations", obs), as_float32("next_observations", next_obs)
+        if not images:
+            if len(next_obs) != n:
+                raise ValueError(
+                    f"next_observations has {len(next_obs)} rows, expected {n} (the length of observations)"
+                )
+            if next_obs.shape[1] != obs.shape[1]:
+                raise ValueError(
+                    f"next_observations has dim {next_obs.shape[1]}, expected {obs.shape[1]} (observations)"
+                )
+            obs, next_obs = as_float32("observations", obs), as_float32("next_observations", next_obs)
         act32, rew = as_float32("actions", act), as_float32("rewards", rew)
         term, tout = episode_flags(term, tout)
 
         if observation_space is None:
             observation_space = spaces.Box(-np.inf, np.inf, (obs.shape[1],), np.float32)
         check_observation_space(observation_space)
-        if flat_dim(observation_space) != obs.shape[1]:
+        if not images and flat_dim(observation_space) != obs.shape[1]:
             raise ValueError(
                 f"observations have dim {obs.shape[1]}, but observation_space flattens to {flat_dim(observation_space)}"
             )
@@ -244,12 +293,21 @@ class OfflineBuffer:
         self.observation_space = observation_space
         self.action_space = action_space
         self.metadata: dict[str, Any] = dict(metadata or {})
-        self.observations = torch.as_tensor(obs, dtype=torch.float32)
+        self.observations: Any
+        self.next_observations: Any
+        if images:
+            self.observations = {key: torch.as_tensor(value) for key, value in obs_tree.items()}
+            self.next_observations = {key: torch.as_tensor(value) for key, value in next_tree.items()}
+        else:
+            self.observations = torch.as_tensor(obs, dtype=torch.float32)
+            self.next_observations = torch.as_tensor(next_obs, dtype=torch.float32)
         self.actions = torch.as_tensor(act32, dtype=torch.float32)
         self.rewards = torch.as_tensor(rew, dtype=torch.float32)
-        self.next_observations = torch.as_tensor(next_obs, dtype=torch.float32)
         self.terminals = torch.as_tensor(term)
         self.timeouts = torch.as_tensor(tout)
+        self.batch_device: torch.device | None = None  # set when kept on the host for a CUDA run
+        if images:
+            print(self.memory_summary())
 
     # constructors ------------------------------------------------------------------------------
     @classmethod
@@ -322,15 +380,42 @@ class OfflineBuffer:
         )
 
     def __len__(self) -> int:
-        return self.observations.shape[0]
+        return self.actions.shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.observations.device
+        return self.actions.device
 
     @property
     def obs_dim(self) -> int:
-        return self.observations.shape[1]
+        """Length of the flattened observation (for spaces with images too, though those are stored by key)."""
+        return flat_dim(self.observation_space)
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.observations, dict)
+
+    def bytes_per_transition(self) -> int:
+        """Memory of one transition: observation and next observation (uint8 images), action,
+        reward and the two flags."""
+        per_obs = (
+            tree_nbytes_per_row(self.observations)
+            if isinstance(self.observations, dict)
+            else self.observations.shape[1] * self.observations.element_size()
+        )
+        return 2 * per_obs + self.actions.shape[1] * 4 + 4 + 2
+
+    def memory_summary(self) -> str:
+        """One line: transitions, bytes per transition and in all, and the image keys' shapes."""
+        per_row = self.bytes_per_transition()
+        images = ", ".join(
+            f"{key} {tuple(box.shape)} uint8" for key, box in leaves(self.observation_space) if is_image_space(box)
+        )
+        return (
+            f"OfflineBuffer: {len(self):,} transitions, {per_row:,} bytes per transition "
+            f"({len(self) * per_row / 2**20:,.1f} MiB in all; images {images or 'none'}; observation and next "
+            "observation each stored)"
+        )
 
     @property
     def action_dim(self) -> int:
@@ -339,7 +424,7 @@ class OfflineBuffer:
     def to(self, device: str | torch.device) -> OfflineBuffer:
         """Move every array to ``device`` (in place); returns self."""
         for name in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
-            setattr(self, name, getattr(self, name).to(device))
+            setattr(self, name, tree_to(getattr(self, name), device))
         return self
 
     def replace(self, **arrays: torch.Tensor) -> OfflineBuffer:
@@ -348,15 +433,28 @@ class OfflineBuffer:
         for name, value in arrays.items():
             if name not in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
                 raise ValueError(f"cannot replace {name!r}: not an array of the buffer")
-            if value.shape[0] != len(self):
-                raise ValueError(f"{name} has {value.shape[0]} rows, expected {len(self)}")
+            rows = len(next(iter(value.values()))) if isinstance(value, dict) else value.shape[0]
+            if rows != len(self):
+                raise ValueError(f"{name} has {rows} rows, expected {len(self)}")
             setattr(new, name, value)
         return new
 
     def observation_stats(self, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std (+eps, so constant dimensions do not divide by 0)."""
-        obs = self.observations.double()
-        return obs.mean(0).float(), (obs.std(0, unbiased=False) + eps).float()
+        """Per-dimension mean and std (+eps, so constant dimensions do not divide by 0), over the
+        flattened observation; image pixels get mean 0 and std 1 (the encoder scales them)."""
+        if not isinstance(self.observations, dict):
+            obs = self.observations.double()
+            return obs.mean(0).float(), (obs.std(0, unbiased=False) + eps).float()
+        means, stds = [], []
+        for key, box in leaves(self.observation_space):
+            if is_image_space(box):
+                means.append(torch.zeros(int(np.prod(box.shape))))
+                stds.append(torch.ones(int(np.prod(box.shape))))
+            else:
+                obs = self.observations[key].reshape(len(self), -1).double().cpu()
+                means.append(obs.mean(0).float())
+                stds.append((obs.std(0, unbiased=False) + eps).float())
+        return torch.cat(means), torch.cat(stds)
 
     def episode_returns(self) -> np.ndarray:
         """Undiscounted return of each episode (episodes end at a terminal or timeout)."""
@@ -370,57 +468,132 @@ class OfflineBuffer:
         return sample_batch(self, len(self), batch_size, generator)
 
 
+# A dataset is kept on a CUDA device when it takes at most this share of the free memory (the
+# networks, their activations and the optimizer need the rest); else it stays on the host.
+DEVICE_MEMORY_SHARE = 0.5
+
+
+def storage_device(nbytes: int, device: torch.device, free_bytes: int | None = None) -> torch.device:
+    """Where a dataset of ``nbytes`` lives for training on ``device``: the device itself, unless it
+    is a CUDA device whose free memory (``free_bytes``, default as CUDA reports it) the dataset
+    would take more than ``DEVICE_MEMORY_SHARE`` of; then the host, batches moved over."""
+    if device.type != "cuda":
+        return device
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return device if nbytes <= DEVICE_MEMORY_SHARE * free_bytes else torch.device("cpu")
+
+
 def sample_batch(source: Any, size: int, batch_size: int, generator: torch.Generator | None = None) -> Batch:
     """A uniform batch (with replacement) from the first ``size`` rows of ``source``'s
-    observations/actions/rewards/next_observations/terminals tensors, indices drawn on their device."""
-    idx = torch.randint(size, (batch_size,), device=source.observations.device, generator=generator)
-    return Batch(
-        source.observations[idx],
+    observations/actions/rewards/next_observations/terminals tensors, indices drawn on their device.
+
+    A dataset kept on the host for a CUDA run (``source.batch_device``) draws the indices with the
+    run's generator on that device, gathers the rows on the host and moves them over from pinned
+    memory."""
+    storage = source.actions.device
+    target = getattr(source, "batch_device", None) or storage
+    idx = torch.randint(size, (batch_size,), device=target, generator=generator)
+    if target != storage:
+        idx = idx.to(storage)
+    batch = Batch(
+        take_rows(source.observations, idx),
         source.actions[idx],
         source.rewards[idx],
-        source.next_observations[idx],
+        take_rows(source.next_observations, idx),
         (~source.terminals[idx]).float(),
     )
+    if target == storage:
+        return batch
+    return Batch(*(_pinned_to(part, target) for part in batch))
+
+
+def _pinned_to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict):
+        return {key: _pinned_to(v, device) for key, v in value.items()}
+    return value.pin_memory().to(device, non_blocking=True)
 
 
 class ReplayBuffer:
-    """The online algorithms' ring buffer of flat transitions, resident on the training device.
+    """The online algorithms' ring buffer of transitions, resident on the training device.
 
     Actions are stored in [-1, 1]; ``terminals`` holds true terminations only (a time-limit
     truncation is stored as not terminal, with the real final observation as next observation).
     CPU storage is allocated with ``torch.empty`` so untouched capacity costs no memory.
+
+    Observations are (capacity, obs_dim) float32 rows, or, for an observation space with camera
+    keys (:func:`dql_agent.encoders.has_images`), an observation tree: one (capacity, *shape)
+    tensor per leaf key, uint8 for the images (never a float32 copy: 4x the memory) and float32
+    for the vector keys; :meth:`sample` then returns trees of (B, *shape) rows.
+
+    Args:
+        capacity: transitions kept; the oldest are overwritten.
+        observation_space: the observation space (a Box or Dict); an int is the flat observation
+            length (the signature before camera observations), stored as float32 rows.
+        action_dim: length of the flat action.
+        device: where the arrays live.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
-        self.capacity, self.device = capacity, device
-        self.observations = torch.empty((capacity, obs_dim), device=device)
-        self.actions = torch.empty((capacity, action_dim), device=device)
-        self.rewards = torch.empty(capacity, device=device)
-        self.next_observations = torch.empty((capacity, obs_dim), device=device)
-        self.terminals = torch.empty(capacity, dtype=torch.bool, device=device)
+    def __init__(
+        self, capacity: int, observation_space: spaces.Space | int, action_dim: int, device: str | torch.device
+    ):
+        self.capacity, self.device = capacity, torch.device(device)
+        self.observation_space = observation_space if isinstance(observation_space, spaces.Space) else None
+        self.has_images = self.observation_space is not None and has_images(self.observation_space)
+        self.observations: Any
+        self.next_observations: Any
+        if isinstance(observation_space, spaces.Space) and self.has_images:
+            self.observations = _empty_tree(observation_space, capacity, self.device)
+            self.next_observations = _empty_tree(observation_space, capacity, self.device)
+        else:
+            obs_dim = flat_dim(observation_space) if isinstance(observation_space, spaces.Space) else observation_space
+            self.observations = torch.empty((capacity, obs_dim), device=self.device)
+            self.next_observations = torch.empty((capacity, obs_dim), device=self.device)
+        self.actions = torch.empty((capacity, action_dim), device=self.device)
+        self.rewards = torch.empty(capacity, device=self.device)
+        self.terminals = torch.empty(capacity, dtype=torch.bool, device=self.device)
         self.pos, self.size = 0, 0
 
     def __len__(self) -> int:
         return self.size
 
+    def bytes_per_transition(self) -> int:
+        """Memory of one stored transition (observation and next observation, action, reward, flag)."""
+        if isinstance(self.observations, dict):
+            per_obs = sum(value[0].numel() * value.element_size() for value in self.observations.values())
+        else:
+            per_obs = self.observations.shape[1] * self.observations.element_size()
+        return 2 * per_obs + self.actions.shape[1] * self.actions.element_size() + 4 + 1
+
     def add(
         self,
-        observations: np.ndarray,
+        observations: Any,
         actions: np.ndarray,
         rewards: np.ndarray,
-        next_observations: np.ndarray,
+        next_observations: Any,
         terminals: np.ndarray,
     ) -> None:
-        """Append one row per env: (n, obs_dim), (n, A), (n,), (n, obs_dim), (n,) bool."""
+        """Append one row per env: (n, obs_dim) (or a tree of (n, *shape) arrays per key), (n, A),
+        (n,), the next observations like the observations, (n,) bool."""
         n = len(rewards)
         index = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for store, value in (
-            (self.observations, observations),
+        stores: list[tuple[torch.Tensor, Any]] = [
             (self.actions, actions),
             (self.rewards, rewards),
-            (self.next_observations, next_observations),
             (self.terminals, terminals),
+        ]
+        for name, store, value in (
+            ("observations", self.observations, observations),
+            ("next_observations", self.next_observations, next_observations),
         ):
+            if isinstance(store, dict):
+                if not isinstance(value, Mapping) or set(value) != set(store):
+                    given = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+                    raise ValueError(f"{name} must be an observation tree with keys {sorted(store)}, got {given}")
+                stores += [(store[key], value[key]) for key in store]
+            else:
+                stores.append((store, value))
+        for store, value in stores:
             store[index] = torch.as_tensor(value, dtype=store.dtype).to(self.device)
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
@@ -428,6 +601,16 @@ class ReplayBuffer:
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         """Uniform batch with replacement; indices are drawn on the buffer's device."""
         return sample_batch(self, self.size, batch_size, generator)
+
+
+def _empty_tree(space: spaces.Space, capacity: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """(capacity, *shape) storage per leaf key of ``space``: uint8 images, float32 vectors."""
+    return {
+        key: torch.empty(
+            (capacity, *box.shape), dtype=torch.uint8 if is_image_space(box) else torch.float32, device=device
+        )
+        for key, box in leaves(space)
+    }
 
 
 def _infer_action_space(actions: np.ndarray) -> spaces.Box:

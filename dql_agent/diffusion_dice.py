@@ -43,6 +43,7 @@ from dql_agent.base import BaseAgent, Paper
 from dql_agent.buffer import REWARD_TRANSFORMS, OfflineBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
 from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
 
@@ -55,6 +56,7 @@ class DiffusionDICEConfig(ConfigBase):
     """Hyperparameters of Diffusion-DICE. Defaults reproduce the official D4RL MuJoCo run."""
 
     renamed: ClassVar[dict[str, str]] = {"n_candidates": "n_action_samples"}
+    saved_before: ClassVar[dict[str, Any]] = IMAGE_FIELD_DEFAULTS
 
     value_learning_rate: float = 3e-4
     """AdamW learning rate of V, the twin Q and the Q-ensemble (official `value_lr`)."""
@@ -118,6 +120,12 @@ class DiffusionDICEConfig(ConfigBase):
     time_dim: int = 16
     """Size of the sinusoidal step embeddings of the behaviour model and W (the library's NoiseMLP
     default; the official nets use 32 Gaussian-Fourier features of a continuous time)."""
+    cnn_channels: int = 32
+    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
+    image_features: int = 50
+    """Camera observations: features per image key, concatenated with the vector keys."""
+    random_shift: int = 4
+    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
 
     def check(self) -> None:
         for name in ("value_learning_rate", "guidance_learning_rate", "behavior_learning_rate"):
@@ -165,6 +173,7 @@ class DiffusionDICEConfig(ConfigBase):
             self.reward_transform,
         )
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_image_fields(self)
 
 
 # networks --------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ class DiffusionDICEPolicy(PolicyBase):
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionDICEConfig):
         super().__init__(observation_space, action_space, config)
-        s, a, h = self.obs_dim, self.action_dim, config.hidden_dim
+        s, a, h = self.feature_dim, self.action_dim, config.hidden_dim  # feature_dim: the camera encoder's output
         denoiser = NoiseMLP(s, a, h, config.behavior_n_hidden, config.time_dim)
         self.behavior = GaussianDiffusion(denoiser, a, config.diffusion_steps, config.beta_schedule)
         self.value = ValueNet(s, h, config.n_hidden)
@@ -348,7 +357,15 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
 
         self.behavior_optimizer = torch.optim.Adam(self.behavior.parameters(), lr=cfg.behavior_learning_rate)
         self.value_optimizer = adamw(self.value, cfg.value_learning_rate)
-        self.critic_optimizer = adamw(self.critic, cfg.value_learning_rate)
+        # A camera encoder is shared by every network and trained by one loss only: the twin Q's TD
+        # regression (the critic's role, as in DrQ-v2). The twin Q always exists (the Q-ensemble is
+        # optional and only picks actions), its targets give V's regression target and the guidance
+        # weights, and a TD loss is a dense signal on every batch; V, the ensemble, the guidance net
+        # and the behaviour model see the features detached.
+        critic_params = [*self.critic.parameters(), *p.encoder.parameters()]
+        self.critic_optimizer = torch.optim.AdamW(
+            critic_params, lr=cfg.value_learning_rate, weight_decay=cfg.weight_decay
+        )
         self.ensemble_optimizer = adamw(self.q_ensemble, cfg.value_learning_rate) if self.q_ensemble else None
         self.guidance_optimizer = adamw(self.guidance, cfg.guidance_learning_rate)
         self.lr_schedulers = []
@@ -364,18 +381,23 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
 
     # the update ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
-        cfg, replay = self.config, self.replay_buffer
+        cfg, replay, p = self.config, self.replay_buffer, self.policy
         losses: dict[str, torch.Tensor] = {}
 
         # 1. Behaviour model: eps-MSE on dataset actions (the official pre-training stage).
         if cfg.behavior_steps is None or self.n_updates < cfg.behavior_steps:
             bc_batch = replay.sample(cfg.behavior_batch_size, self.generator)
-            bc_loss = self.behavior.loss(bc_batch.actions, bc_batch.observations, self.generator)
+            with torch.no_grad():  # features without gradients: the behaviour loss does not train the encoder
+                bc_states = p.encoder(bc_batch.observations, self.generator)
+            bc_loss = self.behavior.loss(bc_batch.actions, bc_states, self.generator)
             optimize(self.behavior_optimizer, bc_loss)
             losses["bc_loss"] = bc_loss.detach()
 
-        batch = replay.sample(cfg.batch_size, self.generator)
-        obs, act = batch.observations, batch.actions
+        # Features with the encoder's graph (camera spaces): only the twin-Q loss below uses them so;
+        # every other loss gets ``obs`` detached.
+        batch = self.sample_batch(replay, cfg.batch_size)
+        features, act = batch.observations, batch.actions
+        obs = features.detach()
 
         # 2. V: the piecewise f-divergence dual, E[f*((Q_targ - V) / alpha) + V / alpha].
         with torch.no_grad():
@@ -387,7 +409,7 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
         # 3. Twin Q and the Q-ensemble: y = r + gamma (1 - d) V(s') (no target V).
         with torch.no_grad():
             y = batch.rewards + batch.not_dones * cfg.gamma * self.value(batch.next_observations)  # (B,)
-        q = self.critic(obs, act)  # (2, B)
+        q = self.critic(features, act)  # (2, B); trains the camera encoder too
         critic_loss = (q - y).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
         optimize(self.critic_optimizer, critic_loss)
         if self.q_ensemble is not None and self.ensemble_optimizer is not None:

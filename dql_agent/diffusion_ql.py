@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from gymnasium import spaces
@@ -33,10 +33,12 @@ from dql_agent.base import BaseAgent, Paper
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
 
 DQL_REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
+ENCODER_LOSSES = ("critic", "actor")
 
 
 def _nonfinite(name: str, loss: torch.Tensor) -> str:
@@ -49,6 +51,8 @@ def _nonfinite(name: str, loss: torch.Tensor) -> str:
 @dataclass(frozen=True)
 class DiffusionQLConfig(ConfigBase):
     """Hyperparameters of Diffusion-QL. Defaults reproduce the official D4RL locomotion run."""
+
+    saved_before: ClassVar[dict[str, Any]] = {**IMAGE_FIELD_DEFAULTS, "encoder_loss": "critic"}
 
     learning_rate: float = 3e-4
     """Actor (diffusion policy) Adam learning rate; the per-task `lr` of the official code."""
@@ -100,6 +104,15 @@ class DiffusionQLConfig(ConfigBase):
     """Hidden layers of the denoiser and critic MLPs."""
     time_dim: int = 16
     """Size of the denoiser's sinusoidal time embedding."""
+    cnn_channels: int = 32
+    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
+    image_features: int = 50
+    """Camera observations: features per image key, concatenated with the vector keys."""
+    random_shift: int = 4
+    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
+    encoder_loss: str = "critic"
+    """Camera observations: the loss that trains the shared encoder, 'critic' (the TD loss, DrQ-v2's
+    choice) or 'actor' (the BC + Q loss); the other network sees the features detached."""
     nonfinite_loss: str = "raise"
     """A NaN/inf loss: 'raise' (FloatingPointError naming the step) or 'skip' the batch."""
 
@@ -139,6 +152,8 @@ class DiffusionQLConfig(ConfigBase):
             self.reward_transform,
         )
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_image_fields(self)
+        check_field(self.encoder_loss in ENCODER_LOSSES, "encoder_loss", f"one of {ENCODER_LOSSES}", self.encoder_loss)
         check_field(
             self.nonfinite_loss in ("raise", "skip"), "nonfinite_loss", "'raise' or 'skip'", self.nonfinite_loss
         )
@@ -210,10 +225,11 @@ class DiffusionQLPolicy(PolicyBase):
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionQLConfig):
         super().__init__(observation_space, action_space, config)
-        denoiser = NoiseMLP(self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
+        features = self.feature_dim  # the observation's length, or the camera encoder's output
+        denoiser = NoiseMLP(features, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
         self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
         self.ema_actor = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        self.critic = Critic(features, self.action_dim, 2, config.hidden_dim, config.n_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,8 +363,16 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         self.critic, self.critic_target = policy.critic, policy.critic_target
         self.update_ema = SoftUpdate(self.ema_actor, self.actor)
         self.update_critic_target = SoftUpdate(self.critic_target, self.critic)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.learning_rate)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_learning_rate)
+        # A camera encoder is shared by actor and critics and trained by one loss, `encoder_loss`'s;
+        # the other sees its features detached.
+        encoder = list(policy.encoder.parameters())
+        by_actor = config.encoder_loss == "actor"
+        self.actor_optimizer = torch.optim.Adam(
+            [*self.actor.parameters(), *(encoder if by_actor else [])], lr=config.learning_rate
+        )
+        self.critic_optimizer = torch.optim.Adam(
+            [*self.critic.parameters(), *([] if by_actor else encoder)], lr=config.critic_learning_rate
+        )
         self.lr_schedulers = []
         if config.lr_decay:
             # T_max 1 is a placeholder until the first learn call fixes the run's length (None).
@@ -391,7 +415,7 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         """The critic half's inputs, drawn from this model's generator: a batch and the TD target
         chain's noise (None when the data never bootstraps)."""
         cfg = self.config
-        batch = self.replay_buffer.sample(cfg.batch_size, self.generator)
+        batch = self.sample_batch(self.replay_buffer, cfg.batch_size)
         if not self.bootstraps:
             return batch, None
         rows = cfg.batch_size * (cfg.n_max_q_samples if cfg.max_q_backup else 1)
@@ -430,7 +454,11 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         cfg, skip = self.config, self.config.nonfinite_loss == "skip"
         skipped = {"skipped_batches": torch.ones((), device=self.device)}
         batch, next_noise = self.critic_inputs()
-        loss, losses = self.compute_critic_loss(self.policy, cfg, batch, next_noise)
+        # With camera keys the batch holds the encoder's features: only `encoder_loss`'s loss sees
+        # their graph (detaching is a no-op for flat observations).
+        detached = batch._replace(observations=batch.observations.detach())
+        critic_batch, actor_batch = (detached, batch) if cfg.encoder_loss == "actor" else (batch, detached)
+        loss, losses = self.compute_critic_loss(self.policy, cfg, critic_batch, next_noise)
         if not optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True):
             self.refuse_step(_nonfinite("critic_loss", loss), skip)
             return skipped
@@ -440,7 +468,7 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         # official code does and then zeroes.
         self.critic.requires_grad_(False)
         try:
-            loss, actor_losses = self.compute_actor_loss(self.policy, cfg, batch, noise)
+            loss, actor_losses = self.compute_actor_loss(self.policy, cfg, actor_batch, noise)
         finally:
             self.critic.requires_grad_(True)
         if not optimize(self.actor_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True):

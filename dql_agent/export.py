@@ -8,7 +8,10 @@ the softmax pick, and unscaling to the action Box.
 
 Inputs (the batch dimension is dynamic unless ``batch`` fixes it):
 
-- ``observation`` (B, *obs_shape), or one input per Dict key, float32;
+- ``observation`` (B, *obs_shape), or one input per Dict key (nested keys joined with '.'),
+  float32; for a space with camera keys (:mod:`dql_agent.encoders`) the image keys are uint8
+  (B, *shape) in the space's own layout (HWC or CHW), fed as the camera gives them: the graph
+  scales them and runs the CNN encoder;
 - stochastic export only: ``noise`` (B, T, N, A) standard normal, and, where acting is not greedy,
   ``uniform`` (B,) in [0, 1): the graph has no random op, so a runtime seeds its own draws.
 
@@ -17,7 +20,9 @@ graph bakes in the fixed noise, so it returns what ``predict(obs, deterministic=
 
 Metadata (ONNX ``metadata_props``, the .pt2's extra file ``dql_agent.json``): the algorithm, the
 library version, input and output names, observation keys and shapes, action shape and bounds,
-the acting settings and the SHA-256 of the weights (as config.json's ``model_sha256``).
+the acting settings and the SHA-256 of the weights (as config.json's ``model_sha256``). A space
+with camera keys adds ``observation_specs``: per observation input its key, kind (image or
+vector), dtype, shape without the batch, and for images the layout (HWC/CHW) and size [H, W, C].
 
 The ONNX path needs ``pip install dql_agent[deploy]`` (onnx, onnxscript; onnxruntime to run it).
 """
@@ -39,6 +44,7 @@ from torch import nn
 
 from dql_agent.checkpoint import atomic_write, library_version, weights_bytes
 from dql_agent.config import is_int
+from dql_agent.encoders import describe_tree_space, has_images, is_image_space, leaves
 
 if TYPE_CHECKING:
     from dql_agent.base import BaseAgent
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
 FORMATS = {".onnx": "ONNX (onnxruntime)", ".pt2": "torch.export ExportedProgram"}
 METADATA_FILE = "dql_agent.json"  # the .pt2's extra file holding the metadata
 DEFAULT_OPSET = 18
+RANDOM_INPUTS = ("noise", "uniform")  # the stochastic export's inputs after the observation's
+OUTPUT = "action"
 
 
 def observation_inputs(space: spaces.Space, prefix: str = "") -> list[tuple[str, tuple[int, ...]]]:
@@ -57,18 +65,33 @@ def observation_inputs(space: spaces.Space, prefix: str = "") -> list[tuple[str,
     return [(prefix[:-1] or "observation", tuple(space.shape))]
 
 
+def observation_dtypes(space: spaces.Space) -> list[torch.dtype]:
+    """The exported dtype of each observation input, in :func:`observation_inputs`' order: uint8
+    for the camera keys of a space with images, float32 for everything else."""
+    images = has_images(space)
+    return [torch.uint8 if images and is_image_space(box) else torch.float32 for _, box in leaves(space)]
+
+
 class ExportablePolicy(nn.Module):
-    """The policy's ``forward`` behind the exported inputs: one per observation key, then the noise."""
+    """The policy's ``forward`` behind the exported inputs: one per observation key, then the noise.
+
+    Flat spaces concatenate the keys into the flat observation; a space with camera keys passes
+    them on as an observation tree (key -> (B, *shape), images uint8) to the policy's encoder."""
 
     def __init__(self, policy: PolicyBase, stochastic: bool):
         super().__init__()
         self.policy, self.stochastic = policy, stochastic
         self.n_observation_inputs = len(observation_inputs(policy.observation_space))
+        self.tree_keys = [key for key, _ in leaves(policy.observation_space)] if policy.encoder.uses_images else None
         self.takes_uniform = stochastic and policy.temperature is not None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         parts = inputs[: self.n_observation_inputs]
-        observations = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+        observations: Any
+        if self.tree_keys is not None:
+            observations = dict(zip(self.tree_keys, parts, strict=True))
+        else:
+            observations = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
         if not self.stochastic:
             return self.policy(observations)
         uniform = inputs[self.n_observation_inputs + 1] if self.takes_uniform else None
@@ -114,6 +137,7 @@ def export_policy(
         raise ValueError(
             f"opset must be an int >= {DEFAULT_OPSET} (Mish and the reductions used) or None, got {opset!r}"
         )
+    _check_input_names(model.policy.observation_space, deterministic)
     if path.suffix == ".onnx":
         _require_onnx()
 
@@ -132,7 +156,7 @@ def export_policy(
         program,
         example,
         input_names=names,
-        output_names=["action"],
+        output_names=[OUTPUT],
         opset_version=opset or DEFAULT_OPSET,
         dynamo=True,
         verbose=False,
@@ -166,6 +190,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+def _check_input_names(space: spaces.Space, deterministic: bool) -> None:
+    """Refuse an observation key that would share its name with another input or the output."""
+    taken = {OUTPUT} if deterministic else {OUTPUT, *RANDOM_INPUTS}
+    clashes = [name for name, _ in observation_inputs(space) if name in taken]
+    if clashes:
+        raise ValueError(
+            f"cannot export: the observation key {clashes[0]!r} would share its name with the graph's "
+            f"{'output' if clashes[0] == OUTPUT else 'input'} {clashes[0]!r} (the exported inputs are named by the "
+            f"observation keys, then {', '.join(RANDOM_INPUTS)} for a stochastic export); rename the key"
+        )
+
+
 def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
@@ -191,7 +227,11 @@ def _example_inputs(
 ) -> tuple[tuple[torch.Tensor, ...], list[str], Any]:
     size = 2 if batch == "dynamic" else int(batch)  # 2, not 1: a size-1 example would be specialised
     inputs = observation_inputs(policy.observation_space)
-    example = [torch.zeros((size, *shape), device=policy.device) for _, shape in inputs]
+    dtypes = observation_dtypes(policy.observation_space)
+    example = [
+        torch.zeros((size, *shape), dtype=dtype, device=policy.device)
+        for (_, shape), dtype in zip(inputs, dtypes, strict=True)
+    ]
     names = [name for name, _ in inputs]
     if module.stochastic:
         n = policy.n_candidates(False)
@@ -211,13 +251,13 @@ def _metadata(
     model: BaseAgent, policy: PolicyBase, names: list[str], deterministic: bool, batch: int | str
 ) -> dict[str, Any]:
     space = policy.action_space
-    return {
+    metadata: dict[str, Any] = {
         "library": "dql_agent",
         "library_version": library_version(),
         "algorithm": model.algorithm,
         "weights_sha256": hashlib.sha256(weights_bytes(dict(model.policy.state_dict()))).hexdigest(),
         "inputs": names,
-        "outputs": ["action"],
+        "outputs": [OUTPUT],
         "observation_inputs": {name: list(shape) for name, shape in observation_inputs(policy.observation_space)},
         "action_shape": list(space.shape),
         "action_low": np.asarray(space.low, np.float64).ravel().tolist(),
@@ -228,6 +268,16 @@ def _metadata(
         "noise_layout": None if deterministic else "(batch, diffusion_steps, n_action_samples, action_dim)",
         "batch": batch,
     }
+    if policy.encoder.uses_images:  # per input: key, kind, dtype, shape (and an image's layout and size)
+        obs_space = policy.observation_space
+        names = [name for name, _ in observation_inputs(obs_space)]
+        dtypes = [str(dtype).removeprefix("torch.") for dtype in observation_dtypes(obs_space)]
+        metadata["observation_specs"] = [
+            # dtype: the input's (a float64 vector Box is fed as float32, like every vector key)
+            {"input": name, **spec, "dtype": dtype}
+            for name, spec, dtype in zip(names, describe_tree_space(obs_space), dtypes, strict=True)
+        ]
+    return metadata
 
 
-__all__ = ["FORMATS", "ExportablePolicy", "export_policy", "observation_inputs", "read_metadata"]
+__all__ = ["FORMATS", "ExportablePolicy", "export_policy", "observation_dtypes", "observation_inputs", "read_metadata"]

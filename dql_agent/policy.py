@@ -17,6 +17,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from dql_agent.encoders import ObservationEncoder, as_uint8_images, is_image_space, leaves
 from dql_agent.spaces import check_action_space, check_observation_space, flat_dim, flatten_batch, unscale_actions
 
 # Fixed seed of the noise behind deterministic actions: the same observation gives the same
@@ -52,6 +53,9 @@ class PolicyBase(nn.Module):
         check_action_space(action_space)
         self.observation_space, self.action_space, self.config = observation_space, action_space, config
         self.obs_dim, self.action_dim = flat_dim(observation_space), int(np.prod(action_space.shape))
+        # Observations -> the features the networks see: a CNN per camera key, else the identity.
+        self.encoder = ObservationEncoder(observation_space, config)
+        self.feature_dim = self.encoder.feature_dim
         self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
         self.register_buffer("obs_std", torch.ones(self.obs_dim))
         noise = torch.randn(
@@ -114,10 +118,20 @@ class PolicyBase(nn.Module):
             return noise, None
         return noise, torch.rand((batch,), device=self.device, generator=generator)
 
-    def act(self, observations: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
-        """Normalised observations (B, S) -> actions (B, A) in [-1, 1], every random input given."""
-        candidates, q = self.score_candidates(observations, noise)
+    def act(self, observations: Any, noise: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+        """Normalised observations (B, S) (or a tree) -> actions (B, A) in [-1, 1], every random input given."""
+        candidates, q = self.score_candidates(self.encoder(observations), noise)
         return self.pick(candidates, q, uniform)
+
+    def encode_batch(self, batch: Any, augment: torch.Generator | None = None) -> Any:
+        """A training batch with its observation trees encoded to features (a batch of flat
+        observations is returned as it is). The observations' features keep the encoder's graph, so
+        the loss they feed trains it; the next observations' are computed without gradients."""
+        if not self.encoder.uses_images:
+            return batch
+        with torch.no_grad():
+            next_features = self.encoder(batch.next_observations, augment)
+        return batch._replace(observations=self.encoder(batch.observations, augment), next_observations=next_features)
 
     def pick(self, candidates: torch.Tensor, q: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
         """Keep one of N candidates per observation by Q: candidates (B * N, A) state-major, q (B, N) -> (B, A).
@@ -141,7 +155,7 @@ class PolicyBase(nn.Module):
     ) -> torch.Tensor:
         """Normalised observations (B, S) -> actions (B, A) in [-1, 1]; stochastic draws come from
         ``generator`` (default: the policy's seeded one)."""
-        batch = observations.shape[0]
+        batch = rows_of(observations)
         if deterministic:
             return self._act(observations, self.deterministic_noise_for(batch), None)
         noise, uniform = self.draw_noise(batch, generator)
@@ -158,7 +172,7 @@ class PolicyBase(nn.Module):
         pick (None: the argmax of the fresh candidates); ``predict(deterministic=False)`` draws
         both (:meth:`draw_noise`, in the (T, B * N, A) layout).
         """
-        batch = observations.shape[0]
+        batch = rows_of(observations)
         x = self.normalize_observations(observations)
         if noise is None:
             actions = self.act(x, self.deterministic_noise_for(batch), None)
@@ -167,11 +181,22 @@ class PolicyBase(nn.Module):
             actions = self.act(x, noise.transpose(0, 1).reshape(steps, batch * n, dim), uniform)
         return unscale_actions(actions, self.action_space).reshape(batch, *self.action_space.shape)
 
-    def normalize_observations(self, observations: torch.Tensor) -> torch.Tensor:
-        """Apply the dataset's observation statistics (identity unless ``normalize_observations``)."""
+    def normalize_observations(self, observations: Any) -> Any:
+        """Apply the dataset's observation statistics (identity unless ``normalize_observations``);
+        in an observation tree only the vector keys (images are scaled by the encoder)."""
         if not getattr(self.config, "normalize_observations", False):
             return observations
-        return (observations - self.obs_mean) / self.obs_std
+        if not isinstance(observations, dict):
+            return (observations - self.obs_mean) / self.obs_std
+        out, start = dict(observations), 0
+        for key, box in leaves(self.observation_space):
+            size = int(np.prod(box.shape))
+            if not is_image_space(box):
+                value = observations[key].reshape(-1, size)
+                mean, std = self.obs_mean[start : start + size], self.obs_std[start : start + size]
+                out[key] = ((value - mean) / std).reshape(observations[key].shape)
+            start += size
+        return out
 
     def compile_acting(self, **compile_kwargs: Any) -> None:
         """Run ``predict``'s action selection through ``torch.compile`` (same math, fused kernels).
@@ -203,12 +228,18 @@ class PolicyBase(nn.Module):
         Raises:
             FloatingPointError: the networks produced a NaN/inf action (e.g. NaN weights).
         """
-        observations, vectorized = observations_to_array(self.observation_space, observation)
-        if len(observations) == 0:  # nothing to act on: the networks are not run on no rows
+        if self.encoder.uses_images:
+            tree, vectorized = observations_to_tree(self.observation_space, observation)
+            rows = rows_of(tree)
+            tensor: Any = {key: torch.as_tensor(value, device=self.device) for key, value in tree.items()}
+        else:
+            observations, vectorized = observations_to_array(self.observation_space, observation)
+            rows = len(observations)
+            tensor = torch.as_tensor(observations, device=self.device)
+        if rows == 0:  # nothing to act on: the networks are not run on no rows
             empty = np.zeros((0, self.action_dim), np.float32)
             return actions_to_env(empty, self.action_space, vectorized), state
-        tensor = self.normalize_observations(torch.as_tensor(observations, device=self.device))
-        actions = self.select_action(tensor, deterministic).cpu().numpy()
+        actions = self.select_action(self.normalize_observations(tensor), deterministic).cpu().numpy()
         finite = np.isfinite(actions).all(axis=1)
         if not finite.all():
             raise FloatingPointError(
@@ -268,6 +299,54 @@ def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.nda
             f"observation contains {int(bad.sum())} NaN/inf value(s) at flat index {np.argwhere(bad)[0].tolist()}"
         )
     return flat, vectorized
+
+
+def observations_to_tree(space: spaces.Space, observation: Any) -> tuple[dict[str, np.ndarray], bool]:
+    """Check an observation (or a batch) of a space with images: returns ((key -> (B, *shape))
+    with uint8 images and float32 vectors, batched?). Batching is read off the first entry, as
+    in :func:`observations_to_array`; errors name the entry."""
+    if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+        raise ValueError(
+            "observation is an (obs, info) tuple: pass only the observation, e.g. "
+            "`obs, info = env.reset(); model.predict(obs)`"
+        )
+    observation = _numeric_tree(space, observation, "observation")
+    found = _leaves(space, observation, "observation")
+    name, shape, probe = found[0]
+    if probe.shape == shape:
+        vectorized, batch = False, 1
+    elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
+        vectorized, batch = True, probe.shape[0]
+    else:
+        raise ValueError(
+            f"{name} has shape {probe.shape}; expected {shape} for one observation or "
+            f"(n_envs, {', '.join(map(str, shape))}) for a batch"
+        )
+    tree: dict[str, np.ndarray] = {}
+    for (key, box), (where, leaf_shape, array) in zip(leaves(space), found, strict=True):
+        expected = (batch, *leaf_shape) if vectorized else leaf_shape
+        if array.shape != expected:
+            given = f"a batch of {batch}" if vectorized else "one observation"
+            raise ValueError(
+                f"{where} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
+            )
+        array = array.reshape(batch, *leaf_shape)
+        if is_image_space(box):
+            tree[key] = as_uint8_images(where, array)
+        else:
+            flat = array.astype(np.float32)
+            if not np.all(np.isfinite(flat)):
+                raise ValueError(f"{where} contains NaN/inf value(s) at {np.argwhere(~np.isfinite(flat))[0].tolist()}")
+            tree[key] = flat
+    return tree, vectorized
+
+
+def rows_of(observations: Any) -> int:
+    """Batch size of a (B, ...) tensor or of an observation tree (a SymInt under torch.export: no
+    int(), which would fix the exported batch size)."""
+    if isinstance(observations, dict):
+        observations = next(iter(observations.values()))
+    return observations.shape[0]
 
 
 def actions_to_env(actions: np.ndarray, action_space: spaces.Box, vectorized: bool) -> np.ndarray:

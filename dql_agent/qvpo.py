@@ -36,6 +36,7 @@ from dql_agent.base import BaseAgent, Paper, Rollout
 from dql_agent.buffer import ReplayBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
+from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields, tree_from_arrays
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize, scaled_normal_init
 from dql_agent.policy import PolicyBase, best_of
 from dql_agent.spaces import flatten_batch, unscale_actions
@@ -52,7 +53,7 @@ class QVPOConfig(ConfigBase):
     """Hyperparameters of QVPO. Defaults are the official code's (identical for every task)."""
 
     renamed: ClassVar[dict[str, str]] = {"n_eval_samples": "n_action_samples"}
-    saved_before: ClassVar[dict[str, Any]] = {"time_hidden_dim": None, "weight_init": "torch"}
+    saved_before: ClassVar[dict[str, Any]] = {"time_hidden_dim": None, "weight_init": "torch", **IMAGE_FIELD_DEFAULTS}
 
     learning_rate: float = 1e-4
     """Actor (diffusion policy) Adam learning rate (official `--diffusion_lr`)."""
@@ -112,6 +113,12 @@ class QVPOConfig(ConfigBase):
     weight_init: str = "official"
     """'official': weights N(0, 1 / (2 sqrt(fan_in))), zero biases (the official `init_weights`),
     for the denoiser and critics; 'torch': PyTorch's default (the behaviour before 0.2)."""
+    cnn_channels: int = 32
+    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
+    image_features: int = 50
+    """Camera observations: features per image key, concatenated with the vector keys."""
+    random_shift: int = 4
+    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
 
     def check(self) -> None:
         for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
@@ -152,6 +159,7 @@ class QVPOConfig(ConfigBase):
         )
         check_field(self.q_transform in Q_TRANSFORMS, "q_transform", f"one of {Q_TRANSFORMS}", self.q_transform)
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_image_fields(self)
         check_field(
             self.time_hidden_dim is None or self.time_hidden_dim >= 1,
             "time_hidden_dim",
@@ -194,11 +202,12 @@ class QVPOPolicy(PolicyBase):
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: QVPOConfig):
         super().__init__(observation_space, action_space, config)
+        features = self.feature_dim  # the observation's length, or the camera encoder's output
         denoiser = NoiseMLP(
-            self.obs_dim, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim, config.time_hidden_dim
+            features, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim, config.time_hidden_dim
         )
         self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
-        self.critic = Critic(self.obs_dim, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        self.critic = Critic(features, self.action_dim, 2, config.hidden_dim, config.n_hidden)
         if config.weight_init == "official":
             scaled_normal_init(self.actor)
             scaled_normal_init(self.critic)
@@ -289,9 +298,10 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         self.critic, self.critic_target = self.policy.critic, self.policy.critic_target
         self.update_targets = (SoftUpdate(self.critic_target, self.critic), SoftUpdate(self.actor_target, self.actor))
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
-        self.critic_optimizer = torch.optim.Adam(
-            self.critic.parameters(), lr=cfg.critic_learning_rate, eps=cfg.adam_eps
-        )
+        # A camera encoder is shared by actor and critics and trained by the critic loss only
+        # (DrQ-v2's choice): the actor's loss and the TD targets see its features without gradients.
+        critic_params = [*self.critic.parameters(), *self.policy.encoder.parameters()]
+        self.critic_optimizer = torch.optim.Adam(critic_params, lr=cfg.critic_learning_rate, eps=cfg.adam_eps)
         self.warmup_rng = np.random.default_rng(self.seed + 1)  # uniform actions of the warm-up
 
     @property
@@ -307,15 +317,21 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         cfg, env = self.config, self.env
         n_envs = env.num_envs
         if self.replay_buffer is None:
-            self.replay_buffer = ReplayBuffer(cfg.buffer_size, self.policy.obs_dim, self.policy.action_dim, self.device)
+            self.replay_buffer = ReplayBuffer(
+                cfg.buffer_size, self.observation_space, self.policy.action_dim, self.device
+            )
         if self._last_obs is None:
             env.seed(self.seed)
             self._last_obs = env.reset()
-        obs = flatten_batch(self.observation_space, self._last_obs, n_envs).astype(np.float32)  # (n_envs, S)
+        obs = self._observation_rows(self._last_obs, n_envs)  # (n_envs, S), or a tree of (n_envs, *shape)
         if self.num_timesteps < cfg.learning_starts:
             scaled = self.warmup_rng.uniform(-1.0, 1.0, (n_envs, self.policy.action_dim)).astype(np.float32)
         else:
-            tensor = torch.as_tensor(obs, device=self.device)
+            tensor: Any = (
+                {key: torch.as_tensor(value, device=self.device) for key, value in obs.items()}
+                if isinstance(obs, dict)
+                else torch.as_tensor(obs, device=self.device)
+            )
             scaled = self.policy.select_action(tensor, deterministic=False, generator=self.generator).cpu().numpy()
         actions = unscale_actions(scaled, self.action_space).reshape(n_envs, *self.action_space.shape)
         new_obs, rewards, dones, infos = env.step(actions)
@@ -325,7 +341,16 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         learning = self.num_timesteps + n_envs >= cfg.learning_starts  # counted once this step is
         return Rollout(n_envs, cfg.utd_ratio * n_envs if learning else 0, actions, new_obs, rewards, dones, infos)
 
-    def _transition_ends(self, new_obs: Any, dones: np.ndarray, infos: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    def _observation_rows(self, observations: Any, n_envs: int) -> Any:
+        """A VecEnv's observations as the replay buffer stores them: (n_envs, S) float32 rows, or
+        for a space with camera keys a fresh tree of (n_envs, *shape) arrays per key (uint8 images,
+        float32 vectors)."""
+        if self.policy.encoder.uses_images:
+            tree = tree_from_arrays(self.observation_space, observations, "observation")
+            return {key: np.array(value, copy=True) for key, value in tree.items()}
+        return flatten_batch(self.observation_space, observations, n_envs).astype(np.float32, copy=True)
+
+    def _transition_ends(self, new_obs: Any, dones: np.ndarray, infos: list[dict]) -> tuple[Any, np.ndarray]:
         """Next observations and terminal flags of a VecEnv step.
 
         A VecEnv resets a finished env at once: its real last observation is in
@@ -333,14 +358,19 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         which is not a terminal: its TD target still bootstraps.
         """
         n_envs = len(dones)
-        next_obs = flatten_batch(self.observation_space, new_obs, n_envs).astype(np.float32, copy=True)
+        next_obs = self._observation_rows(new_obs, n_envs)
         terminals = np.zeros(n_envs, dtype=bool)
         for i, done in enumerate(dones):
             if not done:
                 continue
             final = infos[i].get("terminal_observation")
             if final is not None:
-                next_obs[i] = flatten_batch(self.observation_space, _add_batch_axis(final), 1)[0]
+                last = self._observation_rows(_add_batch_axis(final), 1)
+                if isinstance(next_obs, dict):
+                    for key, value in next_obs.items():
+                        value[i] = last[key][0]
+                else:
+                    next_obs[i] = last[0]
             terminals[i] = not infos[i].get("TimeLimit.truncated", False)
         return next_obs, terminals
 
@@ -348,7 +378,9 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, replay = self.config, self.replay_buffer
         assert replay is not None  # collect_step runs first
-        batch = replay.sample(cfg.batch_size, self.generator)
+        # The batch's observations are the encoder's features, with its graph for a camera space
+        # (the critic loss trains the encoder); the next observations' are computed without it.
+        batch = self.sample_batch(replay, cfg.batch_size)
 
         # Critic: TD target from the best of K_t target-actor samples under the target critics.
         with torch.no_grad():
@@ -362,7 +394,8 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
 
         # Actor: the best of N_d current-policy samples per (fresh) state, weighted by its advantage
         # over the samples' mean Q, plus N_e uniform actions weighted by omega_ent * that weight.
-        states = replay.sample(cfg.batch_size, self.generator).observations  # (B, S)
+        with torch.no_grad():  # features without gradients: the actor loss does not train the encoder
+            states = self.policy.encoder(replay.sample(cfg.batch_size, self.generator).observations, self.generator)
         candidates, q = sample_and_score(self.actor, self.critic, states, cfg.n_diffusion_samples, self.generator)
         best_actions, q_best = best_of(candidates, q)  # (B, A), (B,)
         if cfg.q_transform == "qadv":

@@ -33,6 +33,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.config import check_seed
 from dql_agent.diffusion_ql import ActorNoise, DiffusionQL, DiffusionQLConfig, actor_loss, critic_loss
+from dql_agent.encoders import has_images, image_keys
 from dql_agent.networks import optimize
 
 Params = dict[str, torch.Tensor]
@@ -88,6 +89,7 @@ def train_seeds(
     """
     if not isinstance(buffer, OfflineBuffer):
         raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
+    _refuse_images(buffer.observation_space)
     seeds = _check_seeds(seeds)
     if not isinstance(total_timesteps, (int, np.integer)) or isinstance(total_timesteps, bool) or total_timesteps < 0:
         raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
@@ -113,6 +115,17 @@ def train_seeds(
         models.append(model)
     SeedStack(models).learn(int(total_timesteps), int(log_interval), callbacks=callbacks)
     return models
+
+
+def _refuse_images(observation_space: Any) -> None:
+    """Stacked seeds run the flat losses under vmap; a camera encoder (its CNN, its random-shift
+    draws and the batch it encodes per replica) is not part of them, so camera spaces are refused."""
+    if has_images(observation_space):
+        raise ValueError(
+            f"stacked seeds (train_seeds / SeedStack) do not support camera observations: the observation "
+            f"space has image keys {image_keys(observation_space)} (uint8 [0, 255] Boxes, encoded by a CNN). "
+            "Train the seeds one by one instead: `DiffusionQL(buffer, seed=seed, ...).learn(n)` for each seed"
+        )
 
 
 def _as_list(callback: Any) -> list[Any]:
@@ -174,6 +187,8 @@ class SeedStack:
         if not self.models:
             raise ValueError("models must hold at least one DiffusionQL, got none")
         first = self.models[0]
+        for model in self.models:
+            _refuse_images(model.observation_space)
         self.config: DiffusionQLConfig = first.config
         for model in self.models[1:]:
             for field, ours, theirs in (

@@ -18,17 +18,22 @@ from gymnasium import spaces
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
-def check_observation_space(space: spaces.Space) -> None:
-    """Accept Box and Dict-of-Box (one level or nested) observation spaces; reject the rest."""
+def check_observation_space(space: spaces.Space, name: str = "observation_space") -> None:
+    """Accept Box and Dict-of-Box (one level or nested) observation spaces; reject the rest, and
+    image-shaped Boxes that are not uint8 [0, 255] images (they would be flattened into an MLP)."""
+    from dql_agent.encoders import image_on_mlp_error, is_image_space
+
     if isinstance(space, spaces.Box):
+        if len(space.shape) == 3 and min(space.shape) > 1 and not is_image_space(space):
+            raise TypeError(image_on_mlp_error(space, name))
         return
     if isinstance(space, spaces.Dict):
         for key, sub in space.spaces.items():
             if not isinstance(sub, (spaces.Box, spaces.Dict)):
-                raise TypeError(f"observation_space[{key!r}] must be a Box or Dict, got {type(sub).__name__}")
-            check_observation_space(sub)
+                raise TypeError(f"{name}[{key!r}] must be a Box or Dict, got {type(sub).__name__}")
+            check_observation_space(sub, f"{name}[{key!r}]")
         return
-    raise TypeError(f"observation_space must be a gymnasium Box or Dict of Box spaces, got {type(space).__name__}")
+    raise TypeError(f"{name} must be a gymnasium Box or Dict of Box spaces, got {type(space).__name__}")
 
 
 def check_action_space(space: spaces.Space) -> None:

@@ -327,6 +327,36 @@ def _format_value(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _observation_rows(model: BaseAgent) -> list[dict[str, str]] | None:
+    """The card's Observations table for a space with camera keys (None for flat spaces, whose
+    card has no such section): key, kind, shape, size, dtype and layout of every leaf."""
+    from dql_agent.encoders import describe_tree_space, has_images
+
+    space = model.observation_space
+    if not has_images(space):
+        return None
+    rows = []
+    for leaf in describe_tree_space(space):
+        shape = tuple(leaf["shape"])
+        if leaf["kind"] == "image":
+            height, width, channels = leaf["size"]
+            size = f"{height}x{width} px, {channels} channel{'s' if channels != 1 else ''}"
+        else:
+            n = int(np.prod(shape))
+            size = f"{n} value{'s' if n != 1 else ''}"
+        rows.append(
+            {
+                "key": _md_code(leaf["key"], in_table=True),  # keys come from config.json: shown as data
+                "kind": leaf["kind"],
+                "shape": _md_code(str(shape), in_table=True),
+                "size": size,
+                "dtype": _md_code(leaf["dtype"], in_table=True),
+                "layout": leaf.get("layout", "-"),
+            }
+        )
+    return rows
+
+
 @functools.cache
 def _card_class() -> type[ModelCard]:
     """``ModelCard`` whose YAML metadata round-trips every string (made on first use, as
@@ -426,6 +456,8 @@ def make_model_card(
             (_md_code(k, in_table=True), _md_code(_format_value(v), in_table=True))
             for k, v in model.config.to_dict().items()
         ],
+        observations=_observation_rows(model),
+        observations_plain=not isinstance(model.observation_space, gym.spaces.Dict),
         num_timesteps=int(model.num_timesteps),
         seed=model.seed,
         library_version=library_version(),

@@ -29,6 +29,7 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage import get_dataset_path
 
 from dql_agent.buffer import as_float32, episode_flags
+from dql_agent.encoders import has_images, tree_from_arrays
 from dql_agent.spaces import check_observation_space, flatten_batch
 
 __all__ = ["load_minari_dataset", "minari_to_transitions", "write_minari_dataset"]
@@ -111,7 +112,7 @@ def _leading_lengths(data: Any) -> set[int]:
     return {len(data)}
 
 
-def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.ndarray]:
+def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, Any]:
     """Flatten a Minari dataset into transition arrays, aligned per episode.
 
     For each episode of ``T`` steps, ``observations`` are its ``obs[:-1]`` and
@@ -122,6 +123,10 @@ def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.n
     like ``gymnasium.spaces.flatten(dataset.observation_space, obs)``: each Box in C order, the
     sub-spaces concatenated in the Dict space's key order, which gymnasium sorts alphabetically
     for plain dicts (so ``achieved_goal, desired_goal, observation``).
+
+    Camera datasets (a uint8 [0, 255] image Box, alone or in the Dict) are not flattened: their
+    ``observations`` and ``next_observations`` are observation trees (see
+    :mod:`dql_agent.encoders`), a dict from key to (N, *shape) arrays, uint8 images kept uint8.
 
     Args:
         dataset: a ``MinariDataset`` or a local dataset id.
@@ -155,15 +160,27 @@ def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.n
         "terminals": [],
         "timeouts": [],
     }
+    images = has_images(obs_space)
+    trees: dict[str, dict[str, list[np.ndarray]]] = {"observations": {}, "next_observations": {}}
     for episode in dataset.iterate_episodes():
         n_steps = len(episode.rewards)
-        obs = flatten_batch(obs_space, episode.observations)  # (T+1, obs_dim)
-        if obs.shape[0] != n_steps + 1:
+        if images:  # kept by key, images as uint8 (a float32 copy of a camera dataset is 4x larger)
+            tree = tree_from_arrays(obs_space, episode.observations, f"episode {episode.id} observations")
+            rows = len(next(iter(tree.values())))
+        else:
+            obs = flatten_batch(obs_space, episode.observations)  # (T+1, obs_dim)
+            rows = obs.shape[0]
+        if rows != n_steps + 1:
             raise ValueError(
-                f"episode {episode.id}: expected {n_steps + 1} observations for {n_steps} steps, got {obs.shape[0]}"
+                f"episode {episode.id}: expected {n_steps + 1} observations for {n_steps} steps, got {rows}"
             )
-        columns["observations"].append(obs[:-1])
-        columns["next_observations"].append(obs[1:])
+        if images:
+            for key, value in tree.items():
+                trees["observations"].setdefault(key, []).append(value[:-1])
+                trees["next_observations"].setdefault(key, []).append(value[1:])
+        else:
+            columns["observations"].append(obs[:-1])
+            columns["next_observations"].append(obs[1:])
         columns["actions"].append(flatten_batch(act_space, episode.actions))
         columns["rewards"].append(np.asarray(episode.rewards))
         columns["terminals"].append(np.asarray(episode.terminations))
@@ -173,7 +190,12 @@ def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, np.n
         raise ValueError(f"Minari dataset {dataset.spec.dataset_id!r} holds no episodes")
     # Cast and check once over all episodes, with OfflineBuffer's own checks, so rows in errors
     # are transition rows.
-    out = {key: as_float32(key, np.concatenate(columns[key])) for key in _FLOAT_KEYS}
+    out: dict[str, Any] = {
+        key: as_float32(key, np.concatenate(columns[key])) for key in _FLOAT_KEYS if not (images and "obs" in key)
+    }
+    if images:
+        for name, tree_parts in trees.items():
+            out[name] = {key: np.concatenate(parts) for key, parts in tree_parts.items()}
     out["terminals"], out["timeouts"] = episode_flags(
         np.concatenate(columns["terminals"]), np.concatenate(columns["timeouts"])
     )

@@ -14,6 +14,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from dql_agent.buffer import as_flags
+from dql_agent.encoders import has_images
 from dql_agent.spaces import unscale_actions
 
 
@@ -40,6 +41,8 @@ def replay_buffer_to_transitions(replay_buffer: ReplayBuffer, relabeled_samples:
         if not replay_buffer.full:
             size -= 1  # the last row's successor is not written yet
 
+    keep_obs_shape = has_images(replay_buffer.observation_space)  # camera frames stay (N, H, W, C) uint8
+
     def flat(array: Any, keep_shape: bool = False) -> Any:
         # (size, n_envs, *shape) -> (size * n_envs, prod(shape)), env-major within each step
         if isinstance(array, dict):
@@ -53,10 +56,10 @@ def replay_buffer_to_transitions(replay_buffer: ReplayBuffer, relabeled_samples:
         as_flags("timeouts", flat(replay_buffer.timeouts).ravel()),
     )
     transitions = {
-        "observations": flat(obs),
+        "observations": flat(obs, keep_obs_shape),
         "actions": flat(replay_buffer.actions),
         "rewards": flat(replay_buffer.rewards).ravel(),
-        "next_observations": flat(next_obs),
+        "next_observations": flat(next_obs, keep_obs_shape),
         "terminals": dones & ~timeouts,
         "timeouts": timeouts,
     }

@@ -204,3 +204,15 @@ def test_deploy_onnx(tmp_path):
     check_episode(alone_results, run.stdout)
     assert alone_results["episode_return"] == results["episode_return"]
     assert alone_results["max_abs_diff_vs_model"] is None
+
+
+def test_pixels(data_dir, tmp_path):
+    out = tmp_path / "pixels"
+    args = ["--episodes", "4", "--steps", "4", "--batch-size", "8", "--cnn-channels", "4", "--eval-episodes", "2"]
+    results = load_example("pixels").main([*args, "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu"])
+    assert json.loads((out / "results.json").read_text()) == results
+    data = results["dataset"]
+    assert (data["n_noisy"], data["n_clean"]) == (2, 2)
+    assert -31 <= results["policy_return"] <= 2  # 30 steps of -distance (<= 2 sqrt 2), or +1 on success
+    assert results["reloaded_return"] == results["policy_return"]  # the saved model acts as the trained one
+    assert iio.imread(results["video"], plugin="FFMPEG").shape[0] > 2

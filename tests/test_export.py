@@ -221,3 +221,152 @@ def test_cli_export(models, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DiffusionDICE, inputs observation, noise, uniform -> action [1]" in out
     assert read_metadata(tmp_path / "policy.pt2")["deterministic"] is False
+
+
+# Camera observations: one input per key, uint8 frames as the camera gives them -----------------
+IMAGE_SPACE = spaces.Dict(
+    {"camera": spaces.Dict({"front": spaces.Box(0, 255, (40, 40, 3), np.uint8)}), "state": spaces.Box(-1, 1, (2,))}
+)
+PLAIN_IMAGE_SPACE = spaces.Box(0, 255, (3, 36, 36), np.uint8)  # CHW, the single key "observation"
+IMAGE_TINY = {"hidden_dim": 32, "n_hidden": 2, "diffusion_steps": 3, "n_action_samples": 4, "batch_size": 16}
+
+
+def image_observations(space: spaces.Space, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n observations as the exported inputs: input name -> (n, *shape), uint8 frames, float32 vectors."""
+    rng = np.random.default_rng(seed)
+    if isinstance(space, spaces.Box):
+        return {"observation": rng.integers(0, 256, (n, *space.shape), dtype=np.uint8)}
+    return {
+        "camera.front": rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8),
+        "state": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+    }
+
+
+def image_predict_input(feeds: dict[str, np.ndarray], index: int | None = None):
+    """The exported inputs as predict takes them (a nested dict, or the array); one row with ``index``."""
+    rows = {k: (v[index] if index is not None else v) for k, v in feeds.items() if k not in ("noise", "uniform")}
+    if set(rows) == {"observation"}:
+        return rows["observation"]
+    return {"camera": {"front": rows["camera.front"]}, "state": rows["state"]}
+
+
+def image_model(space: spaces.Space, **config) -> DiffusionQL:
+    n = 48
+    feeds, after = image_observations(space, n, seed=1), image_observations(space, n, seed=2)
+    rng = np.random.default_rng(3)
+    buffer = OfflineBuffer(
+        image_predict_input(feeds),
+        rng.uniform(-1, 1, (n, 2)),
+        rng.normal(size=n),
+        image_predict_input(after),
+        np.zeros(n),
+        observation_space=space,
+    )
+    model = DiffusionQL(
+        buffer, seed=0, device="cpu", cnn_channels=4, image_features=8, random_shift=2, **IMAGE_TINY, **config
+    )
+    return model.learn(3, log_interval=0)
+
+
+@pytest.fixture(scope="module")
+def image_models() -> dict:
+    torch.set_num_threads(1)
+    return {
+        "dict": image_model(IMAGE_SPACE, normalize_observations=True),  # the vector key is normalised in the graph
+        "plain": image_model(PLAIN_IMAGE_SPACE),
+    }
+
+
+def test_image_onnx_takes_uint8_frames_and_acts_as_predict(image_models, tmp_path):
+    import onnxruntime as ort
+
+    jobs, expected = [], []
+    for name, model in image_models.items():
+        path = str(model.export(tmp_path / f"{name}.onnx"))
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        types = {i.name: (i.type, i.shape[1:]) for i in session.get_inputs()}
+        if name == "dict":
+            assert types == {"camera.front": ("tensor(uint8)", [40, 40, 3]), "state": ("tensor(float)", [2])}
+        else:
+            assert types == {"observation": ("tensor(uint8)", [3, 36, 36])}
+        floats = {k: v.astype(np.float32) for k, v in image_observations(model.observation_space, 2).items()}
+        with pytest.raises(Exception, match="(?i)type"):  # typed uint8: float frames are refused
+            session.run(["action"], floats)
+        for n in (1, 5):
+            feeds = image_observations(model.observation_space, n, seed=n)
+            jobs.append({"model": path, "feeds": feeds, "name": f"{name} batch {n}"})
+            if n == 1:  # one observation, unbatched, as an env gives it
+                actions, _ = model.predict(image_predict_input(feeds, 0), deterministic=True)
+                expected.append(actions[None])
+            else:
+                expected.append(model.predict(image_predict_input(feeds), deterministic=True)[0])
+    model = image_models["dict"]
+    stochastic = str(model.export(tmp_path / "dict_stochastic.onnx", deterministic=False))
+    feeds, actions = image_stochastic_feeds(model, image_observations(IMAGE_SPACE, 5), seed=7)
+    assert list(feeds) == ["camera.front", "state", "noise", "uniform"]
+    jobs.append({"model": stochastic, "feeds": feeds, "name": "dict stochastic"})
+    expected.append(actions)
+    for job, found, want in zip(jobs, run_onnx(jobs, tmp_path), expected, strict=True):
+        assert found.shape == want.shape, job["name"]
+        np.testing.assert_allclose(found, want, atol=TOLERANCE, rtol=0, err_msg=job["name"])
+
+    meta = read_metadata(tmp_path / "dict.onnx")
+    assert meta["inputs"] == ["camera.front", "state"] and meta["outputs"] == ["action"]
+    assert meta["observation_inputs"] == {"camera.front": [40, 40, 3], "state": [2]}
+    assert meta["observation_specs"] == [
+        {
+            "input": "camera.front",
+            "key": "camera.front",
+            "kind": "image",
+            "dtype": "uint8",
+            "shape": [40, 40, 3],
+            "layout": "HWC",
+            "size": [40, 40, 3],
+        },
+        {"input": "state", "key": "state", "kind": "vector", "dtype": "float32", "shape": [2]},
+    ]
+    assert read_metadata(tmp_path / "dict_stochastic.onnx")["inputs"] == ["camera.front", "state", "noise", "uniform"]
+    plain = read_metadata(tmp_path / "plain.onnx")["observation_specs"]
+    assert [(s["input"], s["layout"], s["size"]) for s in plain] == [("observation", "CHW", [36, 36, 3])]
+
+
+def image_stochastic_feeds(model, feeds: dict[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """predict(deterministic=False)'s draws for these observations, as the exported inputs, and its actions."""
+    policy = model.policy
+    batch = next(iter(feeds.values())).shape[0]
+    noise, uniform = policy.draw_noise(batch, torch.Generator().manual_seed(seed))
+    steps, n = policy.config.diffusion_steps, policy.n_candidates(False)
+    feeds = dict(feeds, noise=noise.view(steps, batch, n, -1).transpose(0, 1).numpy())
+    if uniform is not None:
+        feeds["uniform"] = uniform.numpy()
+    policy.set_seed(seed)
+    actions, _ = model.predict(image_predict_input(feeds), deterministic=False)
+    return feeds, actions
+
+
+def test_image_pt2_takes_uint8_frames_and_acts_as_predict(image_models, tmp_path):
+    for name, model in image_models.items():
+        feeds = image_observations(model.observation_space, 4, seed=9)
+        program = torch.export.load(model.export(tmp_path / f"{name}.pt2"))
+        with torch.no_grad():
+            found = program.module()(*(torch.as_tensor(v) for v in feeds.values())).numpy()
+        expected, _ = model.predict(image_predict_input(feeds), deterministic=True)
+        np.testing.assert_allclose(found, expected, atol=TOLERANCE, rtol=0, err_msg=name)
+        meta = read_metadata(tmp_path / f"{name}.pt2")
+        assert [s["dtype"] for s in meta["observation_specs"]] == [str(v.dtype) for v in feeds.values()]
+
+
+def test_observation_keys_named_like_the_other_inputs_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    for key, deterministic in (("action", True), ("noise", False), ("uniform", False)):
+        space = spaces.Dict({key: spaces.Box(-1, 1, (2,), np.float32)})
+        obs = {key: rng.uniform(-1, 1, (8, 2)).astype(np.float32)}
+        buffer = OfflineBuffer(obs, rng.uniform(-1, 1, (8, 1)), np.zeros(8), obs, np.zeros(8), observation_space=space)
+        model = DiffusionQL(buffer, seed=0, device="cpu", **IMAGE_TINY)
+        with pytest.raises(ValueError, match=f"the observation key '{key}' would share its name"):
+            model.export(tmp_path / "p.pt2", deterministic=deterministic)
+        assert not (tmp_path / "p.pt2").exists()
+    # A deterministic export has no noise input: the key is free there. A flat space's metadata
+    # keeps its format (no observation_specs).
+    meta = read_metadata(model.export(tmp_path / "p.pt2"))
+    assert meta["inputs"] == ["uniform"] and "observation_specs" not in meta

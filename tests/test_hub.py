@@ -460,3 +460,60 @@ def test_card_shows_hostile_ids_as_data(model, hostile, tmp_path, monkeypatch):
     assert _visible(dataset) in codes
     cells = re.findall(r"<td>(.*?)</td>", rendered.split("<tbody>")[1].split("</tbody>")[0])
     assert html.unescape(cells[0]) == _visible(hostile).strip()  # as cells do
+
+
+def test_image_model_card_lists_the_camera_keys_and_loads_back(hub_server, tmp_path):
+    from gymnasium import spaces
+
+    space = spaces.Dict(
+        {
+            "camera": spaces.Dict({"front": spaces.Box(0, 255, (40, 40, 3), np.uint8)}),
+            "depth": spaces.Box(0, 255, (1, 36, 36), np.uint8),
+            "state": spaces.Box(-1, 1, (2,), np.float32),
+        }
+    )
+    rng = np.random.default_rng(0)
+    n = 32
+
+    def frames(count: int) -> dict:
+        return {
+            "camera": {"front": rng.integers(0, 256, (count, 40, 40, 3), dtype=np.uint8)},
+            "depth": rng.integers(0, 256, (count, 1, 36, 36), dtype=np.uint8),
+            "state": rng.uniform(-1, 1, (count, 2)).astype(np.float32),
+        }
+
+    buffer = OfflineBuffer(
+        frames(n), rng.uniform(-1, 1, (n, 2)), rng.normal(size=n), frames(n), np.zeros(n), observation_space=space
+    )
+    agent = DiffusionQL(buffer, device="cpu", seed=0, cnn_channels=4, image_features=8, **TINY).learn(3, log_interval=0)
+    agent.push_to_hub("alice/dql-camera", video=False)
+
+    head = hub_server.repos["alice/dql-camera"]
+    card = ModelCard(head.commits[head.branches["main"]].files["README.md"].decode())
+    table = card.text.split("## Observations")[1].split("\n\n")[1]
+    assert table.splitlines() == [
+        "| Key | Kind | Shape | Size | Dtype | Layout |",
+        "|---|---|---|---|---|---|",
+        "| `camera.front` | image | `(40, 40, 3)` | 40x40 px, 3 channels | `uint8` | HWC |",
+        "| `depth` | image | `(1, 36, 36)` | 36x36 px, 1 channel | `uint8` | CHW |",
+        "| `state` | vector | `(2,)` | 2 values | `float32` | - |",
+    ]
+    assert "`predict` takes a dict with these keys" in card.text
+
+    loaded = dql_agent.load_from_hub("alice/dql-camera", device="cpu")
+    assert isinstance(loaded, DiffusionQL)
+    observations = frames(5)
+    one = {
+        "camera": {"front": observations["camera"]["front"][0]},
+        "depth": observations["depth"][0],
+        "state": np.zeros(2),
+    }
+    for obs in (observations, one):
+        np.testing.assert_array_equal(
+            loaded.predict(obs, deterministic=True)[0], agent.predict(obs, deterministic=True)[0]
+        )
+
+
+def test_flat_model_card_has_no_observations_section(model, tmp_path):
+    make_model_card(model, None, repo_id=REPO).save(tmp_path / "README.md")
+    assert "## Observations" not in (tmp_path / "README.md").read_text(encoding="utf-8")

@@ -26,6 +26,8 @@ BUDGET = [  # (as written in README.md, as run here)
     ("n_eval_episodes=10", "n_eval_episodes=1"),
     ('gym.make("Hopper-v5"', 'gym.make("Hopper-v5", max_episode_steps=20'),  # push_to_hub evaluates 10 episodes
     ('render_mode="rgb_array"))', 'render_mode="rgb_array"), video_length=20)'),  # a frame takes ~0.15 s here
+    ("n_episodes=200", "n_episodes=4"),  # the camera section's PixelReach dataset
+    ("model.learn(3_000)", "model.learn(3)"),
 ]
 
 

@@ -1,0 +1,111 @@
+"""Camera observations: training speed, acting latency and memory per transition of Diffusion-QL on
+image (+ state) observations.
+
+For each image size (default 64x64x3 and 84x84x3) a buffer of random uint8 frames plus a 2-D
+state is built, and the default DiffusionQL (CNN encoder with the default ``cnn_channels``,
+``image_features`` and ``random_shift``) is timed for:
+
+- gradient steps per second at ``--batch`` (default 256), after a warm-up;
+- ``predict`` latency for one observation, deterministic and stochastic (median of repeats);
+- buffer bytes per transition (observation and next observation stored, images as uint8).
+
+Example (one thread, as the numbers in the README were taken)::
+
+    OMP_NUM_THREADS=1 python benchmarks/pixels_speed.py --threads 1 --sizes 64 84 --out /tmp/bench/pixels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import machine  # noqa: E402  # benchmarks/ is not a package
+
+from dql_agent import DiffusionQL, OfflineBuffer  # noqa: E402
+
+
+def image_buffer(size: int, n: int, seed: int = 0) -> OfflineBuffer:
+    rng = np.random.default_rng(seed)
+    space = spaces.Dict(
+        {"image": spaces.Box(0, 255, (size, size, 3), np.uint8), "state": spaces.Box(-1, 1, (2,), np.float32)}
+    )
+    obs = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "state": rng.normal(size=(n, 2))}
+    next_obs = {"image": np.roll(obs["image"], -1, axis=0), "state": np.roll(obs["state"], -1, axis=0)}
+    return OfflineBuffer(
+        obs, rng.uniform(-1, 1, (n, 2)), rng.normal(size=n), next_obs, np.zeros(n), observation_space=space
+    )
+
+
+def time_steps(model: DiffusionQL, seconds: float) -> float:
+    model.learn(3, log_interval=0)  # warm-up: first-call allocations
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.learn(5, reset_num_timesteps=False, log_interval=0)
+        steps += 5
+    return steps / (time.perf_counter() - start)
+
+
+def time_predict(model: DiffusionQL, observation: dict, deterministic: bool, repeats: int) -> float:
+    model.predict(observation, deterministic=deterministic)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict(observation, deterministic=deterministic)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 84])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--transitions", type=int, default=2000, help="rows of the random buffer")
+    p.add_argument("--seconds", type=float, default=20.0, help="timing window of the training loop per size")
+    p.add_argument("--repeats", type=int, default=50, help="predict calls per latency")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        buffer = image_buffer(size, args.transitions)
+        model = DiffusionQL(buffer, device=args.device, seed=0, batch_size=args.batch)
+        one = {"image": buffer.observations["image"][0].numpy(), "state": buffer.observations["state"][0].numpy()}
+        rows.append(
+            {
+                "size": f"{size}x{size}x3",
+                "steps_per_s": time_steps(model, args.seconds),
+                "predict_ms_deterministic": 1e3 * time_predict(model, one, True, args.repeats),
+                "predict_ms_stochastic": 1e3 * time_predict(model, one, False, args.repeats),
+                "bytes_per_transition": buffer.bytes_per_transition(),
+                "encoder_parameters": sum(p.numel() for p in model.policy.encoder.parameters()),
+            }
+        )
+    result = {"machine": machine(torch.device(args.device), args.threads), "batch": args.batch, "rows": rows}
+    print(f"batch {args.batch}, {args.device}, {args.threads} thread(s)")
+    print("| image | gradient steps/s | predict ms (deterministic) | predict ms (stochastic) | bytes/transition |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size']} | {r['steps_per_s']:.2f} | {r['predict_ms_deterministic']:.1f} | "
+            f"{r['predict_ms_stochastic']:.1f} | {r['bytes_per_transition']:,} |"
+        )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
