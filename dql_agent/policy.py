@@ -268,30 +268,7 @@ def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.nda
     then have its space's shape with the same batching, else a ValueError names the entry.
     Torch tensors are detached and moved to the CPU.
     """
-    if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
-        raise ValueError(
-            "observation is an (obs, info) tuple: pass only the observation, e.g. "
-            "`obs, info = env.reset(); model.predict(obs)`"
-        )
-    observation = _numeric_tree(space, observation, "observation")
-    leaves = _leaves(space, observation, "observation")
-    name, shape, probe = leaves[0]
-    if probe.shape == shape:
-        vectorized, batch = False, 1
-    elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
-        vectorized, batch = True, probe.shape[0]
-    else:
-        raise ValueError(
-            f"{name} has shape {probe.shape}; expected {shape} for one observation or "
-            f"(n_envs, {', '.join(map(str, shape))}) for a batch"
-        )
-    for key, leaf_shape, array in leaves[1:]:
-        expected = (batch, *leaf_shape) if vectorized else leaf_shape
-        if array.shape != expected:
-            given = f"a batch of {batch}" if vectorized else "one observation"
-            raise ValueError(
-                f"{key} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
-            )
+    observation, _, batch, vectorized = _checked_entries(space, observation)
     flat = flatten_batch(space, observation, batch).astype(np.float32)
     if not np.all(np.isfinite(flat)):
         bad = ~np.isfinite(flat)
@@ -302,9 +279,27 @@ def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.nda
 
 
 def observations_to_tree(space: spaces.Space, observation: Any) -> tuple[dict[str, np.ndarray], bool]:
-    """Check an observation (or a batch) of a space with images: returns ((key -> (B, *shape))
-    with uint8 images and float32 vectors, batched?). Batching is read off the first entry, as
-    in :func:`observations_to_array`; errors name the entry."""
+    """Check an observation (or a batch) of a space with camera keys: returns ((key -> (B, *shape))
+    with uint8 images and float32 vectors, batched?), batching read as in :func:`observations_to_array`."""
+    _, found, batch, vectorized = _checked_entries(space, observation)
+    tree: dict[str, np.ndarray] = {}
+    for (key, box), (where, leaf_shape, array) in zip(leaves(space), found, strict=True):
+        array = array.reshape(batch, *leaf_shape)
+        if is_image_space(box):
+            tree[key] = as_uint8_images(where, array)
+        else:
+            flat = array.astype(np.float32)
+            if not np.all(np.isfinite(flat)):
+                raise ValueError(f"{where} contains NaN/inf value(s) at {np.argwhere(~np.isfinite(flat))[0].tolist()}")
+            tree[key] = flat
+    return tree, vectorized
+
+
+def _checked_entries(
+    space: spaces.Space, observation: Any
+) -> tuple[Any, list[tuple[str, tuple[int, ...], np.ndarray]], int, bool]:
+    """The observation as numeric arrays, its (name, Box shape, array) entries, the batch size and
+    whether it is batched; the first entry sets the batching and every other entry must agree."""
     if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
         raise ValueError(
             "observation is an (obs, info) tuple: pass only the observation, e.g. "
@@ -322,23 +317,14 @@ def observations_to_tree(space: spaces.Space, observation: Any) -> tuple[dict[st
             f"{name} has shape {probe.shape}; expected {shape} for one observation or "
             f"(n_envs, {', '.join(map(str, shape))}) for a batch"
         )
-    tree: dict[str, np.ndarray] = {}
-    for (key, box), (where, leaf_shape, array) in zip(leaves(space), found, strict=True):
+    for key, leaf_shape, array in found[1:]:
         expected = (batch, *leaf_shape) if vectorized else leaf_shape
         if array.shape != expected:
             given = f"a batch of {batch}" if vectorized else "one observation"
             raise ValueError(
-                f"{where} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
+                f"{key} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
             )
-        array = array.reshape(batch, *leaf_shape)
-        if is_image_space(box):
-            tree[key] = as_uint8_images(where, array)
-        else:
-            flat = array.astype(np.float32)
-            if not np.all(np.isfinite(flat)):
-                raise ValueError(f"{where} contains NaN/inf value(s) at {np.argwhere(~np.isfinite(flat))[0].tolist()}")
-            tree[key] = flat
-    return tree, vectorized
+    return observation, found, batch, vectorized
 
 
 def rows_of(observations: Any) -> int:

@@ -57,6 +57,7 @@ def assert_all_four_modes(shares: np.ndarray) -> None:
     assert shares[BEST] < 0.4, shares  # ...and the best one does not dominate
 
 
+@pytest.mark.slow  # a 25 s learning check; the Q-learning bandit test stays in the default suite
 def test_diffusion_bc_reproduces_all_four_modes():
     """T=5, 3,000 steps (~30 s): measured shares 0.110, 0.133, 0.101, 0.133 with seed 1 (seed 2:
     0.082, 0.062, 0.091, 0.077). The paper's T=50 runs in the slow test below."""

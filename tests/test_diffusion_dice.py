@@ -219,6 +219,7 @@ BANDIT = {
 }
 
 
+@pytest.mark.slow  # a 34 s learning check (suite budget); DICE's losses are checked step by step above
 def test_bandit_concentrates_on_the_best_mode_with_in_sample_actions(monkeypatch):
     """The paper's toy claim on Diffusion-QL's 4-mode bandit (see test_bandit.py for the data).
 

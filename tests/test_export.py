@@ -344,6 +344,7 @@ def image_stochastic_feeds(model, feeds: dict[str, np.ndarray], seed: int) -> tu
     return feeds, actions
 
 
+@pytest.mark.slow  # camera export runs by default through ONNX; the .pt2 twin is the slow set's
 def test_image_pt2_takes_uint8_frames_and_acts_as_predict(image_models, tmp_path):
     for name, model in image_models.items():
         feeds = image_observations(model.observation_space, 4, seed=9)
