@@ -52,7 +52,11 @@ def _nonfinite(name: str, loss: torch.Tensor) -> str:
 class DiffusionQLConfig(ConfigBase):
     """Hyperparameters of Diffusion-QL. Defaults reproduce the official D4RL locomotion run."""
 
-    saved_before: ClassVar[dict[str, Any]] = {**IMAGE_FIELD_DEFAULTS, "encoder_loss": "critic"}
+    saved_before: ClassVar[dict[str, Any]] = {
+        **IMAGE_FIELD_DEFAULTS,
+        "encoder_loss": "critic",
+        "critic_layer_norm": False,
+    }
 
     learning_rate: float = 3e-4
     """Actor (diffusion policy) Adam learning rate; the per-task `lr` of the official code."""
@@ -98,6 +102,9 @@ class DiffusionQLConfig(ConfigBase):
     """'none', 'cql_antmaze' (r <- 4 (r - 0.5)) or 'normalize' (r <- (r - mean) / std)."""
     normalize_observations: bool = False
     """Standardise observations with dataset mean/std (the official code uses raw observations)."""
+    critic_layer_norm: bool = False
+    """LayerNorm on the critics' hidden pre-activations (not in the official code; an option that
+    is known to stabilise offline critics, see docs/STABILITY.md)."""
     hidden_dim: int = 256
     """Width of the denoiser and critic MLPs."""
     n_hidden: int = 3
@@ -229,7 +236,7 @@ class DiffusionQLPolicy(PolicyBase):
         denoiser = NoiseMLP(features, self.action_dim, config.hidden_dim, config.n_hidden, config.time_dim)
         self.actor = GaussianDiffusion(denoiser, self.action_dim, config.diffusion_steps, config.beta_schedule)
         self.ema_actor = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic = Critic(features, self.action_dim, 2, config.hidden_dim, config.n_hidden)
+        self.critic = Critic(features, self.action_dim, 2, config.hidden_dim, config.n_hidden, config.critic_layer_norm)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
     def score_candidates(self, observations: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

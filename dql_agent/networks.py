@@ -156,12 +156,22 @@ class EnsembleMLP(nn.Module):
     Each member is Linear(in, H) -> Mish -> ... -> Linear(H, out), initialised like
     ``nn.Linear`` (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), so a 2-member ensemble is exactly the
     twin critics of TD3/Diffusion-QL, computed in one pass. Input (B, in) or (n, B, in);
-    output (n, B, out).
+    output (n, B, out). With ``layer_norm`` every hidden pre-activation is layer-normalised (a
+    per-member scale and shift, initialised to 1 and 0) before the Mish, a known stabiliser of
+    offline critics; off, the module holds exactly the parameters it always had.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, n_members: int = 2, hidden_dim: int = 256, n_hidden: int = 3):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        n_members: int = 2,
+        hidden_dim: int = 256,
+        n_hidden: int = 3,
+        layer_norm: bool = False,
+    ):
         super().__init__()
-        self.n_members = n_members
+        self.n_members, self.layer_norm = n_members, layer_norm
         dims = [in_dim] + [hidden_dim] * n_hidden + [out_dim]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -169,6 +179,19 @@ class EnsembleMLP(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(n_members, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(n_members, 1, fan_out).uniform_(-bound, bound)))
+        self.norm_scales = nn.ParameterList()  # no random draws: the initialisation above is unchanged
+        self.norm_shifts = nn.ParameterList()
+        if layer_norm:
+            for _ in range(n_hidden):
+                self.norm_scales.append(nn.Parameter(torch.ones(n_members, 1, hidden_dim)))
+                self.norm_shifts.append(nn.Parameter(torch.zeros(n_members, 1, hidden_dim)))
+
+    def activation(self, i: int, pre: torch.Tensor) -> torch.Tensor:
+        """Hidden layer ``i``'s output from its pre-activation (n, B, H): Mish, after LayerNorm if on."""
+        if self.layer_norm:
+            normed = F.layer_norm(pre, pre.shape[-1:])
+            pre = torch.addcmul(self.norm_shifts[i], normed, self.norm_scales[i])
+        return mish(pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -178,6 +201,8 @@ class EnsembleMLP(nn.Module):
     def input_gradient(self, x: torch.Tensor) -> torch.Tensor:
         """d out / d x of a one-output ensemble, written out (no autograd, so it exports to ONNX):
         x (B, in) -> (n, B, in), member i's gradient of its output at x."""
+        if self.layer_norm:
+            raise NotImplementedError("input_gradient is written out for Mish layers without LayerNorm")
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.n_members, -1, -1)
         pre = [torch.baddbmm(self.biases[0], x, self.weights[0])]  # pre-activations of the hidden layers
@@ -193,16 +218,24 @@ class EnsembleMLP(nn.Module):
         # Index, do not slice: a ParameterList slice re-wraps tensors swapped in by
         # torch.func.functional_call as new Parameters, cutting them off from torch.func.grad.
         for i in range(1, len(self.weights)):
-            h = torch.baddbmm(self.biases[i], mish(h), self.weights[i])
+            h = torch.baddbmm(self.biases[i], self.activation(i - 1, h), self.weights[i])
         return h
 
 
 class Critic(nn.Module):
     """Ensemble of Q(s, a) heads (twin critics by default): returns (n_members, B)."""
 
-    def __init__(self, state_dim: int, action_dim: int, n_members: int = 2, hidden_dim: int = 256, n_hidden: int = 3):
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        n_members: int = 2,
+        hidden_dim: int = 256,
+        n_hidden: int = 3,
+        layer_norm: bool = False,
+    ):
         super().__init__()
-        self.q = EnsembleMLP(state_dim + action_dim, 1, n_members, hidden_dim, n_hidden)
+        self.q = EnsembleMLP(state_dim + action_dim, 1, n_members, hidden_dim, n_hidden, layer_norm)
 
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.q(torch.cat([state, action], dim=-1)).squeeze(-1)

@@ -44,9 +44,10 @@ def bandit_buffer(buffer: OfflineBuffer) -> OfflineBuffer:
         {"max_q_backup": True, "n_max_q_samples": 3},
         {"eta": 0.0},  # pure diffusion BC: no actor chain, no coin
         {"lr_decay": True, "lr_decay_steps": 4},
+        {"critic_layer_norm": True},
         "bandit",
     ],
-    ids=["default", "max_q_backup", "eta0", "lr_decay", "bandit"],
+    ids=["default", "max_q_backup", "eta0", "lr_decay", "critic_layer_norm", "bandit"],
 )
 def test_each_replica_follows_its_separate_run(pendulum_buffer, extra):
     buffer = pendulum_buffer
