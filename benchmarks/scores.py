@@ -8,7 +8,13 @@ the same number of gradient steps (batch 256), for each seed; the policy is eval
 - ``dql``: DiffusionQL with the official per-task preset (hopper-medium, ...);
 - ``bc-diffusion``: the same DiffusionQL with ``eta=0`` (diffusion behaviour cloning);
 - ``bc-mlp``: a plain 3x256 MLP regressing actions (the mean of a fixed-variance Gaussian);
-- ``td3bc``, ``iql``: d3rlpy's TD3+BC and IQL (needs ``d3rlpy``; skipped with a note when absent).
+- ``td3bc``, ``iql``: d3rlpy's TD3+BC and IQL (needs ``d3rlpy``; skipped with a note when absent);
+- ``--dql-variant NAME=JSON``: more DiffusionQL rows with hyperparameters over the preset (e.g. a
+  stabilising option), named ``dql:NAME``.
+
+The table gives the final score and the best of training (online, at the evaluation points).
+``--compile`` runs DiffusionQL through ``compile_training()`` (the same math, fused kernels) and
+``--device cuda`` on a GPU, for the 50k-step and longer budgets.
 
 Outputs under ``--out``: ``scores.json`` (every curve point), ``scores.md`` (the table),
 ``curve_<dataset>.png`` per dataset and ``bandit.png``, the 2-D bandit of the paper's Fig. 1:
@@ -22,6 +28,7 @@ reward modes. Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -97,12 +104,25 @@ def dql_preset(dataset_id: str) -> str:
     return "hopper-medium"
 
 
-def train_dql(data: dict, space: Any, dataset_id: str, steps: int, every: int, seed: int, curve: Curve, eta=None):
+def train_dql(
+    data: dict,
+    space: Any,
+    dataset_id: str,
+    steps: int,
+    every: int,
+    seed: int,
+    curve: Curve,
+    extra: dict[str, Any] | None = None,
+    compile_training: bool = False,
+    device: str = "cpu",
+):
+    """DiffusionQL with the dataset's preset, ``extra`` hyperparameters over it (a variant)."""
     from dql_agent import DiffusionQL, OfflineBuffer
 
     buffer = OfflineBuffer(**data, action_space=space)
-    extra = {} if eta is None else {"eta": eta}
-    model = DiffusionQL(buffer, device="cpu", seed=seed, preset=dql_preset(dataset_id), **extra)
+    model = DiffusionQL(buffer, device=device, seed=seed, preset=dql_preset(dataset_id), **(extra or {}))
+    if compile_training:
+        model.compile_training()  # same math (tests/test_fast_paths.py), fused kernels
     done = 0
     while done < steps:
         n = min(every, steps - done)
@@ -330,8 +350,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bandit-ql-steps", type=int, default=1000, help="Diffusion-QL steps on the bandit (0: no figure)")
     p.add_argument("--bandit-bc-steps", type=int, default=15_000, help="diffusion BC (T=50) steps on the bandit")
     p.add_argument("--bandit-td3bc-steps", type=int, default=3000, help="Gaussian TD3+BC steps on the bandit")
+    p.add_argument("--compile", action="store_true", help="DiffusionQL through compile_training() (same math)")
+    p.add_argument("--device", default="cpu", help="DiffusionQL's device (cpu, cuda)")
+    p.add_argument(
+        "--dql-variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra DiffusionQL row with hyperparameters over the preset, e.g. ln='{\"critic_layer_norm\": true}'",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmark_results/scores"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    variants = []
+    for spec in args.dql_variant:
+        name, sep, text = spec.partition("=")
+        try:
+            hyperparameters = json.loads(text) if sep else None
+        except json.JSONDecodeError as error:
+            p.error(f"--dql-variant {spec!r}: the part after '=' is not JSON ({error})")
+        if not name or not isinstance(hyperparameters, dict):
+            p.error(f"--dql-variant must be NAME=JSON-object, got {spec!r}")
+        variants.append((f"dql:{name}", hyperparameters))
+    args.dql_variant = variants
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -345,14 +386,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from dql_agent.integrations.minari import load_minari_dataset, minari_to_transitions
 
     algos, notes = available_algos(args.algos)
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        notes.append("matplotlib is not installed: no curve PNGs and no bandit figure (pip install dql_agent[bench])")
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "notes": notes, "datasets": {}}
+    fast = {"compile_training": args.compile, "device": args.device}
     trainers = {
-        "dql": train_dql,
-        "bc-diffusion": lambda *a: train_dql(*a, eta=0.0),
+        "dql": lambda *a: train_dql(*a, **fast),
+        "bc-diffusion": lambda *a: train_dql(*a, extra={"eta": 0.0}, **fast),
         "bc-mlp": train_bc_mlp,
         "td3bc": lambda *a: train_d3rlpy("td3bc", *a),
         "iql": lambda *a: train_d3rlpy("iql", *a),
     }
+    for name, hyperparameters in args.dql_variant:  # e.g. dql:ln = {"critic_layer_norm": true}
+        trainers[name] = lambda *a, hp=hyperparameters: train_dql(*a, extra=hp, **fast)
+        algos.append(name)
+        LABELS[name] = f"Diffusion-QL {name.split(':', 1)[1]} {json.dumps(hyperparameters)}"
     for dataset_id in args.datasets:
         dataset = load_minari_dataset(dataset_id)
         data = minari_to_transitions(dataset)
@@ -368,18 +417,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 runs.setdefault(algo, []).append(curve.points)
                 print(f"{dataset_id} {algo} seed {seed}: {curve.points[-1]['score']:.1f}", flush=True)
         final = {a: [c[-1]["score"] for c in runs[a]] for a in runs}
+        best = {a: [max(p["score"] for p in c) for c in runs[a]] for a in runs}  # best-of-training, online
         results["datasets"][dataset_id] = {
             "env_id": env_id,
             "transitions": len(data["rewards"]),
             "final_scores": final,
             "mean": {a: float(np.mean(v)) for a, v in final.items()},
             "std": {a: float(np.std(v)) for a, v in final.items()},
+            "best_scores": best,
+            "best_mean": {a: float(np.mean(v)) for a, v in best.items()},
+            "best_std": {a: float(np.std(v)) for a, v in best.items()},
             "seconds_per_run": {a: seconds[a] / len(args.seeds) for a in seconds},
             "curves": runs,
             "preset": dql_preset(dataset_id),
         }
-        plot_curves(args.out / f"curve_{dataset_id.replace('/', '_')}.png", dataset_id, runs, args.steps)
-    if args.bandit_ql_steps > 0:
+        if plots:
+            plot_curves(args.out / f"curve_{dataset_id.replace('/', '_')}.png", dataset_id, runs, args.steps)
+    if args.bandit_ql_steps > 0 and plots:
         results["bandit"] = bandit_figure(
             args.out / "bandit.png", args.bandit_ql_steps, args.bandit_bc_steps, args.bandit_td3bc_steps
         )
@@ -393,13 +447,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def markdown_table(results: dict[str, Any], algos: list[str], args: argparse.Namespace) -> str:
     lines = [
         f"Normalized score (x100) after {args.steps} gradient steps, mean +/- std over seeds {args.seeds}, "
-        f"{args.eval_episodes} evaluation episodes per seed (seconds per run in brackets)",
+        f"{args.eval_episodes} evaluation episodes per seed: final / best of training (evaluated every "
+        f"{args.eval_every} steps; seconds per run in brackets)",
         "",
         "| dataset | " + " | ".join(LABELS[a] for a in algos) + " |",
         "|---" * (len(algos) + 1) + "|",
     ]
     for dataset_id, r in results["datasets"].items():
-        cells = [f"{r['mean'][a]:.1f} +/- {r['std'][a]:.1f} ({r['seconds_per_run'][a]:.0f} s)" for a in algos]
+        cells = [
+            f"{r['mean'][a]:.1f} +/- {r['std'][a]:.1f} / {r['best_mean'][a]:.1f} +/- {r['best_std'][a]:.1f} "
+            f"({r['seconds_per_run'][a]:.0f} s)"
+            for a in algos
+        ]
         lines.append(f"| {dataset_id} | " + " | ".join(cells) + " |")
     if "bandit" in results:
         lines += ["", "Bandit: share of 1000 samples within 0.3 of each mode (r~3, 0, 1.5, 5)", ""]
