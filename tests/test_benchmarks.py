@@ -134,3 +134,35 @@ def test_scores_with_d3rlpy(hopper_datasets, tmp_path):
     root, _ = hopper_datasets
     results = scores.main(smoke_scores_argv(root, tmp_path, ["td3bc", "iql"], ["--bandit-ql-steps", "0"]))
     assert set(results["datasets"]["smoke/hopper/medium-v0"]["mean"]) == {"td3bc", "iql"}
+
+
+def test_side_by_side_exact_tests_enumerate_every_split():
+    side = load_script("side_by_side")
+    t = side.exact_tests([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert t["splits"] == 20 and t["mean_difference"] == -3.0
+    assert t["permutation_p"] == pytest.approx(2 / 20)  # only the two extreme splits are as far apart
+    assert (t["mann_whitney_u"], t["mann_whitney_p"]) == (0.0, pytest.approx(2 / 20))
+    same = side.exact_tests([1.0, 2.0], [1.0, 2.0])
+    assert same["permutation_p"] == 1.0 and same["mann_whitney_p"] == 1.0
+
+
+def test_side_by_side_runs_resumes_and_reports(hopper_datasets, tmp_path, monkeypatch):
+    side = load_script("side_by_side")
+    root, _ = hopper_datasets
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    out = tmp_path / "runs.jsonl"
+    common = ["--dataset", "smoke/hopper/medium-expert-v0", "--preset", "hopper-medium-expert", "--steps", "3"]
+    common += ["--eval-episodes", "1", "--out", str(out)]
+    side.main(["--impl", "ours", "--seeds", "0", "1", *common])
+    side.main(["--impl", "ours", "--seeds", "0", "1", *common])  # both seeds done: nothing runs again
+    runs = side.read_runs(out)
+    assert [(r["impl"], r["seed"]) for r in runs] == [("ours", 0), ("ours", 1)]
+    assert all(len(r["returns"]) == 1 and r["steps"] == 3 for r in runs)
+    implementations = ["ours"]
+    if Path("/tmp/official/agents/ql_diffusion.py").exists():  # the official side needs its checkout
+        side.main(["--impl", "official", "--reference", "/tmp/official", "--seeds", "0", "1", *common])
+        implementations.append("official")
+    table = side.report(out)
+    for impl in implementations:
+        assert f"| {impl} | 2 |" in table
+    assert ("exact permutation p" in table) == (len(implementations) == 2)
