@@ -357,6 +357,7 @@ def test_image_pt2_takes_uint8_frames_and_acts_as_predict(image_models, tmp_path
         assert [s["dtype"] for s in meta["observation_specs"]] == [str(v.dtype) for v in feeds.values()]
 
 
+@pytest.mark.bad_input("habits", "clear error")
 def test_observation_keys_named_like_the_other_inputs_are_refused(tmp_path):
     rng = np.random.default_rng(0)
     for key, deterministic in (("action", True), ("noise", False), ("uniform", False)):

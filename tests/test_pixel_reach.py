@@ -183,6 +183,7 @@ def test_goal_stays_visible_when_the_agent_covers_it():
         ({"render_mode": "human"}, "render_mode"),
     ],
 )
+@pytest.mark.bad_input("habits", "clear error")
 def test_bad_constructor_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as error:
         PixelReachEnv(**kwargs)

@@ -62,6 +62,7 @@ def test_uint8_frames_are_an_image_space_and_stay_uint8(capsys):
     assert buffer.bytes_per_transition() == 2 * 20 * 20 * 3 + 2 * 4 + 4 + 2
 
 
+@pytest.mark.bad_input("data", "clear error")
 def test_image_shaped_float_data_is_refused_naming_the_key_and_the_encoder_option():
     data = image_state_data()
     floats = {k: v.astype(np.float32) if k == "image" else v for k, v in data["observations"].items()}
@@ -72,6 +73,7 @@ def test_image_shaped_float_data_is_refused_naming_the_key_and_the_encoder_optio
         OfflineBuffer(floats["image"], data["actions"], data["rewards"], floats["image"], data["terminals"])
 
 
+@pytest.mark.bad_input("data", "clear error")
 def test_pixels_must_be_whole_numbers_in_0_255():
     data = image_state_data()
     obs = dict(data["observations"], image=data["observations"]["image"].astype(np.float64))
@@ -147,6 +149,7 @@ def test_encoder_is_identity_for_flat_observations(pendulum_buffer):
     assert model.policy.encoder(x) is x
 
 
+@pytest.mark.bad_input("data", "clear error")
 def test_a_flat_buffer_is_refused_by_an_image_model():
     data = image_state_data()
     model = DiffusionQL(OfflineBuffer(**data, observation_space=IMAGE_STATE), seed=0, **SMALL)

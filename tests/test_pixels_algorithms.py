@@ -217,6 +217,7 @@ def test_save_load_round_trip_gives_the_same_action(cls, tmp_path):
         assert torch.equal(loaded.policy.encoder.state_dict()[key], value), key
 
 
+@pytest.mark.bad_input("habits", "clear error")
 def test_stacked_seeds_refuse_images():
     buffer = camera_buffer()
     with pytest.raises(ValueError, match=r"image keys \['image'\].*one by one"):

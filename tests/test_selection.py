@@ -89,6 +89,7 @@ def test_split_keeps_whole_episodes_is_seeded_and_keeps_spaces_and_metadata():
     assert len(others) > 1  # the seed chooses the episodes
 
 
+@pytest.mark.bad_input("data", "clear error")
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, math.nan, "0.1", None, True, 0.04, 0.96])
 def test_bad_validation_fractions_raise_naming_the_field(fraction):
     buffer = episodes_buffer(LENGTHS, ENDS)  # 10 episodes: 0.04 and 0.96 leave one side empty
@@ -293,6 +294,7 @@ def test_callback_warns_once_per_q_divergence_crossing(pendulum_buffer):
         callback.evaluate()
 
 
+@pytest.mark.bad_input("habits", "clear error")
 def test_callback_refuses_bad_arguments(pendulum_buffer):
     with pytest.raises(ValueError, match="criterion must be one of") as error:
         OfflineSelectionCallback(pendulum_buffer, criterion="return")
