@@ -166,3 +166,19 @@ def test_side_by_side_runs_resumes_and_reports(hopper_datasets, tmp_path, monkey
     for impl in implementations:
         assert f"| {impl} | 2 |" in table
     assert ("exact permutation p" in table) == (len(implementations) == 2)
+
+
+def test_stability_reports_best_final_gap_and_a_verdict(tmp_path):
+    stability = load_script("stability")
+    out = tmp_path / "stability.json"
+    argv = ["--steps", "20", "--every", "10", "--seeds", "0", "1", "--eval-episodes", "1", "--set", "hidden_dim=16"]
+    results = stability.main(
+        [*argv, "--configs", "layernorm", "bogus", "--extra", 'bogus={"no_such_field": 1}', "--out", str(out)]
+    )
+    configs = results["datasets"]["pendulum-mixed"]["configs"]
+    assert configs["bogus"]["available"] is False and "no_such_field" in configs["bogus"]["error"]
+    for name in ("default", "layernorm"):
+        for run in configs[name]["runs"]:
+            returns = [p["return"] for p in run["points"]]
+            assert len(returns) == 2 and run["best"] == max(returns) and run["final"] == returns[-1]
+    assert "verdict" in configs["layernorm"] and json.loads(out.read_text())["table"] == results["table"]
