@@ -66,6 +66,7 @@ def test_speed_deploy_runs(tmp_path, capsys):
     assert "| ONNX Runtime, 1 intra-op thread |" in table and "1 obs vs eager predict" in table
 
 
+@pytest.mark.slow  # ~30 s of a 10-minute suite budget; the equivalence tests check the official step itself
 @pytest.mark.skipif(not Path("/tmp/official/agents/ql_diffusion.py").exists(), reason="no official checkout")
 def test_speed_against_the_official_code():
     speed = load_script("speed")
