@@ -462,9 +462,11 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
         skipped = {"skipped_batches": torch.ones((), device=self.device)}
         batch, next_noise = self.critic_inputs()
         # With camera keys the batch holds the encoder's features: only `encoder_loss`'s loss sees
-        # their graph (detaching is a no-op for flat observations).
-        detached = batch._replace(observations=batch.observations.detach())
-        critic_batch, actor_batch = (detached, batch) if cfg.encoder_loss == "actor" else (batch, detached)
+        # their graph.
+        critic_batch = actor_batch = batch
+        if self.policy.encoder.uses_images:
+            detached = batch._replace(observations=batch.observations.detach())
+            critic_batch, actor_batch = (detached, batch) if cfg.encoder_loss == "actor" else (batch, detached)
         loss, losses = self.compute_critic_loss(self.policy, cfg, critic_batch, next_noise)
         if not optimize(self.critic_optimizer, loss, grad_norm=cfg.grad_norm, require_finite=True):
             self.refuse_step(_nonfinite("critic_loss", loss), skip)

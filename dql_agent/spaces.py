@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from dql_agent.encoders import image_on_mlp_error, is_image_space
+
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def check_observation_space(space: spaces.Space, name: str = "observation_space") -> None:
     """Accept Box and Dict-of-Box (one level or nested) observation spaces; reject the rest, and
     image-shaped Boxes that are not uint8 [0, 255] images (they would be flattened into an MLP)."""
-    from dql_agent.encoders import image_on_mlp_error, is_image_space
-
     if isinstance(space, spaces.Box):
         if len(space.shape) == 3 and min(space.shape) > 1 and not is_image_space(space):
             raise TypeError(image_on_mlp_error(space, name))
