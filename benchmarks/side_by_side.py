@@ -10,8 +10,9 @@ the official agent through its own ``sample_action``, one state at a time; ours 
 ``predict(..., deterministic=False)``. Scores are normalised with the dataset's reference scores
 (0 = uniform random actions, 100 = the noiseless expert).
 
-Every finished run is appended to ``--out`` (JSON lines), so the two implementations can run as two
-processes (one thread each) and an interrupted run resumes where it stopped. ``--report`` reads the
+Every finished run is appended to ``--out`` (JSON lines; by default ``benchmarks/results/side_by_side.jsonl``,
+kept in the repository), so the two implementations can run as two processes (one thread each) and an
+interrupted run resumes where it stopped. ``--report`` reads the
 file and prints mean +- std per implementation with two exact two-sample tests (a permutation test
 of the difference of means, and Mann-Whitney's U; both enumerate every split of the runs).
 
@@ -22,9 +23,9 @@ uniform random actions, 50 episodes each), then run both sides and report::
         --env Walker2d-v5 --kinds medium-expert --episodes 50 --expert-noise 0.1 --medium-noise 0.5 \
         --medium-random-prob 0.3 --namespace dql_sbs
     export MINARI_DATASETS_PATH=/tmp/sbs OMP_NUM_THREADS=1
-    python benchmarks/side_by_side.py --impl ours --reference /tmp/official --out /tmp/sbs/runs.jsonl &
-    python benchmarks/side_by_side.py --impl official --reference /tmp/official --out /tmp/sbs/runs.jsonl
-    python benchmarks/side_by_side.py --report --out /tmp/sbs/runs.jsonl
+    python benchmarks/side_by_side.py --impl ours &
+    python benchmarks/side_by_side.py --impl official --reference /tmp/official
+    python benchmarks/side_by_side.py --report
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from scores import evaluate  # noqa: E402  # benchmarks/ is not a package
 from speed import machine, official_imports  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "official")
+# The runs are kept in the repository: a run takes 30-40 min of a core and must outlive the machine.
+RESULTS = Path(__file__).resolve().parent / "results" / "side_by_side.jsonl"
 
 
 def train_ours(data: dict[str, np.ndarray], space: Any, preset: str, steps: int, seed: int) -> Any:
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> None:
         scores = minari.get_normalized_score(dataset, returns) * 100.0
         record = {
             "impl": args.impl, "seed": seed, "dataset": args.dataset, "preset": args.preset, "steps": args.steps,
-            "eval_seed": args.eval_seed, "returns": returns.tolist(), "score": float(np.mean(scores)),
+            "eval_seed": args.eval_seed, "eval_episodes": args.eval_episodes, "returns": returns.tolist(),
+            "score": float(np.mean(scores)),
             "train_seconds": trained, "total_seconds": time.perf_counter() - start,
             "machine": machine(torch.device("cpu"), args.threads),
         }  # fmt: skip
@@ -173,7 +177,8 @@ def report(path: Path) -> str:
     ):
         group = list(group)
         scores = {impl: [r["score"] for r in group if r["impl"] == impl] for impl in IMPLEMENTATIONS}
-        lines.append(f"{dataset}, {steps} gradient steps, {len(group[0]['returns'])} evaluation episodes each")
+        episodes = sorted({r.get("eval_episodes") or len(r["returns"]) for r in group})
+        lines.append(f"{dataset}, {steps} gradient steps, {'/'.join(map(str, episodes))} evaluation episodes each")
         lines.append("")
         lines.append("| implementation | runs | score per seed | mean +- std | train s/run |")
         lines.append("|---|---|---|---|---|")
@@ -182,11 +187,13 @@ def report(path: Path) -> str:
             if not rows:
                 continue
             s = np.array([r["score"] for r in rows])
-            per_seed = ", ".join(f"{r['seed']}: {r['score']:.1f}" for r in rows)
-            seconds = np.mean([r["train_seconds"] for r in rows])
+            # a restored run (its file was lost; only the documented score survives) is marked *
+            per_seed = ", ".join(f"{r['seed']}{'*' if r.get('restored_from') else ''}: {r['score']:.1f}" for r in rows)
+            timed = [r["train_seconds"] for r in rows if r.get("train_seconds") is not None]
+            seconds = f"{np.mean(timed):.0f} ({len(timed)} timed)" if timed else "-"
             lines.append(
                 f"| {impl} | {len(rows)} | {per_seed} | {s.mean():.1f} +- {s.std(ddof=1) if len(s) > 1 else 0:.1f} "
-                f"| {seconds:.0f} |"
+                f"| {seconds} |"
             )
         if all(len(v) >= 2 for v in scores.values()):
             t = exact_tests(scores["ours"], scores["official"])
@@ -196,6 +203,9 @@ def report(path: Path) -> str:
                 f"Mann-Whitney U = {t['mann_whitney_u']:.1f}, exact p = {t['mann_whitney_p']:.3f} "
                 f"(two-sided, {t['splits']} splits)"
             )
+        if any(r.get("restored_from") for r in group):
+            lines.append("")
+            lines.append("* " + next(r["restored_from"] for r in group if r.get("restored_from")))
         lines.append("")
     return "\n".join(lines)
 
@@ -212,7 +222,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--eval-seed", type=int, default=10_000, help="episode i resets with seed eval_seed + i")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--out", type=Path, required=True, help="JSON-lines file the runs are appended to")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"JSON-lines file the runs are appended to (default {RESULTS})"
+    )
     args = p.parse_args(argv)
     if not args.report and args.impl is None:
         p.error("give --impl ours|official, or --report")
