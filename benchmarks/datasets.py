@@ -32,6 +32,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from dql_agent.demo_data import record_episode
+
 KINDS = ("expert", "medium", "medium-expert")
 # SB3 2.x cannot unpickle the schedules stored in the old zips; they are not needed to act.
 CUSTOM_OBJECTS = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0}
@@ -60,32 +62,6 @@ def load_expert(source: str, hub_filename: str | None = None, env: gym.Env | Non
     return cls.load(str(path), device="cpu", custom_objects={**CUSTOM_OBJECTS, **spaces})
 
 
-def run_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], seed: int, max_steps: int | None = None) -> dict:
-    """One episode as Minari arrays: observations (T+1, ...), actions, rewards, terminations, truncations."""
-    obs, _ = env.reset(seed=seed)
-    low, high = env.action_space.low, env.action_space.high
-    observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-    while True:
-        action = np.clip(act(obs), low, high).astype(env.action_space.dtype)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        if max_steps is not None and len(actions) + 1 >= max_steps:
-            truncated = True
-        observations.append(obs)
-        actions.append(action)
-        rewards.append(reward)
-        terms.append(terminated)
-        truncs.append(truncated)
-        if terminated or truncated:
-            break
-    return {
-        "observations": np.asarray(observations, dtype=env.observation_space.dtype),
-        "actions": np.asarray(actions),
-        "rewards": np.asarray(rewards, dtype=np.float64),
-        "terminations": np.asarray(terms, dtype=bool),
-        "truncations": np.asarray(truncs, dtype=bool),
-    }
-
-
 def noisy_policy(
     expert: Any, space: gym.spaces.Box, rng: np.random.Generator, noise: float, random_prob: float
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -111,17 +87,17 @@ def collect(
     With ``n_episodes``, exactly that many whole episodes instead (``n_steps`` is then ignored).
     """
     if n_episodes is not None:
-        return [run_episode(env, act, int(rng.integers(2**31))) for _ in range(n_episodes)]
+        return [record_episode(env, act, int(rng.integers(2**31))) for _ in range(n_episodes)]
     episodes, total = [], 0
     while total < n_steps:
-        episode = run_episode(env, act, int(rng.integers(2**31)), max_steps=n_steps - total)
+        episode = record_episode(env, act, int(rng.integers(2**31)), max_steps=n_steps - total)
         episodes.append(episode)
         total += len(episode["rewards"])
     return episodes
 
 
 def mean_return(env: gym.Env, act: Callable, n_episodes: int, seed: int) -> float:
-    return float(np.mean([run_episode(env, act, seed + i)["rewards"].sum() for i in range(n_episodes)]))
+    return float(np.mean([record_episode(env, act, seed + i)["rewards"].sum() for i in range(n_episodes)]))
 
 
 def dataset_id(namespace: str, env_id: str, kind: str) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "PendulumSwingUpController",
     "build_pendulum_dataset",
     "collect_pendulum_episodes",
+    "record_episode",
 ]
 
 ENV_ID = "Pendulum-v1"
@@ -113,24 +114,46 @@ class PendulumDatasetInfo:
         return cls(dataset=dataset, **{key: float(value) for key, value in returns.items()})
 
 
-def _run_episode(env: gym.Env, policy: Callable[[np.ndarray], np.ndarray], reset_seed: int) -> dict[str, np.ndarray]:
-    """One episode as arrays: observations (T+1, 3), actions (T, 1), rewards, terminations..."""
+def record_episode(
+    env: gym.Env, act: Callable[[Any], np.ndarray], reset_seed: int, max_steps: int | None = None
+) -> dict[str, Any]:
+    """Play one episode of ``act`` (observation -> action) in Minari's layout.
+
+    The stored action is the one the env applies: clipped to the action Box and cast to its dtype.
+    ``max_steps`` truncates the episode early (to fill a step budget exactly).
+
+    Returns:
+        ``observations`` (T+1, ...) in the observation space's dtype (a dict of such arrays for a
+        Dict space), ``actions`` (T, act_dim), ``rewards`` (T,) float64, ``terminations`` and
+        ``truncations`` (T,) bool.
+    """
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box):
+        raise TypeError(f"env.action_space must be a Box, got {type(space).__name__}")
     obs, _ = env.reset(seed=reset_seed)
-    observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
-    done = False
-    while not done:
-        # Store the torque the env applies (it clips anyway), so actions lie in the Box.
-        action = np.clip(policy(obs), -MAX_TORQUE, MAX_TORQUE).astype(np.float32)
+    observations: list[Any] = [obs]
+    actions: list[np.ndarray] = []
+    rewards: list[float] = []
+    terminations: list[bool] = []
+    truncations: list[bool] = []
+    while True:
+        action = np.clip(act(obs), space.low, space.high).astype(space.dtype)
         obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
         observations.append(obs)
         actions.append(action)
-        rewards.append(reward)
-        terminations.append(terminated)
-        truncations.append(truncated)
-        done = terminated or truncated
+        rewards.append(float(reward))
+        terminations.append(bool(terminated))
+        truncations.append(bool(truncated))
+        if terminated or truncated:
+            break
+    if isinstance(obs, dict):
+        stacked: Any = {key: np.stack([o[key] for o in observations]) for key in obs}
+    else:
+        stacked = np.asarray(observations, dtype=env.observation_space.dtype)
     return {
-        "observations": np.asarray(observations, dtype=np.float32),
-        "actions": np.asarray(actions, dtype=np.float32),
+        "observations": stacked,
+        "actions": np.asarray(actions),
         "rewards": np.asarray(rewards, dtype=np.float64),
         "terminations": np.asarray(terminations, dtype=bool),
         "truncations": np.asarray(truncations, dtype=bool),
@@ -191,7 +214,7 @@ def collect_pendulum_episodes(
     env = gym.make(ENV_ID)
     episodes = []
     for policy in [good] * n_good + [noisy] * n_noisy:
-        episodes.append(_run_episode(env, policy, reset_seed=int(rng.integers(2**31))))
+        episodes.append(record_episode(env, policy, reset_seed=int(rng.integers(2**31))))
     env.close()
     return episodes
 
@@ -199,7 +222,7 @@ def collect_pendulum_episodes(
 def _mean_return(policy: Callable[[np.ndarray], np.ndarray], n_episodes: int, seed: int) -> float:
     """Mean return of ``policy`` over ``n_episodes`` with env resets seeded ``seed + i``."""
     env = gym.make(ENV_ID)
-    returns = [_run_episode(env, policy, seed + i)["rewards"].sum() for i in range(n_episodes)]
+    returns = [record_episode(env, policy, seed + i)["rewards"].sum() for i in range(n_episodes)]
     env.close()
     return float(np.mean(returns))
 

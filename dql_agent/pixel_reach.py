@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import gymnasium as gym
 import numpy as np
 
+from dql_agent.demo_data import record_episode
+
 if TYPE_CHECKING:
     import minari
 
@@ -235,33 +237,9 @@ def expert_action(env: gym.Env) -> np.ndarray:
     return np.clip(EXPERT_GAIN * (base._goal - base._agent), -1.0, 1.0).astype(np.float32)
 
 
-def _stack(observations: list[Any]) -> np.ndarray | dict[str, np.ndarray]:
-    if isinstance(observations[0], dict):
-        return {key: np.stack([obs[key] for obs in observations]) for key in observations[0]}
-    return np.stack(observations)
-
-
 def _rollout(env: PixelReachEnv, policy: Callable[[PixelReachEnv], np.ndarray], reset_seed: int) -> dict[str, Any]:
-    """One episode in Minari's layout: T + 1 observations, T actions, rewards and flags."""
-    obs, _ = env.reset(seed=reset_seed)
-    observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
-    done = False
-    while not done:
-        action = np.clip(policy(env), -1.0, 1.0).astype(np.float32)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        observations.append(obs)
-        actions.append(action)
-        rewards.append(reward)
-        terminations.append(terminated)
-        truncations.append(truncated)
-        done = terminated or truncated
-    return {
-        "observations": _stack(observations),
-        "actions": np.asarray(actions, dtype=np.float32),
-        "rewards": np.asarray(rewards, dtype=np.float64),
-        "terminations": np.asarray(terminations, dtype=bool),
-        "truncations": np.asarray(truncations, dtype=bool),
-    }
+    """One episode in Minari's layout; the scripted policies read the env's state, not the pixels."""
+    return record_episode(env, lambda _observation: policy(env), reset_seed)
 
 
 def _behaviour_policy(

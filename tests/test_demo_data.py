@@ -14,6 +14,7 @@ from dql_agent.demo_data import (
     PendulumSwingUpController,
     build_pendulum_dataset,
     collect_pendulum_episodes,
+    record_episode,
 )
 from dql_agent.integrations.minari import minari_to_transitions
 
@@ -85,3 +86,27 @@ def test_build_pendulum_dataset_round_trips_through_minari():
     assert minari.load_dataset("test/pendulum/mixed-v0").total_steps == 400
     with pytest.raises(FileExistsError, match="test/pendulum/mixed-v0"):
         build_pendulum_dataset("test/pendulum/mixed-v0", overwrite=False)
+
+
+def test_record_episode_stores_the_applied_action_and_truncates_on_budget():
+    env = gym.make("Pendulum-v1")
+    episode = record_episode(env, lambda obs: np.array([5.0]), reset_seed=3, max_steps=7)
+    assert episode["observations"].shape == (8, 3) and episode["observations"].dtype == np.float32
+    assert episode["actions"].dtype == np.float32 and np.all(episode["actions"] == 2.0)  # clipped to the Box
+    assert episode["truncations"].tolist() == [False] * 6 + [True] and not episode["terminations"].any()
+    again = record_episode(env, lambda obs: np.array([5.0]), reset_seed=3, max_steps=7)
+    np.testing.assert_array_equal(episode["observations"], again["observations"])  # the reset seed fixes it
+    full = record_episode(env, lambda obs: np.zeros(1), reset_seed=3)
+    assert len(full["actions"]) == 200 and full["truncations"][-1]  # the env's own time limit
+
+
+def test_record_episode_stacks_dict_observations_and_refuses_discrete_actions():
+    from dql_agent.pixel_reach import PixelReachEnv
+
+    env = PixelReachEnv(size=16, observation="image+state", max_steps=4)
+    episode = record_episode(env, lambda obs: np.ones(2), reset_seed=0)
+    observations = episode["observations"]
+    assert observations["image"].shape == (5, 16, 16, 3) and observations["image"].dtype == np.uint8
+    assert observations["state"].shape == (5, 2)
+    with pytest.raises(TypeError, match="env.action_space must be a Box, got Discrete"):
+        record_episode(gym.make("CartPole-v1"), lambda obs: 0, reset_seed=0)
