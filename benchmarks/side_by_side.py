@@ -10,10 +10,10 @@ the official agent through its own ``sample_action``, one state at a time; ours 
 ``predict(..., deterministic=False)``. Scores are normalised with the dataset's reference scores
 (0 = uniform random actions, 100 = the noiseless expert).
 
-Every finished run is appended to ``--out`` (JSON lines; by default ``benchmarks/results/side_by_side.jsonl``,
-kept in the repository), so the two implementations can run as two processes (one thread each) and an
-interrupted run resumes where it stopped. ``--report`` reads the
-file and prints mean +- std per implementation with two exact two-sample tests (a permutation test
+Every finished run is appended to ``--out`` (JSON lines; by default
+``benchmarks/results/side_by_side.jsonl``, kept in the repository), so the two implementations can run
+as two processes (one thread each) and an interrupted run resumes where it stopped. ``--report`` reads
+the file and prints mean +- std per implementation with two exact two-sample tests (a permutation test
 of the difference of means, and Mann-Whitney's U; both enumerate every split of the runs).
 
 Build the dataset (Walker2d: half the expert with sigma 0.1 action noise, half with sigma 0.5 and 30%
@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> None:
         scores = minari.get_normalized_score(dataset, returns) * 100.0
         record = {
             "impl": args.impl, "seed": seed, "dataset": args.dataset, "preset": args.preset, "steps": args.steps,
-            "eval_seed": args.eval_seed, "eval_episodes": args.eval_episodes, "returns": returns.tolist(),
-            "score": float(np.mean(scores)),
+            "eval_seed": args.eval_seed, "returns": returns.tolist(), "score": float(np.mean(scores)),
             "train_seconds": trained, "total_seconds": time.perf_counter() - start,
             "machine": machine(torch.device("cpu"), args.threads),
         }  # fmt: skip
@@ -177,8 +176,7 @@ def report(path: Path) -> str:
     ):
         group = list(group)
         scores = {impl: [r["score"] for r in group if r["impl"] == impl] for impl in IMPLEMENTATIONS}
-        episodes = sorted({r.get("eval_episodes") or len(r["returns"]) for r in group})
-        lines.append(f"{dataset}, {steps} gradient steps, {'/'.join(map(str, episodes))} evaluation episodes each")
+        lines.append(f"{dataset}, {steps} gradient steps, {len(group[0]['returns'])} evaluation episodes each")
         lines.append("")
         lines.append("| implementation | runs | score per seed | mean +- std | train s/run |")
         lines.append("|---|---|---|---|---|")
@@ -187,13 +185,11 @@ def report(path: Path) -> str:
             if not rows:
                 continue
             s = np.array([r["score"] for r in rows])
-            # a restored run (its file was lost; only the documented score survives) is marked *
-            per_seed = ", ".join(f"{r['seed']}{'*' if r.get('restored_from') else ''}: {r['score']:.1f}" for r in rows)
-            timed = [r["train_seconds"] for r in rows if r.get("train_seconds") is not None]
-            seconds = f"{np.mean(timed):.0f} ({len(timed)} timed)" if timed else "-"
+            per_seed = ", ".join(f"{r['seed']}: {r['score']:.1f}" for r in rows)
+            seconds = np.mean([r["train_seconds"] for r in rows])
             lines.append(
                 f"| {impl} | {len(rows)} | {per_seed} | {s.mean():.1f} +- {s.std(ddof=1) if len(s) > 1 else 0:.1f} "
-                f"| {seconds} |"
+                f"| {seconds:.0f} |"
             )
         if all(len(v) >= 2 for v in scores.values()):
             t = exact_tests(scores["ours"], scores["official"])
@@ -203,9 +199,6 @@ def report(path: Path) -> str:
                 f"Mann-Whitney U = {t['mann_whitney_u']:.1f}, exact p = {t['mann_whitney_p']:.3f} "
                 f"(two-sided, {t['splits']} splits)"
             )
-        if any(r.get("restored_from") for r in group):
-            lines.append("")
-            lines.append("* " + next(r["restored_from"] for r in group if r.get("restored_from")))
         lines.append("")
     return "\n".join(lines)
 
