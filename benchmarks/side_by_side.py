@@ -34,6 +34,7 @@ import argparse
 import importlib
 import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -166,6 +167,29 @@ def exact_tests(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     }
 
 
+def shift_interval(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95, step: float = 0.1
+) -> tuple[float, float]:
+    """The shifts d (on a grid of ``step``) that the exact permutation test does not reject at 1 - ``level``
+    for ``a - d`` against ``b``: a distribution-free confidence interval for how much ``a`` exceeds ``b``
+    (the test inverted). With too few runs for any split to reach p <= 1 - level, nothing is rejected
+    and the interval is (-inf, inf)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n, pooled_size = len(a), len(a) + len(b)
+    masks = np.array([np.isin(np.arange(pooled_size), s) for s in itertools.combinations(range(pooled_size), n)])
+    spread = float(np.ptp(np.concatenate([a, b]))) + 1.0
+    grid = np.arange(a.mean() - b.mean() - 2 * spread, a.mean() - b.mean() + 2 * spread + step, step)
+    kept = []
+    for shift in grid:
+        pooled = np.concatenate([a - shift, b])
+        gaps = masks @ pooled / n - (~masks) @ pooled / len(b)  # (splits,)
+        if np.mean(np.abs(gaps) >= abs(gaps[0]) - 1e-9) > 1.0 - level:  # split 0 is the observed one
+            kept.append(shift)
+    if kept[0] == grid[0] or kept[-1] == grid[-1]:  # kept shifts far beyond any data gap: no bound
+        return -math.inf, math.inf
+    return float(kept[0]), float(kept[-1])
+
+
 def report(path: Path) -> str:
     runs = read_runs(path)
     if not runs:
@@ -199,6 +223,9 @@ def report(path: Path) -> str:
                 f"Mann-Whitney U = {t['mann_whitney_u']:.1f}, exact p = {t['mann_whitney_p']:.3f} "
                 f"(two-sided, {t['splits']} splits)"
             )
+            low, high = shift_interval(scores["ours"], scores["official"])
+            bounds = f"[{low:+.1f}, {high:+.1f}]" if math.isfinite(low) else "unbounded with this few runs"
+            lines.append(f"95% interval for ours - official (the permutation test inverted): {bounds}")
         lines.append("")
     return "\n".join(lines)
 

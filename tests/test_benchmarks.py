@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -145,6 +146,15 @@ def test_side_by_side_exact_tests_enumerate_every_split():
     assert (t["mann_whitney_u"], t["mann_whitney_p"]) == (0.0, pytest.approx(2 / 20))
     same = side.exact_tests([1.0, 2.0], [1.0, 2.0])
     assert same["permutation_p"] == 1.0 and same["mann_whitney_p"] == 1.0
+
+
+def test_side_by_side_interval_inverts_the_permutation_test():
+    side = load_script("side_by_side")
+    low, high = side.shift_interval([11.0, 12.0, 13.0, 14.0, 15.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert low <= 10.0 <= high and low > 0.0  # the true shift is in; no shift (0) is rejected
+    low, high = side.shift_interval([1.0, 3.0, 5.0, 7.0, 9.0], [2.0, 4.0, 6.0, 8.0, 10.0])
+    assert low < -1.0 < high  # the observed gap is -1
+    assert side.shift_interval([1.0, 2.0, 3.0], [4.0, 5.0]) == (-math.inf, math.inf)  # 10 splits: p >= 0.2
 
 
 def test_side_by_side_runs_resumes_and_reports(hopper_datasets, tmp_path, monkeypatch):
