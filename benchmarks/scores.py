@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selection import parse_named_hyperparameters  # noqa: E402  # benchmarks/ is not a package
 
 ALGOS = ("dql", "bc-diffusion", "bc-mlp", "td3bc", "iql")
 LABELS = {
@@ -361,17 +365,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("benchmark_results/scores"))
     args = p.parse_args(argv)
-    variants = []
-    for spec in args.dql_variant:
-        name, sep, text = spec.partition("=")
-        try:
-            hyperparameters = json.loads(text) if sep else None
-        except json.JSONDecodeError as error:
-            p.error(f"--dql-variant {spec!r}: the part after '=' is not JSON ({error})")
-        if not name or not isinstance(hyperparameters, dict):
-            p.error(f"--dql-variant must be NAME=JSON-object, got {spec!r}")
-        variants.append((f"dql:{name}", hyperparameters))
-    args.dql_variant = variants
+    try:
+        variants = parse_named_hyperparameters(args.dql_variant, "--dql-variant")
+    except ValueError as e:
+        p.error(str(e))
+    args.dql_variant = [(f"dql:{name}", hyperparameters) for name, hyperparameters in variants.items()]
     return args
 
 

@@ -238,6 +238,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def parse_named_hyperparameters(items: Sequence[str], flag: str) -> dict[str, dict[str, Any]]:
+    """``NAME=JSON`` pairs, the JSON an object of hyperparameters; a ValueError names ``flag`` and the item."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} expects NAME=JSON, got {item!r}")
+        try:
+            hyperparameters = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag} {name}: not JSON ({e}): {value!r}") from None
+        if not isinstance(hyperparameters, dict):
+            raise ValueError(f"{flag} {name}: expects a JSON object of hyperparameters, got {value!r}")
+        out[name] = hyperparameters
+    return out
+
+
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs, values read as JSON when they parse (numbers, true, null), else strings."""
     out = {}

@@ -49,7 +49,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection import evaluate, load_dataset, machine, parse_set  # noqa: E402  # benchmarks/ is not a package
+from selection import (  # noqa: E402  # benchmarks/ is not a package
+    evaluate,
+    load_dataset,
+    machine,
+    parse_named_hyperparameters,
+    parse_set,
+)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -224,23 +230,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # command line
-def parse_extra(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``NAME=JSON`` pairs, the JSON an object of hyperparameters."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--extra expects NAME=JSON, got {item!r}")
-        try:
-            hyperparameters = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--extra {name}: not JSON ({e}): {value!r}") from None
-        if not isinstance(hyperparameters, dict):
-            raise SystemExit(f"--extra {name}: expects a JSON object of hyperparameters, got {value!r}")
-        out[name] = hyperparameters
-    return out
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["pendulum-mixed"], help="pendulum-mixed/-noisy or Minari ids")
@@ -260,7 +249,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.every < 1 or args.steps < args.every:
         p.error(f"need 1 <= --every <= --steps, got --every {args.every} --steps {args.steps}")
-    args.extra_configs = parse_extra(args.extra)
+    try:
+        args.extra_configs = parse_named_hyperparameters(args.extra, "--extra")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     known = {**CONFIGS, **args.extra_configs}
     args.config_names = list(dict.fromkeys(["default", *(args.configs or known)]))
     unknown = [n for n in args.config_names if n not in known]
