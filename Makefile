@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export MUJOCO_GL ?= egl
 
-.PHONY: setup demo test test-slow lint typecheck clean test-hub-versions
+.PHONY: setup demo test test-slow test-kernels lint typecheck clean test-hub-versions
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The stored-output regression tests once more on kernel paths other than this CPU's own, standing in
+# for the machines CI never sees: ATen's plain C++ kernels (no machine runs them unasked), alone and
+# with MKL's compatible mode (together the largest deviations measured; tests/regression_cases.py).
+REGRESSION_TESTS := tests/test_regression.py
+test-kernels: setup
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -p no:cacheprovider $(REGRESSION_TESTS)
+	ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q -p no:cacheprovider $(REGRESSION_TESTS)
 
 lint: setup
 	$(BIN)/ruff check .

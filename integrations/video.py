@@ -17,6 +17,19 @@ import gymnasium as gym
 import numpy as np
 
 
+def render_headless() -> None:
+    """Let pygame-drawn envs (classic control) render to arrays on a machine without a display.
+
+    Without a display SDL tries its Wayland and X11 drivers first and prints ``error:
+    XDG_RUNTIME_DIR is invalid or not set`` before it falls back, although frames for
+    ``render_mode="rgb_array"`` need no window. With no display and no driver chosen by the user,
+    SDL's dummy driver is picked, which is silent. It only sets an environment default, read by
+    SDL when pygame first opens its display.
+    """
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
 class Predictor(Protocol):
     """Anything with SB3's ``predict``: one unbatched observation in, one action out."""
 
@@ -68,6 +81,7 @@ def record_video(
     widths are padded by one edge-replicated row/column rather than rescaled.
     """
     _check_env(env)
+    render_headless()
     check_spaces = getattr(model, "check_env_spaces", None)
     if check_spaces is not None:  # dql_agent models say which space differs; others fail in predict
         check_spaces(env.observation_space, env.action_space)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dql_agent.base import ALGORITHMS, BaseAgent
+from dql_agent.integrations.video import render_headless
 
 SCRIPTS = ("enjoy", "record_video")
 """The rl-zoo3 scripts this entry point runs (``train`` builds SB3 algorithms from an env alone)."""
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{USAGE}\nerror: the first argument must be one of {list(SCRIPTS)}", file=sys.stderr)
         raise SystemExit(2)
     register_algorithms()
+    render_headless()  # rl-zoo3's rendering goes through pygame's SDL too
     script = f"rl_zoo3.{args[0]}"
     saved_argv = sys.argv
     sys.argv = [script, *args[1:]]  # rl-zoo3's scripts parse sys.argv
