@@ -55,8 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def sequential_run(npz: str, seed: int, args: argparse.Namespace, hp: dict[str, Any], folder: Path) -> float:
     """One sweep trial's work in this process; returns its last evaluation's mean return."""
     from dql_agent import DiffusionQL
-    from dql_agent.cli import load_buffer
     from dql_agent.integrations.metrics import MetricsCallback
+    from dql_agent.registry import load_buffer
 
     model = DiffusionQL(load_buffer(npz, env_id=ENV), seed=seed, device="cpu", **hp)
     recorder = MetricsCallback(ENV, args.eval_every, args.episodes, eval_seed=0)

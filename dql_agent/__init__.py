@@ -53,8 +53,6 @@ _EXPORTS = {
     "SeedStack": "dql_agent.seeds",
     "train_seeds": "dql_agent.seeds",
 }
-# Importing these defines, and so registers, the built-in algorithms.
-_ALGORITHM_MODULES = ("dql_agent.diffusion_ql", "dql_agent.qvpo", "dql_agent.diffusion_dice")
 
 __all__ = [
     "ALGORITHMS",
@@ -89,8 +87,9 @@ def __getattr__(name: str) -> Any:
 
         value: Any = library_version()
     elif name in _EXPORTS:
-        for module in _ALGORITHM_MODULES:
-            importlib.import_module(module)
+        from dql_agent.registry import load_builtin_algorithms
+
+        load_builtin_algorithms()
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
     else:
         raise AttributeError(f"module 'dql_agent' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""BaseAgent: the SB3-style surface every algorithm shares, one learn loop, and the registry.
+"""BaseAgent: the SB3-style surface every algorithm shares: learn, predict, save/load, export, the Hub.
 
 Compatibility with SB3 is by protocol, not inheritance (SB3's ``BaseAlgorithm`` insists on an env
 and on pickled zips): ``evaluate_policy`` needs ``predict``; SB3 callbacks need ``num_timesteps``,
@@ -19,120 +19,49 @@ An algorithm is one class statement and at most four hooks::
         def load_training_state(self, tensors, meta): ...
         def collect_step(self) -> Rollout: ...                  # online algorithms only
 
-The class statement registers it: :func:`dql_agent.load_from_hub` and the model card find it by
-the ``algorithm`` name saved in config.json.
+The class statement registers it (:mod:`dql_agent.registry`): :func:`dql_agent.load_from_hub`
+and the model card find it by the ``algorithm`` name saved in config.json. The jobs around the
+surface live in their own modules: the training loop in :mod:`dql_agent.training`, dataset
+preparation in :mod:`dql_agent.buffer`, checkpoint restore and its checks in
+:mod:`dql_agent.checkpoint`, SB3's protocol in :mod:`dql_agent.sb3`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import platform
-import signal
-import sys
-import threading
-import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
-from dql_agent.buffer import Batch, OfflineBuffer, storage_device, transform_rewards, tree_to
+from dql_agent.buffer import Batch, OfflineBuffer, prepare_training_data
 from dql_agent.checkpoint import (
     Checkpoint,
     CheckpointError,
     build_config,
-    check_json_like,
-    check_tensors,
-    library_version,
+    checked_config,
     load_checkpoint,
-    optimizer_from_tensors,
     optimizer_to_tensors,
-    read_config,
+    restore_training_state,
     save_checkpoint,
 )
 from dql_agent.config import ConfigBase, check_seed, is_int, to_json_safe
-from dql_agent.spaces import check_action_space, check_observation_space, flat_dim, scale_actions, spaces_equal
+from dql_agent.observations import check_observation_space, flat_dim
+from dql_agent.registry import ALGORITHMS, Paper, algorithm_class, register
+from dql_agent.sb3 import default_logger, load_keywords, make_callback, show_system_info, wrap_env
+from dql_agent.spaces import check_action_space, spaces_equal
+from dql_agent.training import Rollout, Timestep, train
 
 if TYPE_CHECKING:
     from dql_agent.policy import PolicyBase
 
+__all__ = ["ALGORITHMS", "BaseAgent", "Paper", "Rollout", "algorithm_class", "resolve_device"]
+
 SelfAgent = TypeVar("SelfAgent", bound="BaseAgent")
-
-
-@dataclass(frozen=True)
-class Paper:
-    """What the model card says about an algorithm's method and how to cite it."""
-
-    method_name: str
-    """Short name used in the card's first sentence, e.g. 'Diffusion-QL'."""
-    title: str
-    """Paper title."""
-    short_citation: str
-    """Authors and venue in one line, e.g. 'Wang, Hunt and Zhou, ICLR 2023'."""
-    url: str
-    """Link to the paper (arXiv abstract page)."""
-    method: str
-    """One paragraph of markdown describing the method."""
-    bibtex: str
-    """BibTeX entry, without surrounding fences."""
-
-
-ALGORITHMS: dict[str, type[BaseAgent]] = {}
-"""Algorithm name (config.json's "algorithm") -> its class; filled by the class statements."""
-
-
-IGNORED_SB3_LOAD_KEYWORDS = frozenset({"buffer_size", "optimize_memory_usage"})
-"""Keywords rl-zoo3 passes to SB3's off-policy ``load`` that mean nothing to a dql_agent model
-(its load allocates no replay buffer) unless they are hyperparameters."""
-RL_ZOO_CUSTOM_OBJECTS = frozenset({"learning_rate", "lr_schedule", "clip_range"})
-"""The ``custom_objects`` rl-zoo3's enjoy and record_video always pass: ignored without a warning."""
-
-
-def system_info() -> dict[str, str]:
-    """The versions that matter when a checkpoint does not load (``load(print_system_info=True)``)."""
-    import gymnasium
-
-    return {
-        "OS": platform.platform(),
-        "Python": platform.python_version(),
-        "dql_agent": library_version(),
-        "PyTorch": torch.__version__,
-        "GPU Enabled": str(torch.cuda.is_available()),
-        "Numpy": np.__version__,
-        "Gymnasium": gymnasium.__version__,
-    }
-
-
-def algorithm_class(name: str) -> type[BaseAgent]:
-    """The agent class registered as ``name``; ValueError listing the known ones. (Importing
-    ``dql_agent`` defines, and so registers, the built-in algorithms.)"""
-    if name not in ALGORITHMS:
-        raise ValueError(
-            f"unknown algorithm {name!r}; this dql_agent knows {sorted(ALGORITHMS)} (a newer dql_agent may "
-            "know it, or import the module that defines it)"
-        )
-    return ALGORITHMS[name]
-
-
-class Rollout(NamedTuple):
-    """What an online algorithm's ``collect_step`` did: one VecEnv step (SB3's callback locals)."""
-
-    n_steps: int
-    """Env steps collected (``n_envs`` per VecEnv step): ``num_timesteps`` advances by this."""
-    gradient_steps: int
-    """Gradient steps to take now (0 during a warm-up)."""
-    actions: np.ndarray
-    new_obs: Any
-    rewards: np.ndarray
-    dones: np.ndarray
-    infos: list[dict[str, Any]]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -191,36 +120,6 @@ def resolve_spaces(
     return obs_space, act_space
 
 
-class _InterruptFlag:
-    requested = False
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[_InterruptFlag]:
-    """Turn Ctrl-C into a flag that ``learn`` checks between steps.
-
-    A step is never cut in half (critic updated, actor not), so an interrupted run saves a state
-    that resumes exactly. A second Ctrl-C interrupts at once. Only the main thread can own SIGINT;
-    elsewhere this does nothing.
-    """
-    flag = _InterruptFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class BaseAgent:
     """The shared surface of every algorithm: SB3's attributes, ``predict``, ``learn``,
     ``save``/``load`` and the Hub.
@@ -253,6 +152,10 @@ class BaseAgent:
     """What the model card cites."""
     online: ClassVar[bool] = False
     """Whether the algorithm collects its own experience (it overrides :meth:`collect_step`)."""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Per-task hyperparameters by name (``preset=`` / ``--preset``), for algorithms that have them."""
+    stackable: ClassVar[bool] = False
+    """Whether :class:`dql_agent.seeds.SeedStack` can train several seeds of it in one batched pass."""
     config_class: ClassVar[type[ConfigBase]]
     policy_class: ClassVar[type[PolicyBase]]
 
@@ -263,7 +166,7 @@ class BaseAgent:
         cls.online = cls.collect_step is not BaseAgent.collect_step
         if algorithm is not None:
             cls.algorithm, cls.short_name, cls.paper = algorithm, short_name or algorithm.lower(), paper
-            ALGORITHMS[algorithm] = cls
+            register(cls)
 
     def __init__(
         self,
@@ -287,8 +190,6 @@ class BaseAgent:
         self.seed = draw_seed() if seed is None else check_seed(seed)
         env_module, _, env_id = env.rpartition(":") if isinstance(env, str) else ("", "", None)
         if env is not None:
-            from dql_agent.integrations.sb3 import wrap_env
-
             env = wrap_env(env)
         observation_space, action_space = resolve_spaces(buffer, env, observation_space, action_space)
         # JSON-safe now (numpy scalars converted), so a save at the end of training cannot fail on it.
@@ -373,8 +274,6 @@ class BaseAgent:
     def logger(self) -> Any:
         """The SB3 logger (``stdout`` when ``verbose >= 1``); replace it with :meth:`set_logger`."""
         if self._logger is None:
-            from dql_agent.integrations.sb3 import default_logger
-
             self._logger = default_logger(self.verbose, self.tensorboard_log)
         return self._logger
 
@@ -389,8 +288,6 @@ class BaseAgent:
     def set_env(self, env: Any) -> None:
         """Attach an env id, ``gymnasium.Env`` or VecEnv; its spaces must match the model's.
         An online algorithm's next ``learn`` starts from a reset of it."""
-        from dql_agent.integrations.sb3 import wrap_env
-
         vec_env = wrap_env(env)
         self.check_env_spaces(vec_env.observation_space, vec_env.action_space)
         self.env = vec_env
@@ -437,26 +334,13 @@ class BaseAgent:
                 f"buffer has observation_space {buffer.observation_space}; the model expects "
                 f"{policy.observation_space} (camera keys must match: uint8 [0, 255] Boxes of the same shapes)"
             )
-        rewards = transform_rewards(buffer, getattr(self.config, "reward_transform", "none"))
-        if getattr(self.config, "normalize_observations", False):
-            mean, std = buffer.observation_stats()
-            policy.obs_mean.copy_(mean)
-            policy.obs_std.copy_(std)
-        # On the training device when it fits, else on the host with batches moved over.
-        place = storage_device(len(buffer) * buffer.bytes_per_transition(), self.device)
-        self.replay_buffer = buffer.replace(
-            observations=policy.normalize_observations(tree_to(buffer.observations, place)),
-            next_observations=policy.normalize_observations(tree_to(buffer.next_observations, place)),
-            actions=scale_actions(buffer.actions, self.action_space),
-            rewards=rewards,
-        ).to(place)
-        if place != self.device:
-            self.replay_buffer.batch_device = self.device
-            warnings.warn(
-                f"the dataset ({len(buffer) * buffer.bytes_per_transition() / 2**30:.1f} GiB) takes more than half "
-                f"of {self.device}'s free memory: it stays in host memory and each batch is copied over",
-                stacklevel=2,
-            )
+        self.replay_buffer = prepare_training_data(
+            buffer,
+            policy,
+            self.device,
+            reward_transform=getattr(self.config, "reward_transform", "none"),
+            normalize_observations=getattr(self.config, "normalize_observations", False),
+        )
 
     def sample_batch(self, replay: Any, batch_size: int) -> Batch:
         """A batch from ``replay`` drawn with the update's generator, its observations encoded for
@@ -510,72 +394,32 @@ class BaseAgent:
             raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
         if not is_int(log_interval) or log_interval < 0:
             raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
-        self.check_can_learn()
-        from dql_agent.integrations.sb3 import make_callback
-
-        if reset_num_timesteps:
-            self.num_timesteps, self._episode_num, self._last_obs = 0, 0, None
-            self.ep_info_buffer.clear()
-        total_timesteps = int(total_timesteps) + self.num_timesteps
-        self._total_timesteps = total_timesteps
-        callback = make_callback(callback, progress_bar)
-        callback.init_callback(self)
-        callback.on_training_start(locals(), globals())
-        self.policy.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_summed, start_time, start_timesteps = 0, time.time(), self.num_timesteps
-        try:
-            with deferred_interrupt() as interrupt:
-                while self.num_timesteps < total_timesteps:
-                    # Online, the timestep is the env step (the update sees it counted); offline it
-                    # is the gradient step, counted once done.
-                    rollout = self.collect_step() if self.online else None
-                    if rollout is not None:
-                        self.num_timesteps += rollout.n_steps
-                        self._episode_num += int(np.sum(rollout.dones))
-                        self.ep_info_buffer.extend(info["episode"] for info in rollout.infos if "episode" in info)
-                    for _ in range(1 if rollout is None else rollout.gradient_steps):
-                        losses = self.train_step()
-                        self.n_updates += 1
-                        for key, value in losses.items():  # summed on the device: no host sync per step
-                            sums[key] = sums[key] + value if key in sums else value.clone()
-                        n_summed += 1
-                    if rollout is None:
-                        self.num_timesteps += 1
-                    # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
-                    callback.update_locals(locals() if rollout is None else {**locals(), **rollout._asdict()})
-                    if not callback.on_step():
-                        break
-                    step = rollout.n_steps if rollout is not None else 1
-                    if (
-                        log_interval
-                        and self.num_timesteps // log_interval > (self.num_timesteps - step) // log_interval
-                    ):
-                        self.dump_logs(sums, n_summed, start_time, start_timesteps)
-                        sums, n_summed = {}, 0
-                    if interrupt.requested:
-                        raise KeyboardInterrupt(f"training interrupted after timestep {self.num_timesteps}")
-        except BaseException:
-            self.policy.eval()
-            if interrupt_checkpoint is not None:
-                try:
-                    self.save(interrupt_checkpoint, include_optimizer=True)
-                except Exception as save_error:  # the training error matters more; the last good save is intact
-                    warnings.warn(
-                        f"could not save the interrupt checkpoint {interrupt_checkpoint}: {save_error}", stacklevel=2
-                    )
-                else:
-                    warnings.warn(
-                        f"training stopped at timestep {self.num_timesteps} (gradient step {self.n_updates}); "
-                        f"resumable checkpoint saved to {interrupt_checkpoint}",
-                        stacklevel=2,
-                    )
-            raise
-        if n_summed and log_interval:
-            self.dump_logs(sums, n_summed, start_time, start_timesteps)
-        self.policy.eval()
-        callback.on_training_end()
+        train(
+            [self],
+            int(total_timesteps),
+            self.timestep,
+            [make_callback(callback, progress_bar)],
+            log_interval=int(log_interval),
+            reset_num_timesteps=reset_num_timesteps,
+            interrupt_checkpoint=interrupt_checkpoint,
+        )
         return self
+
+    def timestep(self) -> Timestep:
+        """One timestep of :meth:`learn`: offline one gradient step; online one VecEnv step
+        (``collect_step``) and the gradient steps it asks for. Counts them as SB3 does."""
+        rollout = self.collect_step() if self.online else None
+        if rollout is not None:
+            self.num_timesteps += rollout.n_steps
+            self._episode_num += int(np.sum(rollout.dones))
+            self.ep_info_buffer.extend(info["episode"] for info in rollout.infos if "episode" in info)
+        losses = []
+        for _ in range(1 if rollout is None else rollout.gradient_steps):
+            losses.append(self.train_step())
+            self.n_updates += 1
+        if rollout is None:  # offline the timestep is the gradient step, counted once done
+            self.num_timesteps += 1
+        return Timestep(losses, rollout)
 
     def loss_is_finite(
         self, name: str, loss: torch.Tensor, skip: bool, applied: str = "no weights were updated at this step"
@@ -601,39 +445,11 @@ class BaseAgent:
             "lower learning_rate or set grad_norm, or pass nonfinite_loss='skip'"
         )
 
-    def dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:
-        """Write the mean of ``n`` steps' summed losses (``train/*``), episode statistics
-        (``rollout/*``) and timing (``time/*``) to the logger, and dump it at ``num_timesteps``."""
-        logger = self.logger
-        if self.ep_info_buffer:
-            logger.record("rollout/ep_rew_mean", float(np.mean([e["r"] for e in self.ep_info_buffer])))
-            logger.record("rollout/ep_len_mean", float(np.mean([e["l"] for e in self.ep_info_buffer])))
-        if self._episode_num:
-            logger.record("time/episodes", self._episode_num, exclude="tensorboard")
-        for key, value in sums.items():
-            logger.record(f"train/{key}", float(value) / n)
-        if n:
-            logger.record("train/n_updates", self.n_updates, exclude="tensorboard")
-        elapsed = max(time.time() - start_time, 1e-9)
-        logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
-        logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
-        logger.record("time/fps", int((self.num_timesteps - start_timesteps) / elapsed))
-        logger.dump(step=self.num_timesteps)
-
     # checkpoints ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], include_optimizer: bool = False) -> None:
         """Write ``model.safetensors`` + ``config.json`` to the directory ``path`` (a ``.zip``
         archive of them when ``path`` ends in ``.zip``). ``include_optimizer`` adds the
         optimizer, scheduler and RNG state so :meth:`learn` can resume where it stopped."""
-        # huggingface_sb3.package_to_hub saves to a path without suffix, then unzips "<path>.zip" for
-        # SB3's pickled "data" entry and writes an SB3 model card: it cannot package this model, so
-        # stop it here, before it fails on a missing file (or uploads something unloadable).
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("huggingface_sb3"):
-            raise TypeError(
-                "huggingface_sb3.package_to_hub cannot package a dql_agent model (it expects SB3's pickled zip); "
-                "use model.push_to_hub(repo_id, eval_env=...) or `dql-agent push MODEL REPO_ID`, which upload "
-                "the weights, config.json, a model card, results.json and a replay video"
-            )
         config = build_config(
             algorithm=self.algorithm,
             hyperparameters=self.config.to_dict(),
@@ -687,41 +503,18 @@ class BaseAgent:
         - ``buffer_size`` and ``optimize_memory_usage`` (rl-zoo3 passes them to SB3's off-policy
           algorithms) are ignored unless they are hyperparameters (QVPO's ``buffer_size``).
         """
-        for name, flag in (
-            ("include_optimizer", include_optimizer),
-            ("print_system_info", print_system_info),
-            ("force_reset", force_reset),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{cls.__name__}.load: {name} must be a bool, got {flag!r}")
-        if custom_objects is not None and not isinstance(custom_objects, dict):
-            raise TypeError(f"{cls.__name__}.load: custom_objects must be a dict or None, got {custom_objects!r}")
+        flags = {"include_optimizer": include_optimizer, "print_system_info": print_system_info}
+        hyperparameters = cls.config_class.field_names() | set(cls.config_class.renamed)
+        overrides = load_keywords(
+            cls.__name__, hyperparameters, overrides, custom_objects, {**flags, "force_reset": force_reset}
+        )
         if seed is not None:
             seed = check_seed(seed)
-        hyperparameters = cls.config_class.field_names() | set(cls.config_class.renamed)
-        unknown = sorted(set(overrides) - hyperparameters - IGNORED_SB3_LOAD_KEYWORDS)
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}.load got unknown keyword(s) {unknown}: neither {cls.__name__} hyperparameters "
-                f"({sorted(hyperparameters)}) nor SB3 load keywords (custom_objects, print_system_info, force_reset, "
-                "seed, buffer_size, optimize_memory_usage)"
-            )
-        ignored = sorted(set(custom_objects or {}) - RL_ZOO_CUSTOM_OBJECTS)
-        if ignored:
-            warnings.warn(
-                f"{cls.__name__}.load ignores custom_objects {ignored}: dql_agent unpickles nothing, so there is "
-                "nothing to replace; pass a hyperparameter to change as a keyword, e.g. load(path, n_action_samples=8)",
-                stacklevel=2,
-            )
         if print_system_info:
-            print("== CURRENT SYSTEM INFO ==")
-            print("\n".join(f"- {key}: {value}" for key, value in system_info().items()))
+            show_system_info()
         checkpoint = load_checkpoint(path, include_optimizer=include_optimizer)
         if print_system_info:
-            print("== SAVED MODEL SYSTEM INFO ==")
-            print(f"- dql_agent: {checkpoint.config.get('library_version')}")
-            print(f"- format_version: {checkpoint.config.get('format_version')}")
-        overrides = {key: value for key, value in overrides.items() if key in hyperparameters}
+            show_system_info(checkpoint.config)
         return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, seed=seed, **overrides)
 
     @classmethod
@@ -736,21 +529,14 @@ class BaseAgent:
     ) -> SelfAgent:
         """A model of this class from a parsed checkpoint; ``where`` names it in errors. ``seed``
         replaces the saved seed (the optimizer's saved RNG state, when loaded, still wins)."""
-        saved = read_config(checkpoint.config, where)
-        if saved.algorithm != cls.algorithm:
-            raise CheckpointError(
-                f"{where}/config.json holds a {saved.algorithm} model; load it with that class "
-                f"(or dql_agent.load_from_hub, which picks the class) instead of {cls.algorithm}"
-            )
-        try:
-            config = cls.config_class.from_saved({**saved.hyperparameters, **overrides})
-            # The policy the config describes, built on the meta device (no memory): its tensors
-            # are compared with the file's before the real model allocates anything.
-            with torch.device("meta"):
-                expected = cls.policy_class(saved.observation_space, saved.action_space, config).state_dict()
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{where}/config.json: {error}") from None
-        check_tensors(expected, checkpoint.tensors, f"{where}/model.safetensors")
+        saved, config = checked_config(
+            checkpoint,
+            where,
+            algorithm=cls.algorithm,
+            config_class=cls.config_class,
+            policy_class=cls.policy_class,
+            overrides=overrides,
+        )
         try:
             model = cls(
                 observation_space=saved.observation_space,
@@ -765,43 +551,13 @@ class BaseAgent:
         model.policy.load_state_dict(checkpoint.tensors)
         model.num_timesteps = saved.num_timesteps
         if checkpoint.optimizer_tensors is not None:
-            where_optimizer = f"{where}/optimizer.safetensors"
-            meta = checkpoint.optimizer_meta
+            tensors, meta, model.n_updates = restore_training_state(
+                checkpoint, where, model.optimizers(), model.training_state(), model.generator.device.type
+            )
             try:
-                for name, optimizer in model.optimizers().items():
-                    optimizer_from_tensors(name, optimizer, checkpoint.optimizer_tensors, meta[name], where_optimizer)
-                n_updates = meta["n_updates"]
-                if not is_int(n_updates) or n_updates < 0:
-                    raise CheckpointError(f"{where_optimizer}: n_updates must be an int >= 0, got {n_updates!r}")
-                model.n_updates = int(n_updates)
-                # RNG states and schedulers must have the shapes and types a fresh model's have.
-                fresh_tensors, fresh_meta = model.training_state()
-                tensors = checkpoint.optimizer_tensors
-                rng_device = meta.get("rng_device", model.generator.device.type)  # absent before 0.2
-                if rng_device != model.generator.device.type:
-                    # A CUDA generator's state means nothing to a CPU one (and back): the weights and
-                    # optimizer state load, the update's random stream starts afresh.
-                    warnings.warn(
-                        f"{where_optimizer}: the training RNG state is a {rng_device} generator's and this model "
-                        f"trains on {model.generator.device.type}: its random draws start a fresh stream",
-                        stacklevel=3,
-                    )
-                    tensors = {k: v for k, v in tensors.items() if k != "rng.train"}
-                    fresh_tensors.pop("rng.train")
-                found_meta = {key: meta[key] for key in fresh_meta if key != "rng_device" or key in meta}
-                check_json_like({k: fresh_meta[k] for k in found_meta}, found_meta, where_optimizer)
-                for key, tensor in fresh_tensors.items():
-                    found = tensors[key]
-                    if found.shape != tensor.shape or found.dtype != tensor.dtype:
-                        raise CheckpointError(
-                            f"{where_optimizer}: {key} has shape {tuple(found.shape)} and dtype {found.dtype}, "
-                            f"expected {tuple(tensor.shape)} and {tensor.dtype}"
-                        )
                 model.load_training_state(tensors, meta)
-            except CheckpointError:
-                raise
             except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
-                raise CheckpointError(f"{where_optimizer} does not match the model: {error!r}") from None
+                raise CheckpointError(f"{where}/optimizer.safetensors does not match the model: {error!r}") from None
         if env is not None:
             model.set_env(env)
         model.policy.eval()
@@ -827,7 +583,13 @@ class BaseAgent:
         from dql_agent.export import export_policy
 
         written = export_policy(
-            self, path, deterministic=deterministic, n_action_samples=n_action_samples, batch=batch, opset=opset
+            self.policy,
+            path,
+            algorithm=self.algorithm,
+            deterministic=deterministic,
+            n_action_samples=n_action_samples,
+            batch=batch,
+            opset=opset,
         )
         return str(written)
 
@@ -854,9 +616,9 @@ class BaseAgent:
         fixed-noise candidates; False samples as the official evaluation does; results.json and
         the card say which) and, with ``video``, a ``video_length``-frame replay.mp4.
         ``revision`` is the branch to commit to. See
-        :func:`dql_agent.integrations.hub.push_to_hub`.
+        :func:`dql_agent.hub.push_to_hub`.
         """
-        from dql_agent.integrations.hub import push_to_hub
+        from dql_agent.hub import push_to_hub
 
         return push_to_hub(
             self,
@@ -888,9 +650,9 @@ class BaseAgent:
         Works offline from the Hub cache (``HF_HUB_OFFLINE=1`` or ``local_files_only``) and never
         unpickles. A missing repo or file, a config.json of another algorithm or from a newer
         dql_agent, or weights that disagree with it raise an error naming which. See
-        :func:`dql_agent.integrations.hub.load_from_hub`.
+        :func:`dql_agent.hub.load_from_hub`.
         """
-        from dql_agent.integrations.hub import load_from_hub
+        from dql_agent.hub import load_from_hub
 
         model: SelfAgent = load_from_hub(
             cls,

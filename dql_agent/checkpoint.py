@@ -634,3 +634,85 @@ def optimizer_from_tensors(
     check_json_like(fresh_groups, meta.get("param_groups"), f"{where}: {name}.param_groups")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# restoring a model ------------------------------------------------------------------------------
+def checked_config(
+    checkpoint: Checkpoint,
+    where: str,
+    *,
+    algorithm: str,
+    config_class: Any,
+    policy_class: Any,
+    overrides: dict[str, Any],
+) -> tuple[SavedConfig, Any]:
+    """config.json's contents and the algorithm config they build (saved hyperparameters with
+    ``overrides`` on top), once the weights are known to fit the policy that config describes.
+
+    The policy is built on the meta device (no memory): its tensors are compared with the file's
+    before the real model allocates anything. Every problem is a CheckpointError naming ``where``.
+    """
+    saved = read_config(checkpoint.config, where)
+    if saved.algorithm != algorithm:
+        raise CheckpointError(
+            f"{where}/config.json holds a {saved.algorithm} model; load it with that class "
+            f"(or dql_agent.load_from_hub, which picks the class) instead of {algorithm}"
+        )
+    try:
+        config = config_class.from_saved({**saved.hyperparameters, **overrides})
+        with torch.device("meta"):
+            expected = policy_class(saved.observation_space, saved.action_space, config).state_dict()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}/config.json: {error}") from None
+    check_tensors(expected, checkpoint.tensors, f"{where}/{MODEL_FILE}")
+    return saved, config
+
+
+def restore_training_state(
+    checkpoint: Checkpoint,
+    where: str,
+    optimizers: dict[str, torch.optim.Optimizer],
+    fresh: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    rng_device: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """Load the saved optimizer states into ``optimizers`` and check the rest of the training state
+    (RNG states, schedulers) against ``fresh``, what a new model of the same config holds; returns
+    the checked tensors and JSON state for the model's ``load_training_state``, and ``n_updates``.
+
+    A training RNG state saved by a generator of another device type (``rng_device``: where this
+    model's generator lives) means nothing here: it is dropped, with a warning, and the update's
+    random draws start a fresh stream.
+    """
+    where = f"{where}/{OPTIMIZER_FILE}"
+    assert checkpoint.optimizer_tensors is not None  # the caller checks there is training state
+    tensors, meta = checkpoint.optimizer_tensors, checkpoint.optimizer_meta
+    fresh_tensors, fresh_meta = dict(fresh[0]), fresh[1]
+    try:
+        for name, optimizer in optimizers.items():
+            optimizer_from_tensors(name, optimizer, tensors, meta[name], where)
+        n_updates = meta["n_updates"]
+        if isinstance(n_updates, bool) or not isinstance(n_updates, int) or n_updates < 0:
+            raise CheckpointError(f"{where}: n_updates must be an int >= 0, got {n_updates!r}")
+        saved_device = meta.get("rng_device", rng_device)  # absent before 0.2
+        if saved_device != rng_device:
+            warnings.warn(
+                f"{where}: the training RNG state is a {saved_device} generator's and this model trains on "
+                f"{rng_device}: its random draws start a fresh stream",
+                stacklevel=4,
+            )
+            tensors = {k: v for k, v in tensors.items() if k != "rng.train"}
+            fresh_tensors.pop("rng.train")
+        found_meta = {key: meta[key] for key in fresh_meta if key != "rng_device" or key in meta}
+        check_json_like({k: fresh_meta[k] for k in found_meta}, found_meta, where)
+        for key, tensor in fresh_tensors.items():
+            found = tensors[key]
+            if found.shape != tensor.shape or found.dtype != tensor.dtype:
+                raise CheckpointError(
+                    f"{where}: {key} has shape {tuple(found.shape)} and dtype {found.dtype}, "
+                    f"expected {tuple(tensor.shape)} and {tensor.dtype}"
+                )
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{where} does not match the model: {error!r}") from None
+    return tensors, meta, int(n_updates)

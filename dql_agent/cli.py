@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from dql_agent.registry import algorithms_by_short_name, load_buffer
+
 # Settings of the demo, chosen so a 2-core CPU trains a policy that swings Pendulum up from an
 # offline mix of good and noisy episodes in a few minutes (see README for the measured numbers):
 # - hidden_dim 64: 4x fewer FLOPs than 256, enough for a 3-d observation;
@@ -97,23 +99,9 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_buffer(dataset: str, download: bool = False, env_id: str | None = None):  # noqa: ANN201 - OfflineBuffer
-    """A Minari id or a D4RL-style .npz/.hdf5 file as an OfflineBuffer (a file takes ``env_id``'s spaces)."""
-    from dql_agent import OfflineBuffer
-
-    if dataset.endswith((".npz", ".hdf5", ".h5")):
-        spaces = {}
-        if env_id is not None:
-            env = _make_env(env_id)
-            spaces = {"observation_space": env.observation_space, "action_space": env.action_space}
-            env.close()
-        return OfflineBuffer.from_d4rl(dataset, **spaces)
-    return OfflineBuffer.from_minari(dataset, download=download)
-
-
 def load_model(source: str, device: str = "auto"):  # noqa: ANN201 - an agent
     """A saved directory/zip or a Hub repo id, whatever the algorithm."""
-    from dql_agent.integrations.hub import load_from_hub
+    from dql_agent.hub import load_from_hub
 
     return load_from_hub(source, device=device)
 
@@ -297,7 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from dql_agent import DiffusionQL, OfflineBuffer
     from dql_agent.demo_data import build_pendulum_dataset
-    from dql_agent.integrations.hub import evaluate, write_hub_folder
+    from dql_agent.evaluation import evaluate
+    from dql_agent.hub import write_hub_folder
 
     # One thread: the demo's 64-wide MLPs gain nothing from intra-op parallelism, and on a
     # 2-core machine with any other load two OpenMP threads spin-wait on each other (measured
@@ -339,13 +328,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print("warning: the agent did not beat both the noisy half and random actions", file=sys.stderr)
 
 
-def algorithms_by_short_name() -> dict[str, Any]:
-    """The registered algorithms by their command-line name (importing dql_agent registers them)."""
-    from dql_agent.base import ALGORITHMS
-
-    return {cls.short_name: cls for cls in ALGORITHMS.values()}
-
-
 def _check_overrides(overrides: dict[str, Any]) -> None:
     for key in overrides:
         if key in NOT_HYPERPARAMETERS:
@@ -380,8 +362,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     if args.preset is not None:
-        if cls.algorithm != "DiffusionQL":
-            raise CLIError("--preset holds Diffusion-QL's per-task settings: use it with --algo dql")
+        if not cls.presets:
+            with_presets = sorted(name for name, other in algorithms_by_short_name().items() if other.presets)
+            raise CLIError(f"--algo {args.algo} has no presets (--preset is for {', '.join(with_presets)})")
         overrides["preset"] = args.preset
     if cls.online:  # it collects its own data from the env
         if args.dataset is not None or args.env is None:
@@ -391,9 +374,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.dataset is None:
             raise CLIError(f"--algo {args.algo} trains offline: pass a DATASET (Minari id or .npz/.hdf5)")
-        for module in args.imports:  # before the dataset's env id is made
-            importlib.import_module(module)
-        data = load_buffer(args.dataset, download=args.download, env_id=args.env)
+        spaces = {}
+        if args.env:  # a file takes the env's spaces
+            spaces_env = _make_env(args.env, imports=args.imports)
+            spaces = {"observation_space": spaces_env.observation_space, "action_space": spaces_env.action_space}
+            spaces_env.close()
+        data = load_buffer(args.dataset, download=args.download, **spaces)
         env = args.env
         if not env and data.metadata.get("env_id") is not None:
             env = _env_from_file(data.metadata["env_id"], f"the dataset {args.dataset}")
@@ -420,7 +406,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if env is not None and args.episodes > 0:
         from stable_baselines3.common.monitor import Monitor
 
-        from dql_agent.integrations.hub import evaluate
+        from dql_agent.evaluation import evaluate
 
         eval_env = Monitor(_make_env(env, imports=args.imports))
         _print_evaluation(evaluate(model, eval_env, n_eval_episodes=args.episodes, deterministic=not args.stochastic))
@@ -429,7 +415,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from stable_baselines3.common.monitor import Monitor
 
-    from dql_agent.integrations.hub import evaluate
+    from dql_agent.evaluation import evaluate
 
     if args.json:
         _check_output(args.json, "file", [args.model], make_parents=False)
@@ -443,7 +429,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    from dql_agent.integrations.video import record_video
+    from dql_agent.video import record_video
 
     _check_suffix(args.output, [".mp4"])
     _check_output(args.output, "file", [args.model])
@@ -473,7 +459,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         "deterministic": not args.stochastic,
     }
     if args.local_dir is not None:
-        from dql_agent.integrations.hub import write_hub_folder
+        from dql_agent.hub import write_hub_folder
 
         folder = write_hub_folder(model, args.local_dir, repo_id=args.repo_id, **options)
         print(f"wrote the Hub folder to {folder}; push it once online with: dql-agent push {folder} {args.repo_id}")

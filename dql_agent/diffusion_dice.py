@@ -39,13 +39,15 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from dql_agent.base import BaseAgent, Paper
-from dql_agent.buffer import REWARD_TRANSFORMS, OfflineBuffer
+from dql_agent.base import BaseAgent
+from dql_agent.buffer import OfflineBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
 from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
 from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
+from dql_agent.registry import Paper
+from dql_agent.rewards import REWARD_TRANSFORMS
 
 WEIGHT_MIN, WEIGHT_MAX = 1e-40, 100.0  # clamp of the ratio w, as in the official code
 ENERGY_FLOOR = -80.0  # W below this no longer grows e^{-W} in the dual loss (official constant)

@@ -29,13 +29,14 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from gymnasium import spaces
 
-from dql_agent.base import BaseAgent, Paper
+from dql_agent.base import BaseAgent
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
 from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
+from dql_agent.registry import Paper
 
 DQL_REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
 ENCODER_LOSSES = ("critic", "actor")
@@ -355,6 +356,7 @@ class DiffusionQL(BaseAgent, algorithm="DiffusionQL", short_name="dql", paper=DI
     """
 
     config_class, policy_class = DiffusionQLConfig, DiffusionQLPolicy
+    presets, stackable = PRESETS, True
     config: DiffusionQLConfig
     policy: DiffusionQLPolicy
 

@@ -1,96 +1,24 @@
-"""Camera observations: which spaces are images, and the encoder that turns an observation into
-the features every network is conditioned on.
+"""The networks over observations: a CNN per camera key, concatenated with the vector keys.
 
-A space *has images* when it is, or its Dict holds, a uint8 Box of rank 3 with bounds [0, 255]
-(SB3's ``is_image_space``), stored HWC or CHW. Such observations travel as an *observation tree*:
-a dict from leaf key (``"image"``, ``"state"``, ``"obs.wrist"`` for nested Dicts; ``"observation"``
-for a plain image Box) to a batch ``(B, *shape)``: uint8 for images, float32 for the rest. The
-encoder runs a small CNN per image key (random-shift augmented when training) and concatenates
-the features with the vector keys, so the denoiser and the critics see one (B, features) tensor,
-computed once per batch, not once per reverse step. Every other space keeps the flat float path
-(the encoder is then the identity).
+What a space is, and how observations are checked and batched, is :mod:`dql_agent.observations`.
+For a space with camera keys the encoder runs a small CNN per camera (random-shift augmented when
+training) and concatenates the features with the vector keys, so the denoiser and the critics see
+one (B, features) tensor, computed once per batch, not once per reverse step. Every other space
+keeps the flat float path (the encoder is then the identity).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
 from dql_agent.config import check_field, is_int
-
-PLAIN_IMAGE_KEY = "observation"  # the tree key of a Box image space's one leaf
-Tree = dict[str, torch.Tensor]
-
-
-def is_image_space(space: spaces.Space) -> bool:
-    """A uint8 Box of rank 3 with bounds [0, 255] (HWC or CHW), as SB3's ``is_image_space``."""
-    return (
-        isinstance(space, spaces.Box)
-        and space.dtype == np.uint8
-        and len(space.shape) == 3
-        and bool(np.all(space.low == 0))
-        and bool(np.all(space.high == 255))
-    )
-
-
-def is_channels_first(space: spaces.Box) -> bool:
-    """CHW when the first axis is the smallest (SB3's rule), else HWC."""
-    return int(np.argmin(space.shape)) == 0
-
-
-def image_shape_chw(space: spaces.Box) -> tuple[int, int, int]:
-    """(channels, height, width) of an image space."""
-    c, h, w = space.shape if is_channels_first(space) else (space.shape[2], space.shape[0], space.shape[1])
-    return int(c), int(h), int(w)
-
-
-def leaves(space: spaces.Space, prefix: str = "") -> Iterator[tuple[str, spaces.Box]]:
-    """(key, Box) of every leaf in the flattening order; nested Dict keys join with '.'."""
-    if isinstance(space, spaces.Dict):
-        for key, sub in space.spaces.items():
-            yield from leaves(sub, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
-    else:
-        assert isinstance(space, spaces.Box)  # checked by check_observation_space
-        yield (prefix or PLAIN_IMAGE_KEY), space
-
-
-def has_images(space: spaces.Space) -> bool:
-    """Whether observations of ``space`` take the image path (an observation tree and a CNN)."""
-    return any(is_image_space(box) for _, box in leaves(space))
-
-
-def image_keys(space: spaces.Space) -> list[str]:
-    return [key for key, box in leaves(space) if is_image_space(box)]
-
-
-def leaf_value(observation: Any, key: str, space: spaces.Space) -> Any:
-    """The array of ``key`` in an observation (a nested dict, or the array itself for a Box)."""
-    if isinstance(observation, Mapping) and key in observation:  # already a tree (dotted keys)
-        return observation[key]
-    if not isinstance(space, spaces.Dict):
-        return observation
-    value = observation
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
-def image_on_mlp_error(box: spaces.Box, where: str) -> str:
-    """The message for an image-shaped Box that would be flattened into an MLP."""
-    return (
-        f"{where} is image-shaped ({box.shape}, {box.dtype}, bounds [{np.min(box.low)}, {np.max(box.high)}]) but "
-        "not a uint8 Box with bounds [0, 255], so it would be flattened into the MLP pixel by pixel; declare "
-        "camera keys as gymnasium.spaces.Box(0, 255, shape, np.uint8) (HWC or CHW) to use the CNN encoder "
-        "(config fields cnn_channels, image_features, random_shift)"
-    )
-
+from dql_agent.observations import has_images, image_shape_chw, is_channels_first, is_image_space, leaves
 
 # The encoder's config fields (in every algorithm's config) and what a config.json saved before
 # them means: no camera keys then, so the values only have to be valid.
@@ -207,61 +135,3 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     index = torch.arange(batch, device=images.device)[:, None, None]
     # (B, H, W, C) by advanced indexing, back to channels first
     return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-# observation trees ------------------------------------------------------------------------------
-def tree_from_arrays(space: spaces.Space, observations: Any, name: str) -> dict[str, np.ndarray]:
-    """A dataset's observations (a (N, *shape) array, or a nested dict of them) as a checked tree of
-    numpy arrays: images uint8 (values must be whole numbers in [0, 255]), the rest float32 finite."""
-    from dql_agent.buffer import as_float32
-
-    tree: dict[str, np.ndarray] = {}
-    rows = None
-    for key, box in leaves(space):
-        where = name if key == PLAIN_IMAGE_KEY and not isinstance(space, spaces.Dict) else f"{name}[{key!r}]"
-        try:
-            value = leaf_value(observations, key, space)
-        except (KeyError, TypeError):
-            raise ValueError(f"{where} is missing; expected keys {[k for k, _ in leaves(space)]}") from None
-        array = np.asarray(value)
-        if array.shape[1:] != box.shape:
-            raise ValueError(f"{where} must have shape (N, {', '.join(map(str, box.shape))}), got {array.shape}")
-        if rows is not None and len(array) != rows:
-            raise ValueError(f"{where} has {len(array)} rows, expected {rows} (the other keys' count)")
-        rows = len(array)
-        tree[key] = as_uint8_images(where, array) if is_image_space(box) else as_float32(where, array)
-    return tree
-
-
-def as_uint8_images(name: str, array: np.ndarray) -> np.ndarray:
-    """Images as uint8; other dtypes must hold whole numbers in [0, 255] (nothing is rescaled)."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be uint8 images, got dtype {array.dtype}")
-    bad = ~np.isfinite(array) | (array < 0) | (array > 255) | (array != np.round(array))
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name} must be uint8 images (whole numbers in [0, 255]), got {array[index].item()!r} at "
-            f"{name}[{', '.join(map(str, index))}] ({int(bad.sum())} value(s) outside)"
-        )
-    return array.astype(np.uint8)
-
-
-def tree_nbytes_per_row(tree: Mapping[str, torch.Tensor]) -> int:
-    return sum(t[0].numel() * t.element_size() for t in tree.values() if len(t))
-
-
-def describe_tree_space(space: spaces.Space) -> list[dict[str, Any]]:
-    """Key, kind, shape and dtype of every leaf (for model cards and export metadata)."""
-    out = []
-    for key, box in leaves(space):
-        entry: dict[str, Any] = {"key": key, "shape": list(box.shape), "dtype": np.dtype(box.dtype).name}
-        if is_image_space(box):
-            c, h, w = image_shape_chw(box)
-            entry |= {"kind": "image", "layout": "CHW" if is_channels_first(box) else "HWC", "size": [h, w, c]}
-        else:
-            entry["kind"] = "vector"
-        out.append(entry)
-    return out

@@ -9,7 +9,7 @@ the softmax pick, and unscaling to the action Box.
 Inputs (the batch dimension is dynamic unless ``batch`` fixes it):
 
 - ``observation`` (B, *obs_shape), or one input per Dict key (nested keys joined with '.'),
-  float32; for a space with camera keys (:mod:`dql_agent.encoders`) the image keys are uint8
+  float32; for a space with camera keys (:mod:`dql_agent.observations`) the image keys are uint8
   (B, *shape) in the space's own layout (HWC or CHW), fed as the camera gives them: the graph
   scales them and runs the CNN encoder;
 - stochastic export only: ``noise`` (B, T, N, A) standard normal, and, where acting is not greedy,
@@ -44,10 +44,9 @@ from torch import nn
 
 from dql_agent.checkpoint import atomic_write, library_version, weights_bytes
 from dql_agent.config import is_int
-from dql_agent.encoders import describe_tree_space, has_images, is_image_space, leaves
+from dql_agent.observations import describe_observation_space, has_images, is_image_space, leaves
 
 if TYPE_CHECKING:
-    from dql_agent.base import BaseAgent
     from dql_agent.policy import PolicyBase
 
 FORMATS = {".onnx": "ONNX (onnxruntime)", ".pt2": "torch.export ExportedProgram"}
@@ -99,18 +98,20 @@ class ExportablePolicy(nn.Module):
 
 
 def export_policy(
-    model: BaseAgent,
+    policy: PolicyBase,
     path: str | os.PathLike[str],
     *,
+    algorithm: str,
     deterministic: bool = True,
     n_action_samples: int | None = None,
     batch: int | str = "dynamic",
     opset: int | None = None,
 ) -> Path:
-    """Write ``model``'s acting to ``path``: ``.onnx`` (ONNX) or ``.pt2`` (torch.export); returns it.
+    """Write ``policy``'s acting to ``path``: ``.onnx`` (ONNX) or ``.pt2`` (torch.export); returns it.
 
     Args:
-        model: a trained (or loaded) agent.
+        policy: a trained (or loaded) agent's policy (``model.policy``).
+        algorithm: the name the metadata records (``model.algorithm``).
         path: the file to write; its suffix picks the format. Written atomically.
         deterministic: bake in the fixed noise and take the argmax (``predict(deterministic=True)``);
             False takes ``noise`` (and ``uniform``) as inputs.
@@ -137,14 +138,14 @@ def export_policy(
         raise ValueError(
             f"opset must be an int >= {DEFAULT_OPSET} (Mish and the reductions used) or None, got {opset!r}"
         )
-    _check_input_names(model.policy.observation_space, deterministic)
+    _check_input_names(policy.observation_space, deterministic)
     if path.suffix == ".onnx":
         _require_onnx()
 
-    policy = _policy_for_export(model.policy, n_action_samples)
-    module = ExportablePolicy(policy, stochastic=not deterministic).eval()
-    example, names, dynamic = _example_inputs(policy, module, batch)
-    metadata = _metadata(model, policy, names, deterministic, batch)
+    exported = _policy_for_export(policy, n_action_samples)
+    module = ExportablePolicy(exported, stochastic=not deterministic).eval()
+    example, names, dynamic = _example_inputs(exported, module, batch)
+    metadata = _metadata(algorithm, policy, exported, names, deterministic, batch)
     with torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
     if path.suffix == ".pt2":
@@ -248,14 +249,15 @@ def _example_inputs(
 
 
 def _metadata(
-    model: BaseAgent, policy: PolicyBase, names: list[str], deterministic: bool, batch: int | str
+    algorithm: str, trained: PolicyBase, policy: PolicyBase, names: list[str], deterministic: bool, batch: int | str
 ) -> dict[str, Any]:
+    """``policy`` is ``trained`` as exported (its own n_action_samples); the digest is of the weights."""
     space = policy.action_space
     metadata: dict[str, Any] = {
         "library": "dql_agent",
         "library_version": library_version(),
-        "algorithm": model.algorithm,
-        "weights_sha256": hashlib.sha256(weights_bytes(dict(model.policy.state_dict()))).hexdigest(),
+        "algorithm": algorithm,
+        "weights_sha256": hashlib.sha256(weights_bytes(dict(trained.state_dict()))).hexdigest(),
         "inputs": names,
         "outputs": [OUTPUT],
         "observation_inputs": {name: list(shape) for name, shape in observation_inputs(policy.observation_space)},
@@ -275,7 +277,7 @@ def _metadata(
         metadata["observation_specs"] = [
             # dtype: the input's (a float64 vector Box is fed as float32, like every vector key)
             {"input": name, **spec, "dtype": dtype}
-            for name, spec, dtype in zip(names, describe_tree_space(obs_space), dtypes, strict=True)
+            for name, spec, dtype in zip(names, describe_observation_space(obs_space), dtypes, strict=True)
         ]
     return metadata
 

@@ -1,15 +1,14 @@
 """The policy base every algorithm's policy extends: SB3's ``predict``, fixed noise, best-of-N.
 
 ``predict(observation)`` accepts one observation or a batch ``(n_envs, *obs_shape)`` (Box or
-Dict-of-Box spaces) and answers with the same batching; the functions at the bottom do the
-checking and flattening on the way in and the Box scaling on the way out, so every policy
-behaves alike. Every algorithm acts the same way: draw N candidate actions per observation
-(fixed noise when deterministic), score them with a Q function, keep one (:meth:`PolicyBase.pick`).
+Dict-of-Box spaces) and answers with the same batching; :mod:`dql_agent.observations` checks and
+batches on the way in and the Box scaling is undone on the way out, so every policy behaves alike.
+Every algorithm acts the same way: draw N candidate actions per observation (fixed noise when
+deterministic), score them with a Q function, keep one (:meth:`PolicyBase.pick`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,9 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from dql_agent.encoders import ObservationEncoder, as_uint8_images, is_image_space, leaves
-from dql_agent.spaces import check_action_space, check_observation_space, flat_dim, flatten_batch, unscale_actions
+from dql_agent.encoders import ObservationEncoder
+from dql_agent.observations import batch_of, check_observation_space, flat_dim, flatten, normalize, rows_of
+from dql_agent.spaces import check_action_space, unscale_actions
 
 # Fixed seed of the noise behind deterministic actions: the same observation gives the same
 # action in every call, process and after save/load.
@@ -188,17 +188,7 @@ class PolicyBase(nn.Module):
         in an observation tree only the vector keys (images are scaled by the encoder)."""
         if not getattr(self.config, "normalize_observations", False):
             return observations
-        if not isinstance(observations, dict):
-            return (observations - self.obs_mean) / self.obs_std
-        out, start = dict(observations), 0
-        for key, box in leaves(self.observation_space):
-            size = int(np.prod(box.shape))
-            if not is_image_space(box):
-                value = observations[key].reshape(-1, size)
-                mean, std = self.obs_mean[start : start + size], self.obs_std[start : start + size]
-                out[key] = ((value - mean) / std).reshape(observations[key].shape)
-            start += size
-        return out
+        return normalize(self.observation_space, observations, self.obs_mean, self.obs_std)
 
     def compile_acting(self, **compile_kwargs: Any) -> None:
         """Run ``predict``'s action selection through ``torch.compile`` (same math, fused kernels).
@@ -230,14 +220,12 @@ class PolicyBase(nn.Module):
         Raises:
             FloatingPointError: the networks produced a NaN/inf action (e.g. NaN weights).
         """
+        tree, vectorized = batch_of(self.observation_space, observation)
+        rows = rows_of(tree)
         if self.encoder.uses_images:
-            tree, vectorized = observations_to_tree(self.observation_space, observation)
-            rows = rows_of(tree)
             tensor: Any = {key: torch.as_tensor(value, device=self.device) for key, value in tree.items()}
         else:
-            observations, vectorized = observations_to_array(self.observation_space, observation)
-            rows = len(observations)
-            tensor = torch.as_tensor(observations, device=self.device)
+            tensor = torch.as_tensor(flatten(self.observation_space, tree), device=self.device)
         if rows == 0:  # nothing to act on: the networks are not run on no rows
             empty = np.zeros((0, self.action_dim), np.float32)
             return actions_to_env(empty, self.action_space, vectorized), state
@@ -263,114 +251,7 @@ def _take(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return candidates.gather(1, index.view(-1, 1, 1).expand(-1, 1, candidates.shape[2])).squeeze(1)
 
 
-def observations_to_array(space: spaces.Space, observation: Any) -> tuple[np.ndarray, bool]:
-    """Check and flatten an observation or a batch: returns ((B, obs_dim) float32, batched?).
-
-    Batching is read off the first Box entry, as SB3 does for Dict spaces; every other entry must
-    then have its space's shape with the same batching, else a ValueError names the entry.
-    Torch tensors are detached and moved to the CPU.
-    """
-    observation, _, batch, vectorized = _checked_entries(space, observation)
-    flat = flatten_batch(space, observation, batch).astype(np.float32)
-    if not np.all(np.isfinite(flat)):
-        bad = ~np.isfinite(flat)
-        raise ValueError(
-            f"observation contains {int(bad.sum())} NaN/inf value(s) at flat index {np.argwhere(bad)[0].tolist()}"
-        )
-    return flat, vectorized
-
-
-def observations_to_tree(space: spaces.Space, observation: Any) -> tuple[dict[str, np.ndarray], bool]:
-    """Check an observation (or a batch) of a space with camera keys: returns ((key -> (B, *shape))
-    with uint8 images and float32 vectors, batched?), batching read as in :func:`observations_to_array`."""
-    _, found, batch, vectorized = _checked_entries(space, observation)
-    tree: dict[str, np.ndarray] = {}
-    for (key, box), (where, leaf_shape, array) in zip(leaves(space), found, strict=True):
-        array = array.reshape(batch, *leaf_shape)
-        if is_image_space(box):
-            tree[key] = as_uint8_images(where, array)
-        else:
-            flat = array.astype(np.float32)
-            if not np.all(np.isfinite(flat)):
-                raise ValueError(f"{where} contains NaN/inf value(s) at {np.argwhere(~np.isfinite(flat))[0].tolist()}")
-            tree[key] = flat
-    return tree, vectorized
-
-
-def _checked_entries(
-    space: spaces.Space, observation: Any
-) -> tuple[Any, list[tuple[str, tuple[int, ...], np.ndarray]], int, bool]:
-    """The observation as numeric arrays, its (name, Box shape, array) entries, the batch size and
-    whether it is batched; the first entry sets the batching and every other entry must agree."""
-    if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
-        raise ValueError(
-            "observation is an (obs, info) tuple: pass only the observation, e.g. "
-            "`obs, info = env.reset(); model.predict(obs)`"
-        )
-    observation = _numeric_tree(space, observation, "observation")
-    found = _leaves(space, observation, "observation")
-    name, shape, probe = found[0]
-    if probe.shape == shape:
-        vectorized, batch = False, 1
-    elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
-        vectorized, batch = True, probe.shape[0]
-    else:
-        raise ValueError(
-            f"{name} has shape {probe.shape}; expected {shape} for one observation or "
-            f"(n_envs, {', '.join(map(str, shape))}) for a batch"
-        )
-    for key, leaf_shape, array in found[1:]:
-        expected = (batch, *leaf_shape) if vectorized else leaf_shape
-        if array.shape != expected:
-            given = f"a batch of {batch}" if vectorized else "one observation"
-            raise ValueError(
-                f"{key} has shape {array.shape}; expected {expected} ({given}, as {name} has shape {probe.shape})"
-            )
-    return observation, found, batch, vectorized
-
-
-def rows_of(observations: Any) -> int:
-    """Batch size of a (B, ...) tensor or of an observation tree (a SymInt under torch.export: no
-    int(), which would fix the exported batch size)."""
-    if isinstance(observations, dict):
-        observations = next(iter(observations.values()))
-    return observations.shape[0]
-
-
 def actions_to_env(actions: np.ndarray, action_space: spaces.Box, vectorized: bool) -> np.ndarray:
     """(B, act_dim) actions in [-1, 1] -> the Box's units and shape, batched like the observation."""
     actions = unscale_actions(actions, action_space).reshape(-1, *action_space.shape)
     return actions if vectorized else actions[0]
-
-
-def _numeric_tree(space: spaces.Space, value: Any, name: str) -> Any:
-    """``value`` with each Box entry as a numeric array (Dict keys checked), named ``name`` in errors."""
-    if isinstance(space, spaces.Dict):
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{name} must be a dict for a Dict observation space, got {type(value).__name__}")
-        missing = [k for k in space.spaces if k not in value]
-        if missing:
-            raise ValueError(f"{name} is missing key(s) {missing}; expected keys {list(space.spaces)}")
-        return {key: _numeric_tree(sub, value[key], f"{name}[{key!r}]") for key, sub in space.spaces.items()}
-    return _as_numeric(value, name)
-
-
-def _leaves(space: spaces.Space, tree: Any, name: str) -> list[tuple[str, tuple[int, ...], np.ndarray]]:
-    """(name, Box shape, array) of every Box entry, in the flattening order."""
-    if isinstance(space, spaces.Dict):
-        return [leaf for key, sub in space.spaces.items() for leaf in _leaves(sub, tree[key], f"{name}[{key!r}]")]
-    assert space.shape is not None  # a Box, checked when the policy was built
-    return [(name, space.shape, tree)]
-
-
-def _as_numeric(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()  # a tensor that needs grad or lives on a GPU converts only so
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
-        raise ValueError(f"{name} cannot be read as an array: {error}") from None
-    if array.dtype.kind not in "biuf":  # bool, int, uint, float
-        hint = ": complex values are refused, not cut to their real part" if array.dtype.kind == "c" else ""
-        raise TypeError(f"{name} must be numeric, got dtype {array.dtype}{hint}")
-    return array

@@ -32,14 +32,17 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dql_agent.base import BaseAgent, Paper, Rollout
+from dql_agent.base import BaseAgent
 from dql_agent.buffer import ReplayBuffer
 from dql_agent.config import ConfigBase, check_field, is_int
 from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields, tree_from_arrays
+from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize, scaled_normal_init
+from dql_agent.observations import flatten, tree_from_arrays
 from dql_agent.policy import PolicyBase, best_of
-from dql_agent.spaces import flatten_batch, unscale_actions
+from dql_agent.registry import Paper
+from dql_agent.spaces import unscale_actions
+from dql_agent.training import Rollout
 
 Q_TRANSFORMS = ("qadv", "qrelu")
 
@@ -345,10 +348,10 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         """A VecEnv's observations as the replay buffer stores them: (n_envs, S) float32 rows, or
         for a space with camera keys a fresh tree of (n_envs, *shape) arrays per key (uint8 images,
         float32 vectors)."""
+        tree = tree_from_arrays(self.observation_space, observations, "observation")
         if self.policy.encoder.uses_images:
-            tree = tree_from_arrays(self.observation_space, observations, "observation")
             return {key: np.array(value, copy=True) for key, value in tree.items()}
-        return flatten_batch(self.observation_space, observations, n_envs).astype(np.float32, copy=True)
+        return np.array(flatten(self.observation_space, tree), dtype=np.float32, copy=True)
 
     def _transition_ends(self, new_obs: Any, dones: np.ndarray, infos: list[dict]) -> tuple[Any, np.ndarray]:
         """Next observations and terminal flags of a VecEnv step.

@@ -20,7 +20,6 @@ unbatched matmuls and reductions:
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,8 +32,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.config import check_seed
 from dql_agent.diffusion_ql import ActorNoise, DiffusionQL, DiffusionQLConfig, actor_loss, critic_loss
-from dql_agent.encoders import has_images, image_keys
 from dql_agent.networks import optimize
+from dql_agent.observations import has_images, image_keys
+from dql_agent.sb3 import make_callback
+from dql_agent.training import Timestep, train
 
 Params = dict[str, torch.Tensor]
 NETWORKS = ("actor", "ema_actor", "critic", "critic_target")
@@ -101,7 +102,7 @@ def train_seeds(
         )
     callbacks = [_as_list(c) for c in (callback or [None] * len(seeds))]
     if eval_env is not None:
-        from dql_agent.integrations.metrics import MetricsCallback
+        from dql_agent.metrics import MetricsCallback
 
         for extra in callbacks:
             env = eval_env if isinstance(eval_env, str) else eval_env()
@@ -303,52 +304,21 @@ class SeedStack:
                 optimize(optimizer, grads=[grads[name][i] for name in self.names[net]], grad_norm=self.config.grad_norm)
 
     # the loop ------------------------------------------------------------------------------------
+    def timestep(self) -> Timestep:
+        """One timestep of the training loop: a gradient step of every replica."""
+        return Timestep([self.train_step()])
+
     def learn(
         self, total_timesteps: int, log_interval: int = 1000, callbacks: Sequence[Any] | None = None
     ) -> SeedStack:
-        """``total_timesteps`` steps of every replica, with ``learn``'s bookkeeping, logging and
-        callbacks (``callbacks[i]``: an SB3 callback, a list of them or None, for replica i)."""
-        from dql_agent.integrations.sb3 import make_callback
-
+        """``total_timesteps`` steps of every replica through ``learn``'s own loop (bookkeeping,
+        logging to each model's logger, Ctrl-C), with ``callbacks[i]`` (an SB3 callback, a list of
+        them or None) for replica i."""
         if callbacks is not None and len(callbacks) != len(self.models):
             raise ValueError(f"callbacks must hold one entry per replica ({len(self.models)}), got {len(callbacks)}")
-        for model in self.models:
-            model.check_can_learn()
-            model.policy.train()
-            model._total_timesteps = model.num_timesteps + total_timesteps  # as learn: the run's length
         bound = [make_callback(c, False) for c in callbacks or [None] * len(self.models)]
-        for callback, model in zip(bound, self.models, strict=True):
-            callback.init_callback(model)
-            callback.on_training_start(locals(), globals())
-        sums: dict[str, torch.Tensor] = {}
-        n_summed, start_time, start_timesteps = 0, time.time(), self.models[0].num_timesteps
-        try:
-            for _ in range(total_timesteps):
-                losses = self.train_step()
-                for key, value in losses.items():  # summed on the device: no host sync per step
-                    sums[key] = sums[key] + value if key in sums else value.clone()
-                n_summed += 1
-                go_on = True
-                for callback in bound:  # each runs at every step, even after another said stop
-                    callback.update_locals(locals())
-                    go_on = callback.on_step() and go_on
-                if not go_on:
-                    break
-                if log_interval and self.models[0].num_timesteps % log_interval == 0:
-                    self._dump_logs(sums, n_summed, start_time, start_timesteps)
-                    sums, n_summed = {}, 0
-            if n_summed and log_interval:
-                self._dump_logs(sums, n_summed, start_time, start_timesteps)
-        finally:
-            for model in self.models:
-                model.policy.eval()
-        for callback in bound:
-            callback.on_training_end()
+        train(self.models, total_timesteps, self.timestep, bound, log_interval=log_interval, reset_num_timesteps=False)
         return self
-
-    def _dump_logs(self, sums: dict[str, torch.Tensor], n: int, start_time: float, start_timesteps: int) -> None:
-        for i, model in enumerate(self.models):
-            model.dump_logs({k: v[i] for k, v in sums.items()}, n, start_time, start_timesteps)
 
 
 def _zeros_like(noise: ActorNoise) -> ActorNoise:

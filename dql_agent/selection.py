@@ -50,9 +50,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from dql_agent.buffer import Batch, OfflineBuffer, take_rows, transform_rewards, tree_to
+from dql_agent.buffer import Batch, OfflineBuffer
 from dql_agent.config import is_int
 from dql_agent.diffusion_ql import DiffusionQL, critic_loss
+from dql_agent.observations import take_rows, tree_to
+from dql_agent.rewards import transform_rewards
 from dql_agent.spaces import scale_actions
 
 __all__ = [

@@ -1,9 +1,6 @@
-"""Observation/action spaces: checks, Dict flattening, Box scaling and JSON (de)serialisation.
+"""Action spaces (checks, scaling to the networks' [-1, 1]) and spaces as JSON.
 
-Dict observations are flattened by concatenating their Box entries in the Dict space's own key
-order (gymnasium sorts the keys of a Dict built from a plain dict, so
-``{'observation', 'achieved_goal', 'desired_goal'}`` flattens as achieved_goal, desired_goal,
-observation), each entry raveled in C order: the same order as ``gymnasium.spaces.flatten``.
+Observation spaces, and everything about observations, are :mod:`dql_agent.observations`.
 """
 
 from __future__ import annotations
@@ -15,25 +12,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dql_agent.encoders import image_on_mlp_error, is_image_space
-
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
-
-
-def check_observation_space(space: spaces.Space, name: str = "observation_space") -> None:
-    """Accept Box and Dict-of-Box (one level or nested) observation spaces; reject the rest, and
-    image-shaped Boxes that are not uint8 [0, 255] images (they would be flattened into an MLP)."""
-    if isinstance(space, spaces.Box):
-        if len(space.shape) == 3 and min(space.shape) > 1 and not is_image_space(space):
-            raise TypeError(image_on_mlp_error(space, name))
-        return
-    if isinstance(space, spaces.Dict):
-        for key, sub in space.spaces.items():
-            if not isinstance(sub, (spaces.Box, spaces.Dict)):
-                raise TypeError(f"{name}[{key!r}] must be a Box or Dict, got {type(sub).__name__}")
-            check_observation_space(sub, f"{name}[{key!r}]")
-        return
-    raise TypeError(f"{name} must be a gymnasium Box or Dict of Box spaces, got {type(space).__name__}")
 
 
 def check_action_space(space: spaces.Space) -> None:
@@ -51,34 +30,6 @@ def check_action_space(space: spaces.Space) -> None:
         )
     if np.any(space.high <= space.low):
         raise ValueError(f"action_space needs high > low in every dimension, got low={space.low}, high={space.high}")
-
-
-def flat_dim(space: spaces.Space) -> int:
-    """Length of the flattened observation."""
-    if isinstance(space, spaces.Dict):
-        return sum(flat_dim(sub) for sub in space.spaces.values())
-    return math.prod(space.shape or ())
-
-
-def flatten_batch(space: spaces.Space, observations: Any, batch_size: int | None = None) -> np.ndarray:
-    """Flatten a batch of observations (a (B, *shape) array, or a dict of them) to (B, flat_dim).
-
-    ``batch_size`` None takes B from each array's first axis. B may be 0.
-    """
-    if isinstance(space, spaces.Dict):
-        if not isinstance(observations, dict):
-            raise TypeError(f"observation must be a dict for a Dict space, got {type(observations).__name__}")
-        missing = [key for key in space.spaces if key not in observations]
-        if missing:
-            raise ValueError(f"observation is missing Dict key(s) {missing}; expected keys {list(space.spaces)}")
-        parts = [flatten_batch(sub, observations[key], batch_size) for key, sub in space.spaces.items()]
-        return np.concatenate(parts, axis=1)
-    array = np.asarray(observations)
-    rows = array.shape[0] if batch_size is None else batch_size
-    width = math.prod(space.shape or ())
-    if array.size != rows * width:
-        raise ValueError(f"observation has shape {array.shape}; expected {rows} observation(s) of shape {space.shape}")
-    return array.reshape(rows, width)  # an explicit width, since -1 cannot be inferred when rows is 0
 
 
 def scale_actions(actions: torch.Tensor, space: spaces.Box) -> torch.Tensor:

@@ -39,7 +39,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 try:
     import ray
@@ -143,8 +143,8 @@ class SweepSpec:
 
     def check(self) -> None:
         """Raise ValueError/TypeError naming the first field that cannot run."""
-        from dql_agent.cli import algorithms_by_short_name
         from dql_agent.config import check_seed
+        from dql_agent.registry import algorithms_by_short_name
 
         offline = {name: cls for name, cls in algorithms_by_short_name().items() if not cls.online}
         if self.algo not in offline:
@@ -162,7 +162,8 @@ class SweepSpec:
             raise ValueError(f"max_failures must be an int >= -1 (-1: no limit), got {self.max_failures!r}")
         if not isinstance(self.param_space, dict):
             raise TypeError(f"param_space must be a mapping of hyperparameter names, got {self.param_space!r}")
-        allowed = offline[self.algo].config_class.field_names() | ({"preset"} if self.algo == "dql" else set())
+        cls = offline[self.algo]
+        allowed = cls.config_class.field_names() | ({"preset"} if cls.presets else set())
         unknown = sorted(set(self.param_space) - allowed)
         if unknown:
             raise ValueError(f"param_space: {unknown} are not {self.algo} hyperparameters ({sorted(allowed)})")
@@ -172,8 +173,11 @@ class SweepSpec:
             raise ValueError(f"resources must map Ray resource names to numbers >= 0, got {self.resources!r}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
-        if self.pack_seeds and self.algo != "dql":
-            raise ValueError("pack_seeds trains the seeds through train_seeds' SeedStack, which is Diffusion-QL's")
+        if self.pack_seeds and not cls.stackable:
+            packable = sorted(name for name, other in offline.items() if other.stackable)
+            raise ValueError(
+                f"pack_seeds trains the seeds through train_seeds' SeedStack, which packs {packable}, not {self.algo!r}"
+            )
         _scheduler(self)  # refuses an unknown one
 
     # running -------------------------------------------------------------------------------------
@@ -319,8 +323,8 @@ def train_trial(config: dict[str, Any], callbacks: CallbackFactory | None = None
     each model (``seed_<seed>/``, saved with ``include_optimizer=True``). With several seeds each
     metric is reported per seed (``seed_<seed>/eval/mean_reward``) and as their mean.
     """
-    from dql_agent.cli import algorithms_by_short_name, load_buffer
-    from dql_agent.integrations.metrics import MetricsCallback
+    from dql_agent.metrics import MetricsCallback
+    from dql_agent.registry import algorithms_by_short_name, load_buffer
     from dql_agent.seeds import SeedStack
 
     cls = algorithms_by_short_name()[config["algo"]]
@@ -347,7 +351,7 @@ def train_trial(config: dict[str, Any], callbacks: CallbackFactory | None = None
     info = {"dataset": config["dataset"], "hyperparameters": hyperparameters}
     extras = [list(callbacks({**info, "seed": seed})) if callbacks else [] for seed in seeds]
     model_callbacks = [[recorder, *extra] for recorder, extra in zip(recorders, extras, strict=True)]
-    stack = SeedStack(models) if len(models) > 1 else None
+    stack = SeedStack(cast(Any, models)) if len(models) > 1 else None
     while (step := models[0].num_timesteps) < total:
         n = min(every - step % every, total - step)
         if stack is not None:

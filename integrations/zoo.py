@@ -25,8 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dql_agent.base import ALGORITHMS, BaseAgent
-from dql_agent.integrations.video import render_headless
+from dql_agent.base import BaseAgent
+from dql_agent.registry import algorithms_by_short_name
+from dql_agent.video import render_headless
 
 SCRIPTS = ("enjoy", "record_video")
 """The rl-zoo3 scripts this entry point runs (``train`` builds SB3 algorithms from an env alone)."""
@@ -53,7 +54,7 @@ def register_algorithms() -> dict[str, type[BaseAgent]]:
     """
     with zoo_extra():
         algos: dict[str, Any] = importlib.import_module("rl_zoo3").ALGOS
-    ours = {cls.short_name: cls for cls in ALGORITHMS.values()}
+    ours = algorithms_by_short_name()
     clashes = sorted(name for name, cls in ours.items() if algos.get(name, cls) is not cls)
     if clashes:
         raise ValueError(f"rl_zoo3.ALGOS already has {clashes} for other classes; dql_agent's would replace them")

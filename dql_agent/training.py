@@ -1,0 +1,189 @@
+"""The one training loop: timesteps, SB3 callbacks, logging, Ctrl-C and the interrupt checkpoint.
+
+:meth:`BaseAgent.learn` runs it for one agent; :class:`dql_agent.seeds.SeedStack` runs it for
+several agents trained in lockstep, each with its own callbacks and logger. A *timestep* is one
+gradient step offline and one VecEnv step online (``n_envs`` env steps, as in SB3), followed by
+its gradient steps; the loop only sees what one timestep returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from dql_agent.base import BaseAgent
+
+Losses = dict[str, torch.Tensor]
+
+
+class Rollout(NamedTuple):
+    """What an online algorithm's ``collect_step`` did: one VecEnv step (SB3's callback locals)."""
+
+    n_steps: int
+    """Env steps collected (``n_envs`` per VecEnv step): ``num_timesteps`` advances by this."""
+    gradient_steps: int
+    """Gradient steps to take now (0 during a warm-up)."""
+    actions: np.ndarray
+    new_obs: Any
+    rewards: np.ndarray
+    dones: np.ndarray
+    infos: list[dict[str, Any]]
+
+
+class Timestep(NamedTuple):
+    """One timestep of whatever is trained: each gradient step's losses (0-d tensors for one agent,
+    one value per agent for a stack), and the VecEnv step of an online agent."""
+
+    losses: list[Losses]
+    rollout: Rollout | None = None
+
+
+class _InterruptFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[_InterruptFlag]:
+    """Turn Ctrl-C into a flag that the loop checks between timesteps.
+
+    A step is never cut in half (critic updated, actor not), so an interrupted run saves a state
+    that resumes exactly. A second Ctrl-C interrupts at once. Only the main thread can own SIGINT;
+    elsewhere this does nothing.
+    """
+    flag = _InterruptFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(
+    agents: Sequence[BaseAgent],
+    total_timesteps: int,
+    timestep: Callable[[], Timestep],
+    callbacks: Sequence[BaseCallback],
+    *,
+    log_interval: int,
+    reset_num_timesteps: bool = True,
+    interrupt_checkpoint: str | os.PathLike[str] | None = None,
+) -> None:
+    """Run ``timestep`` until the agents have trained ``total_timesteps`` more timesteps.
+
+    ``callbacks[i]`` (an SB3 callback, bound here to ``agents[i]``) runs after every timestep;
+    any returning False stops training after all have run. Every ``log_interval`` timesteps each
+    agent logs the mean of its gradient steps' losses to its own logger. Ctrl-C finishes the
+    timestep in progress. When training stops on Ctrl-C or an error, ``interrupt_checkpoint`` (a
+    single agent only) receives a resumable checkpoint before the error propagates.
+    """
+    for agent in agents:
+        agent.check_can_learn()
+        if reset_num_timesteps:
+            agent.num_timesteps, agent._episode_num, agent._last_obs = 0, 0, None
+            agent.ep_info_buffer.clear()
+    lead = agents[0]
+    total_timesteps = int(total_timesteps) + lead.num_timesteps  # callbacks read this name from locals
+    for agent, callback in zip(agents, callbacks, strict=True):
+        agent._total_timesteps = total_timesteps
+        callback.init_callback(cast(Any, agent))  # SB3 callbacks take any model with its protocol
+        callback.on_training_start(locals(), globals())
+        agent.policy.train()
+    sums: Losses = {}
+    n_summed, start_time, start_timesteps = 0, time.time(), lead.num_timesteps
+    try:
+        with deferred_interrupt() as interrupt:
+            while lead.num_timesteps < total_timesteps:
+                before = lead.num_timesteps
+                step = timestep()
+                for losses in step.losses:
+                    for key, value in losses.items():  # summed on the device: no host sync per step
+                        sums[key] = sums[key] + value if key in sums else value.clone()
+                    n_summed += 1
+                # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
+                seen = locals() if step.rollout is None else {**locals(), **step.rollout._asdict()}
+                go_on = True
+                for callback in callbacks:  # each runs at every step, even after another said stop
+                    callback.update_locals(seen)
+                    go_on = callback.on_step() and go_on
+                if not go_on:
+                    break
+                if log_interval and lead.num_timesteps // log_interval > before // log_interval:
+                    _dump_all(agents, sums, n_summed, start_time, start_timesteps)
+                    sums, n_summed = {}, 0
+                if interrupt.requested:
+                    raise KeyboardInterrupt(f"training interrupted after timestep {lead.num_timesteps}")
+    except BaseException:
+        for agent in agents:
+            agent.policy.eval()
+        if interrupt_checkpoint is not None:
+            _save_interrupt_checkpoint(lead, interrupt_checkpoint)
+        raise
+    if n_summed and log_interval:
+        _dump_all(agents, sums, n_summed, start_time, start_timesteps)
+    for agent in agents:
+        agent.policy.eval()
+    for callback in callbacks:
+        callback.on_training_end()
+
+
+def _save_interrupt_checkpoint(agent: BaseAgent, path: str | os.PathLike[str]) -> None:
+    try:
+        agent.save(path, include_optimizer=True)
+    except Exception as save_error:  # the training error matters more; the last good save is intact
+        warnings.warn(f"could not save the interrupt checkpoint {path}: {save_error}", stacklevel=4)
+    else:
+        warnings.warn(
+            f"training stopped at timestep {agent.num_timesteps} (gradient step {agent.n_updates}); "
+            f"resumable checkpoint saved to {path}",
+            stacklevel=4,
+        )
+
+
+def _dump_all(agents: Sequence[BaseAgent], sums: Losses, n: int, start_time: float, start_timesteps: int) -> None:
+    if len(agents) == 1:
+        dump_logs(agents[0], sums, n, start_time, start_timesteps)
+        return
+    for i, agent in enumerate(agents):  # a stack's losses hold one value per agent
+        dump_logs(agent, {key: value[i] for key, value in sums.items()}, n, start_time, start_timesteps)
+
+
+def dump_logs(agent: BaseAgent, sums: Losses, n: int, start_time: float, start_timesteps: int) -> None:
+    """Write the mean of ``n`` gradient steps' summed losses (``train/*``), episode statistics
+    (``rollout/*``) and timing (``time/*``) to the agent's logger, and dump it at ``num_timesteps``."""
+    logger = agent.logger
+    if agent.ep_info_buffer:
+        logger.record("rollout/ep_rew_mean", float(np.mean([e["r"] for e in agent.ep_info_buffer])))
+        logger.record("rollout/ep_len_mean", float(np.mean([e["l"] for e in agent.ep_info_buffer])))
+    if agent._episode_num:
+        logger.record("time/episodes", agent._episode_num, exclude="tensorboard")
+    for key, value in sums.items():
+        logger.record(f"train/{key}", float(value) / n)
+    if n:
+        logger.record("train/n_updates", agent.n_updates, exclude="tensorboard")
+    elapsed = max(time.time() - start_time, 1e-9)
+    logger.record("time/total_timesteps", agent.num_timesteps, exclude="tensorboard")
+    logger.record("time/time_elapsed", int(elapsed), exclude="tensorboard")
+    logger.record("time/fps", int((agent.num_timesteps - start_timesteps) / elapsed))
+    logger.dump(step=agent.num_timesteps)
