@@ -11,7 +11,6 @@ transformed rewards, on the device).
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -39,14 +38,13 @@ from dql_agent.observations import (
     tree_nbytes_per_row,
     tree_to,
 )
+from dql_agent.report import report
 from dql_agent.rewards import transform_rewards
 from dql_agent.spaces import check_action_space, scale_actions
 from dql_agent.transitions import check_action_bounds, column, episode_flags, flat_rows, infer_action_space
 
 if TYPE_CHECKING:
     from dql_agent.policy import PolicyBase
-
-log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
@@ -191,7 +189,7 @@ class OfflineBuffer:
         self.timeouts = torch.as_tensor(tout)
         self.batch_device: torch.device | None = None  # set when kept on the host for a CUDA run
         if images:
-            log.info(self.memory_summary())
+            report(self.memory_summary())
 
     # constructors ------------------------------------------------------------------------------
     @classmethod
@@ -244,6 +242,16 @@ class OfflineBuffer:
         kwargs.setdefault("observation_space", replay_buffer.observation_space)
         kwargs.setdefault("action_space", replay_buffer.action_space)
         return cls(**replay_buffer_to_transitions(replay_buffer, int(relabeled_samples)), **kwargs)
+
+    @classmethod
+    def from_lerobot(cls, source: str | os.PathLike[str], **kwargs: Any) -> OfflineBuffer:
+        """From a LeRobot dataset (v3.0 or v2.1, Parquet tables and MP4 video): a local folder or a
+        Hub dataset id. Keywords (``revision``, ``keys``, ``episodes``, ``image_size``, the
+        action bounds, ``reward``, ``memory_budget_bytes``, ...) and what the dataset becomes are
+        :func:`dql_agent.readers.lerobot.read_lerobot`'s; it needs ``pip install dql_agent[lerobot]``."""
+        from dql_agent.readers.lerobot import read_lerobot
+
+        return cls(**read_lerobot(source, **kwargs))
 
     # use -----------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ this module (``dql_agent`` does, for ``dql_agent.load_from_hub``) stays cheap.
 Every ``huggingface_hub`` from 0.23 (HTTP through ``requests``) to 2.x (``httpx``/``httpx2``) works:
 only APIs common to them are used (errors from ``huggingface_hub.utils``, the offline flag
 ``constants.HF_HUB_OFFLINE``). Before it transfers anything, a load or push checks with one
-request that the Hub can be reached (:func:`_connection_error`); when it cannot, a load uses the
+request that the Hub can be reached (:func:`connection_error`); when it cannot, a load uses the
 local cache and a push fails at once with :class:`HubUnreachableError`, instead of the client's
 retries (about 23 s, or minutes where packets are dropped).
 """
@@ -32,7 +32,6 @@ import json
 import os
 import re
 import string
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +52,14 @@ from dql_agent.checkpoint import (
     verify_weights,
 )
 from dql_agent.evaluation import check_eval_env, evaluate
+from dql_agent.hub_access import (
+    HubNotFoundError,
+    HubUnreachableError,
+    connection_error,
+    is_connection_error,
+    offline_mode,
+    reason,
+)
 from dql_agent.registry import algorithm_class
 
 if TYPE_CHECKING:
@@ -79,98 +86,16 @@ VIDEO_FILE = "replay.mp4"
 CARD_TEMPLATE = "model_card.md"  # in the dql_agent.hub_cards package
 REPO_PLACEHOLDER = "<user>/<repo>"
 CARD_TAGS = ("reinforcement-learning", "offline-rl", "diffusion-policy")
-CONNECT_TIMEOUT = 3.0  # seconds to open a connection to the Hub before calling it unreachable
-# The errors of failing to open a connection (refused, timed out, DNS, proxy, TLS) in each HTTP
-# library huggingface_hub has used: requests (0.x), httpx (1.x), httpx2 (2.x).
-_CONNECT_ERRORS = {
-    "requests": ("ConnectionError",),  # ConnectTimeout, ProxyError and SSLError derive from it
-    "httpx": ("ConnectError", "ConnectTimeout", "ProxyError"),
-    "httpx2": ("ConnectError", "ConnectTimeout", "ProxyError"),
-}
-
-
-class HubNotFoundError(FileNotFoundError):
-    """A model repo, revision or file that the Hub (or the local cache) does not have.
-
-    ``repo_id``, ``path_in_repo`` (None when the whole repo is missing) and ``revision`` say
-    which (``filename``, OSError's own attribute, is left alone).
-    """
-
-    def __init__(
-        self, message: str, repo_id: str, path_in_repo: str | None = None, revision: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.repo_id, self.path_in_repo, self.revision = repo_id, path_in_repo, revision
-
-
-class HubUnreachableError(ConnectionError):
-    """The Hub endpoint could not be reached (no network, connection refused or timed out, DNS,
-    proxy or TLS failure), or offline mode forbids a push.
-
-    ``endpoint`` and ``repo_id`` say what was tried; the message also says how to work offline.
-    """
-
-    def __init__(self, message: str, endpoint: str, repo_id: str) -> None:
-        super().__init__(message)
-        self.endpoint, self.repo_id = endpoint, repo_id
-
-
-# reaching the Hub --------------------------------------------------------------------------------
-def _offline_mode() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub read it (``constants.is_offline_mode`` is 1.x+ only)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _is_connection_error(error: BaseException) -> bool:
-    types = tuple(
-        getattr(sys.modules[module], name)
-        for module, names in _CONNECT_ERRORS.items()
-        if module in sys.modules  # only an imported library can have raised its errors
-        for name in names
-    )
-    return isinstance(error, types)
-
-
-def _connection_error(endpoint: str) -> BaseException | None:
-    """Why no connection to ``endpoint`` opens within :data:`CONNECT_TIMEOUT` (None: the Hub answers).
-
-    One HEAD request through huggingface_hub's own HTTP session (its proxies, certificates and
-    headers), without retries. Any answer, even an HTTP error, means reachable; so does an error
-    other than a failed connection (a slow answer, say), which is left to huggingface_hub.
-    """
-    from huggingface_hub import __version__, constants
-    from huggingface_hub.utils import get_session
-
-    read = float(constants.HF_HUB_ETAG_TIMEOUT)
-    # requests (0.x) takes (connect, read), httpx (1.x, 2.x) (connect, read, write, pool).
-    timeout: Any = (CONNECT_TIMEOUT, read) if __version__.startswith("0.") else (CONNECT_TIMEOUT, read, read, read)
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception as error:
-        return error if _is_connection_error(error) else None
-    return None
-
-
-def _reason(error: BaseException) -> str:
-    """The innermost cause of ``error``, in one line: what the socket said."""
-    cause: BaseException | None = error
-    while cause is not None:
-        error, cause = cause, cause.__cause__ or cause.__context__
-    return f"{type(error).__name__}: {' '.join(str(error).split())}".rstrip(": ")
-
-
 @contextlib.contextmanager
 def _connection_lost(endpoint: str, repo_id: str) -> Iterator[None]:
-    """Turn a connection failing during a push (after :func:`_connection_error` found the Hub) into
+    """Turn a connection failing during a push (after :func:`connection_error` found the Hub) into
     a :class:`HubUnreachableError`."""
     try:
         yield
     except Exception as error:
-        if not _is_connection_error(error):
+        if not is_connection_error(error):
             raise
-        why = f"the connection to {endpoint} failed ({_reason(error)})"
+        why = f"the connection to {endpoint} failed ({reason(error)})"
         raise _unreachable_on_push(endpoint, repo_id, why) from error
 
 
@@ -372,6 +297,8 @@ def make_model_card(
         usage_env_literal=_py_str(env_id or "<env id>"),
         usage_n_eval_episodes=n_usage,
         dataset_id=_md_code(dataset_id) if dataset_id else None,
+        dataset_revision=_md_code(str(meta["dataset_revision"])) if meta.get("dataset_revision") else None,
+        reward=_md_text(str(meta["reward"])) if meta.get("reward") else None,
         results=results,
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
@@ -494,11 +421,11 @@ def push_to_hub(
         check_eval_env(model, eval_env)  # fail before creating anything on the Hub
     api = HfApi(token=token)
     endpoint = api.endpoint
-    if _offline_mode():
+    if offline_mode():
         raise _unreachable_on_push(endpoint, repo_id, "HF_HUB_OFFLINE is set (unset it to push)")
-    error = _connection_error(endpoint)
+    error = connection_error(endpoint)
     if error is not None:
-        raise _unreachable_on_push(endpoint, repo_id, f"no connection to {endpoint} ({_reason(error)})") from error
+        raise _unreachable_on_push(endpoint, repo_id, f"no connection to {endpoint} ({reason(error)})") from error
     with _connection_lost(endpoint, repo_id):
         if private is None:  # the Hub's default visibility (0.x would send None as JSON null)
             api.create_repo(repo_id, exist_ok=True, repo_type="model")
@@ -608,7 +535,7 @@ def _download(
             filename,
             revision,
         ) from error
-    except LocalEntryNotFoundError as error:  # the connection failed after _connection_error found the Hub
+    except LocalEntryNotFoundError as error:  # the connection failed after connection_error found the Hub
         raise _unreachable_on_load(repo_id, filename, at, error) from error
     except EntryNotFoundError as error:
         raise HubNotFoundError(
@@ -625,7 +552,7 @@ def _unreachable_on_load(repo_id: str, filename: str, at: str, error: BaseExcept
 
     endpoint = constants.ENDPOINT
     return HubUnreachableError(
-        f"cannot reach the Hub at {endpoint} ({_reason(error)}) to download {filename} of model repo "
+        f"cannot reach the Hub at {endpoint} ({reason(error)}) to download {filename} of model repo "
         f"{repo_id!r}{at}, and it is not in the local cache. To work offline, load a model downloaded before "
         "(with HF_HUB_OFFLINE=1 or local_files_only=True nothing is asked of the Hub) or a local checkpoint "
         "directory (model.save, `dql-agent push MODEL REPO_ID --local-dir DIR`)",
@@ -651,8 +578,8 @@ def _download_checkpoint(
         raise ValueError(
             f"{repo_id!r} is neither a local checkpoint directory nor a valid Hub repo id ('owner/name'): {error}"
         ) from None
-    offline = local_files_only or _offline_mode()
-    unreachable = None if offline else _connection_error(constants.ENDPOINT)
+    offline = local_files_only or offline_mode()
+    unreachable = None if offline else connection_error(constants.ENDPOINT)
     where = repo_id if revision is None else f"{repo_id}@{revision}"
     config_path = _download(repo_id, CONFIG_FILE, revision, token, cache_dir, offline, unreachable)
     config = parse_config(config_path.read_bytes(), f"{where}/{CONFIG_FILE}")

@@ -6,9 +6,7 @@ with callbacks, ``load`` with SB3's keywords), not by inheritance; what that tak
 
 from __future__ import annotations
 
-import logging
 import platform
-import sys
 import warnings
 from typing import Any
 
@@ -21,6 +19,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 from dql_agent.checkpoint import library_version
+from dql_agent.report import report
 
 IGNORED_LOAD_KEYWORDS = frozenset({"buffer_size", "optimize_memory_usage"})
 """Keywords rl-zoo3 passes to SB3's off-policy ``load`` that mean nothing to a dql_agent model
@@ -171,22 +170,4 @@ def show_system_info(saved_config: dict[str, Any] | None = None) -> None:
             f"- dql_agent: {saved_config.get('library_version')}",
             f"- format_version: {saved_config.get('format_version')}",
         ]
-    _show("\n".join(lines))
-
-
-def _show(text: str) -> None:
-    """``text`` on the ``dql_agent`` logger at INFO, on stdout when no handler is set up: the
-    user asked to see it."""
-    logger = logging.getLogger("dql_agent")
-    handler = None
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler(sys.stdout)
-        logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        logger.info(text)
-    finally:
-        logger.setLevel(level)
-        if handler is not None:
-            logger.removeHandler(handler)
+    report("\n".join(lines))

@@ -1,6 +1,8 @@
 """An in-process fake of the Hugging Face Hub HTTP API, for tests, and the fixtures aiming the client at it.
 
-Only model repos, only what ``huggingface_hub`` (0.23 to 2.4) calls for create/upload/download:
+Model repos (and dataset repos, under ``/api/datasets/...`` and ``/datasets/{ns}/{name}/resolve/...``,
+kept in ``repos`` as ``"datasets/{ns}/{name}"``), only what ``huggingface_hub`` (0.23 to 2.4) calls
+for create/upload/download:
 
 ======  ==================================================  =====================================
 POST    /api/repos/create                                   200 {"url"}; 409 WITH "url" if it exists
@@ -162,15 +164,17 @@ class FakeHub(ThreadingHTTPServer):
 
     def create_repo(self, body: dict) -> tuple[int, dict]:
         """``POST /api/repos/create``: a new repo holding one initial commit."""
-        if body.get("type", "model") != "model":
-            raise HubError(400, "this fake only hosts model repos")
+        kind = body.get("type") or "model"
+        if kind not in ("model", "dataset"):
+            raise HubError(400, "this fake only hosts model and dataset repos")
         repo_id = f"{body.get('organization') or self.username}/{body['name']}"
-        url = {"url": f"{self.url}/{repo_id}"}
-        if repo_id in self.repos:  # the client reads "url" from the 409 body when exist_ok=True
-            msg = "You already created this model repo"
+        key = repo_id if kind == "model" else f"datasets/{repo_id}"  # dataset repos: a namespace of their own
+        url = {"url": f"{self.url}/{key}"}
+        if key in self.repos:  # the client reads "url" from the 409 body when exist_ok=True
+            msg = f"You already created this {kind} repo"
             raise HubError(409, msg, body={"error": msg, **url})
         private = body.get("visibility") == "private" or bool(body.get("private"))
-        repo = self.repos[repo_id] = Repo(repo_id, private)
+        repo = self.repos[key] = Repo(repo_id, private)
         repo.commit("main", "initial commit", {".gitattributes": GITATTRIBUTES})  # as the Hub does
         return 200, url
 
@@ -301,8 +305,9 @@ class _Handler(BaseHTTPRequestHandler):
             if rest == ["repos", "create"] and method == "POST":
                 status, payload = hub.create_repo(json.loads(body or b"{}"))
                 return status, payload, {}
-            if len(rest) >= 3 and rest[0] == "models":
-                repo = hub.get_repo(f"{rest[1]}/{rest[2]}", authorized)
+            if len(rest) >= 3 and rest[0] in ("models", "datasets"):
+                prefix = "datasets/" if rest[0] == "datasets" else ""
+                repo = hub.get_repo(f"{prefix}{rest[1]}/{rest[2]}", authorized)
                 action, args = (rest[3], rest[4:]) if len(rest) > 3 else ("revision", ["main"])
                 if action == "revision" and len(args) == 1 and method == "GET":
                     return 200, hub.repo_info(repo, args[0]), {}
@@ -334,8 +339,11 @@ class _Handler(BaseHTTPRequestHandler):
                         raise HubError(400, "this fake does not support create_pr")
                     return 200, hub.apply_commit(repo, args[0], body), {}
             raise HubError(404, f"fake hub: no route for {method} /{'/'.join(parts)}")
+        prefix = ""
+        if parts[:1] == ["datasets"]:  # /datasets/{ns}/{name}/resolve/...: a dataset repo's file
+            prefix, parts = "datasets/", parts[1:]
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
-            repo = hub.get_repo(f"{parts[0]}/{parts[1]}", authorized)
+            repo = hub.get_repo(f"{prefix}{parts[0]}/{parts[1]}", authorized)
             commit = hub.get_commit(repo, parts[3])
             path = _safe_path("/".join(parts[4:]))
             if path not in commit.files:

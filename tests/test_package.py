@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, set[str]]] = [
             "diffusion",
             "encoders",
             "checkpoint",
+            "report",
+            "hub_access",
             "readers",
             "readers.d4rl",
             "readers.minari",

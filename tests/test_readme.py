@@ -19,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_TAG = "<!-- readme-test: slow -->"
+LEROBOT_REPO = "dql-agent/tiny-lerobot"
+LEROBOT_FIXTURE = ROOT / "tests" / "data" / "lerobot" / "v3_cameras"
 BUDGET = [  # (as written in README.md, as run here)
     ("total_timesteps=1_000_000", "total_timesteps=3"),
     ("learn(20_000", "learn(40"),
@@ -133,5 +135,10 @@ def snippet_params() -> list:
 def test_readme_snippet_runs_as_written(code, workspace, hub_server, monkeypatch):
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(workspace / "minari"))
+    if LEROBOT_REPO in code:  # the LeRobot section reads a Hub dataset: the tests' fixture, uploaded
+        from huggingface_hub import HfApi
+
+        HfApi().create_repo(LEROBOT_REPO, repo_type="dataset")
+        HfApi().upload_folder(folder_path=LEROBOT_FIXTURE, repo_id=LEROBOT_REPO, repo_type="dataset")
     namespace: dict = {"__name__": "__readme__"}
     exec(compile(as_run_here(code), "README.md", "exec"), namespace)  # noqa: S102  # our own README's code
