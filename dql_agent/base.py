@@ -49,7 +49,7 @@ from dql_agent.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from dql_agent.config import ConfigBase, check_seed, is_int, to_json_safe
+from dql_agent.config import AgentConfig, OfflineDataConfig, check_seed, is_int, to_json_safe
 from dql_agent.observations import check_observation_space, flat_dim
 from dql_agent.registry import ALGORITHMS, Paper, algorithm_class, register
 from dql_agent.sb3 import default_logger, load_keywords, make_callback, show_system_info, wrap_env
@@ -156,7 +156,8 @@ class BaseAgent:
     """Per-task hyperparameters by name (``preset=`` / ``--preset``), for algorithms that have them."""
     stackable: ClassVar[bool] = False
     """Whether :class:`dql_agent.seeds.SeedStack` can train several seeds of it in one batched pass."""
-    config_class: ClassVar[type[ConfigBase]]
+    config_class: ClassVar[type[AgentConfig]]
+    config: AgentConfig
     policy_class: ClassVar[type[PolicyBase]]
 
     def __init_subclass__(
@@ -183,7 +184,7 @@ class BaseAgent:
     ):
         if buffer is not None and not isinstance(buffer, OfflineBuffer):
             raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
-        self.config: Any = self.make_config(hyperparameters)
+        self.config = self.make_config(hyperparameters)
         if tensorboard_log is not None:
             check_tensorboard(tensorboard_log)
         self.device = resolve_device(device)
@@ -224,9 +225,10 @@ class BaseAgent:
             self.set_buffer(buffer)
 
     @classmethod
-    def make_config(cls, hyperparameters: dict[str, Any]) -> ConfigBase:
+    def make_config(cls, hyperparameters: dict[str, Any]) -> AgentConfig:
         """The config from the constructor's keyword hyperparameters (unknown keys: TypeError)."""
-        return cls.config_class.from_hyperparameters(hyperparameters)
+        config: AgentConfig = cls.config_class.from_hyperparameters(hyperparameters)
+        return config
 
     # hooks ---------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -334,12 +336,13 @@ class BaseAgent:
                 f"buffer has observation_space {buffer.observation_space}; the model expects "
                 f"{policy.observation_space} (camera keys must match: uint8 [0, 255] Boxes of the same shapes)"
             )
+        data = self.config if isinstance(self.config, OfflineDataConfig) else OfflineDataConfig()
         self.replay_buffer = prepare_training_data(
             buffer,
             policy,
             self.device,
-            reward_transform=getattr(self.config, "reward_transform", "none"),
-            normalize_observations=getattr(self.config, "normalize_observations", False),
+            reward_transform=data.reward_transform,
+            normalize_observations=data.normalize_observations,
         )
 
     def sample_batch(self, replay: Any, batch_size: int) -> Batch:

@@ -1,12 +1,16 @@
-"""What every algorithm's frozen hyperparameter dataclass shares: typed fields, size limits,
-renames, JSON round trip.
+"""The algorithms' frozen hyperparameter dataclasses: what they all hold, and how fields are checked.
+
+:class:`AgentConfig` declares the fields every algorithm has (the diffusion policy's size and
+sampling, the batch, the discount); :class:`ImageConfig` the camera encoder's; and
+:class:`OfflineDataConfig` what an offline algorithm does to its dataset. An algorithm's config
+extends them with its own fields, and redeclares a shared field only to change its default.
 
 A field is checked against its annotation wherever the value comes from (Python, ``--set`` or a
 config.json): a bool field takes only a bool, an int field an int that is not a bool, a float
 field an int or a float (stored as float), a str field a str, and ``X | None`` also None. numpy
 and 0-d torch scalars are converted to the plain Python value first, so a config always
-serialises to JSON. Fields that size an allocation have an upper bound (``SIZE_LIMITS``), so a
-config.json cannot ask for gigabytes before its weights are checked.
+serialises to JSON. Fields that size an allocation have an upper bound, declared with the field
+(:func:`bounded`), so a config.json cannot ask for gigabytes before its weights are checked.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import types
 import typing
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,28 +28,17 @@ import numpy as np
 MAX_SEED = 2**63 - 1
 """Largest seed (torch and numpy both take it; the policy's acting RNG uses seed + 2, wrapped)."""
 
-SIZE_LIMITS: dict[str, int] = {
-    # Far above any published setting (hidden 256-1024, T <= 1000 for DDPM, 64 candidates), far below
-    # what exhausts a machine: one bound per field that sizes a tensor or a loop.
-    "hidden_dim": 16_384,
-    "n_hidden": 64,
-    "guidance_n_hidden": 64,
-    "behavior_n_hidden": 64,
-    "time_dim": 4_096,
-    "diffusion_steps": 10_000,
-    "n_action_samples": 100_000,
-    "n_max_q_samples": 10_000,
-    "n_diffusion_samples": 10_000,
-    "n_behavior_samples": 10_000,
-    "n_target_samples": 10_000,
-    "n_entropy_samples": 10_000,
-    "n_noisy_copies": 10_000,
-    "q_ensemble_size": 1_000,
-    "batch_size": 1_048_576,
-    "behavior_batch_size": 1_048_576,
-    "buffer_size": 1_000_000_000,
-    "utd_ratio": 10_000,
-}
+BETA_SCHEDULES = ("vp", "linear", "cosine")
+"""The diffusion noise schedules (:mod:`dql_agent.diffusion`)."""
+REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize", "iql_locomotion", "iql_antmaze")
+"""The reward transforms of the official codes (:mod:`dql_agent.rewards`)."""
+
+
+def bounded(default: Any, at_most: int) -> Any:
+    """A dataclass field that sizes a tensor or a loop: its value may not exceed ``at_most`` (far
+    above any published setting, far below what exhausts a machine). A subclass that redeclares
+    the field to change its default keeps the bound."""
+    return dataclasses.field(default=default, metadata={"at_most": at_most})
 
 
 def check_field(condition: bool, field: str, expected: str, value: Any) -> None:
@@ -132,7 +125,7 @@ def _typed(value: Any, name: str, allowed: tuple[type, ...]) -> Any:
 class ConfigBase:
     """Typed fields, size limits and the JSON round trip, shared by the frozen config dataclasses.
 
-    A subclass writes its range checks in :meth:`check`; the types and ``SIZE_LIMITS`` are
+    A subclass writes its range checks in :meth:`check`; the types and the size limits are
     checked before it runs. ``renamed`` maps old field names to new ones: an old name still works
     (from Python and from an old config.json) with a DeprecationWarning naming the new one.
     """
@@ -140,21 +133,33 @@ class ConfigBase:
     renamed: ClassVar[dict[str, str]] = {}
     saved_before: ClassVar[dict[str, Any]] = {}
     """Fields added later, with the value that keeps the meaning of a config.json written before
-    them (where a new default would change what an old checkpoint builds)."""
+    them (where a new default would change what an old checkpoint builds); each class lists its
+    own, and a config reads those of all its bases."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
             value = _typed(getattr(self, f.name), f.name, _allowed_types(hints[f.name]))
-            if f.name in SIZE_LIMITS and value is not None:
-                check_field(value <= SIZE_LIMITS[f.name], f.name, f"<= {SIZE_LIMITS[f.name]:,}", value)
+            limit = type(self).size_limit(f.name)
+            if limit is not None and value is not None:
+                check_field(value <= limit, f.name, f"<= {limit:,}", value)
             if isinstance(value, float):
                 check_field(math.isfinite(value), f.name, "finite", value)
             object.__setattr__(self, f.name, value)  # frozen: the converted value replaces the given one
         self.check()
 
     def check(self) -> None:
-        """Range checks of the fields (ValueError naming the field); types are already right."""
+        """Range checks of the fields (ValueError naming the field); types are already right. A
+        subclass checks its own fields after ``super().check()``."""
+
+    @classmethod
+    def size_limit(cls, name: str) -> int | None:
+        """The upper bound :func:`bounded` declared for field ``name`` (here or in a base class)."""
+        for klass in cls.__mro__:
+            found = getattr(klass, "__dataclass_fields__", {}).get(name)
+            if found is not None and "at_most" in found.metadata:
+                return int(found.metadata["at_most"])
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
@@ -189,7 +194,10 @@ class ConfigBase:
     def from_saved(cls, values: dict[str, Any]) -> Any:
         """From a config.json's hyperparameters: :meth:`from_dict`, with ``saved_before`` filling
         the fields an older file lacks."""
-        return cls.from_dict({**cls.saved_before, **values})
+        saved_before: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):  # a base's defaults first, a subclass's override them
+            saved_before.update(vars(klass).get("saved_before", {}))
+        return cls.from_dict({**saved_before, **values})
 
     @classmethod
     def from_hyperparameters(cls, hyperparameters: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
@@ -203,3 +211,86 @@ class ConfigBase:
         if unknown:
             raise TypeError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
         return cls(**{**(base or {}), **hyperparameters})
+
+
+# the fields every algorithm shares ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageConfig(ConfigBase):
+    """The camera encoder's fields (:mod:`dql_agent.encoders`), used when the observation space has
+    camera keys; every algorithm has them."""
+
+    saved_before: ClassVar[dict[str, Any]] = {"cnn_channels": 32, "image_features": 50, "random_shift": 4}
+
+    cnn_channels: int = bounded(32, 4_096)
+    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
+    image_features: int = bounded(50, 16_384)
+    """Camera observations: features per image key, concatenated with the vector keys."""
+    random_shift: int = bounded(4, 1_024)
+    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
+
+    def check(self) -> None:
+        super().check()
+        for name in ("cnn_channels", "image_features"):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
+        check_field(self.random_shift >= 0, "random_shift", "an int >= 0", self.random_shift)
+
+
+@dataclass(frozen=True)
+class AgentConfig(ImageConfig):
+    """The fields of every algorithm: the diffusion policy's size and sampling, the batch, the
+    discount. Defaults are Diffusion-QL's; an algorithm redeclares a field to change its default."""
+
+    batch_size: int = bounded(256, 1_048_576)
+    """Transitions per gradient step, sampled uniformly with replacement."""
+    gamma: float = 0.99
+    """Discount factor of the TD target."""
+    tau: float = 0.005
+    """Polyak rate of the target networks, applied every gradient step."""
+    diffusion_steps: int = bounded(5, 10_000)
+    """Number of diffusion steps T."""
+    beta_schedule: str = "vp"
+    """Noise schedule: 'vp', 'linear' or 'cosine'."""
+    n_action_samples: int = bounded(50, 100_000)
+    """Candidate actions per observation when acting; one is picked by Q."""
+    hidden_dim: int = bounded(256, 16_384)
+    """Width of the MLPs."""
+    n_hidden: int = bounded(3, 64)
+    """Hidden layers of the MLPs."""
+    time_dim: int = bounded(16, 4_096)
+    """Size of the denoiser's sinusoidal time embedding."""
+
+    def check(self) -> None:
+        super().check()
+        for name in ("batch_size", "diffusion_steps", "n_action_samples", "hidden_dim", "n_hidden"):
+            value = getattr(self, name)
+            check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
+        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
+        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
+        check_field(
+            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
+        )
+        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+
+
+@dataclass(frozen=True)
+class OfflineDataConfig(ConfigBase):
+    """What an offline algorithm does to its dataset before training (see
+    :func:`dql_agent.buffer.prepare_training_data`)."""
+
+    reward_transforms: ClassVar[tuple[str, ...]] = REWARD_TRANSFORMS
+    """The transforms this algorithm accepts."""
+
+    reward_transform: str = "none"
+    """One of :data:`REWARD_TRANSFORMS` that the algorithm accepts (see :mod:`dql_agent.rewards`)."""
+    normalize_observations: bool = False
+    """Standardise observations with dataset mean/std (the official codes use raw observations)."""
+
+    def check(self) -> None:
+        super().check()
+        check_field(
+            self.reward_transform in self.reward_transforms,
+            "reward_transform",
+            f"one of {self.reward_transforms}",
+            self.reward_transform,
+        )

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dql_agent.config import BETA_SCHEDULES
 from dql_agent.networks import NoiseMLP
-
-BETA_SCHEDULES = ("vp", "linear", "cosine")
 
 Guidance = Callable[[torch.Tensor, int], torch.Tensor]
 """guidance(x_t, t) -> grad_x log g(x_t, t): a gradient added to the score at reverse step t."""

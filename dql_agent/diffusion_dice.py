@@ -41,24 +41,21 @@ from torch import nn
 
 from dql_agent.base import BaseAgent
 from dql_agent.buffer import OfflineBuffer
-from dql_agent.config import ConfigBase, check_field, is_int
-from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
+from dql_agent.config import AgentConfig, OfflineDataConfig, bounded, check_field, is_int
+from dql_agent.diffusion import GaussianDiffusion
 from dql_agent.networks import Critic, EnsembleMLP, NoiseMLP, SinusoidalEmbedding, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
 from dql_agent.registry import Paper
-from dql_agent.rewards import REWARD_TRANSFORMS
 
 WEIGHT_MIN, WEIGHT_MAX = 1e-40, 100.0  # clamp of the ratio w, as in the official code
 ENERGY_FLOOR = -80.0  # W below this no longer grows e^{-W} in the dual loss (official constant)
 
 
 @dataclass(frozen=True)
-class DiffusionDICEConfig(ConfigBase):
+class DiffusionDICEConfig(OfflineDataConfig, AgentConfig):
     """Hyperparameters of Diffusion-DICE. Defaults reproduce the official D4RL MuJoCo run."""
 
     renamed: ClassVar[dict[str, str]] = {"n_candidates": "n_action_samples"}
-    saved_before: ClassVar[dict[str, Any]] = IMAGE_FIELD_DEFAULTS
 
     value_learning_rate: float = 3e-4
     """AdamW learning rate of V, the twin Q and the Q-ensemble (official `value_lr`)."""
@@ -70,27 +67,21 @@ class DiffusionDICEConfig(ConfigBase):
     """AdamW weight decay of V, Q, the Q-ensemble and W (official `--weight_decay`)."""
     batch_size: int = 512
     """Transitions per value/guidance step (official `--batch_size`)."""
-    behavior_batch_size: int = 4096
+    behavior_batch_size: int = bounded(4096, 1_048_576)
     """Transitions per behaviour-model step (official pre-training batch)."""
     behavior_steps: int | None = 600_000
     """The behaviour model trains during the first this many updates (official: 600 epochs x 1000
     steps of pre-training); None trains it at every update."""
-    gamma: float = 0.99
-    """Discount of the Q target r + gamma (1 - d) V(s')."""
-    tau: float = 0.005
-    """Polyak rate of the target twin Q, every step."""
     alpha: float = 0.5
     """DICE regularisation strength: r = (Q - V) / alpha (official `--alpha`, set per task)."""
-    n_noisy_copies: int = 16
+    n_noisy_copies: int = bounded(16, 10_000)
     """Noisy copies M of each dataset action in the guidance loss (official `M`: 16 MuJoCo, 32 AntMaze)."""
     guidance_scale: float = 4.0
     """Scale s of grad W added to the behaviour score (official: 4.0 medium/medium-replay,
     2.0 medium-expert; AntMaze 1.0-4.0)."""
     diffusion_steps: int = 15
     """Reverse steps T of the behaviour model (official: 15 DPM-Solver steps)."""
-    beta_schedule: str = "vp"
-    """Noise schedule: 'vp', 'linear' or 'cosine' (official: VP)."""
-    q_ensemble_size: int = 10
+    q_ensemble_size: int = bounded(10, 1_000)
     """Members of the Q-ensemble used to select among candidates (official `q_ensemble_num`: 10
     MuJoCo, 0 AntMaze); 0 selects with the first target Q head instead."""
     n_action_samples: int = 16
@@ -109,38 +100,21 @@ class DiffusionDICEConfig(ConfigBase):
     reward_transform: str = "iql_locomotion"
     """'iql_locomotion' (r * 1000 / (max - min episode return), official MuJoCo), 'iql_antmaze'
     (0 if r > 0 else -1, official AntMaze), 'cql_antmaze', 'normalize' or 'none'."""
-    normalize_observations: bool = False
-    """Standardise observations with dataset mean/std (the official code uses raw observations)."""
-    hidden_dim: int = 256
-    """Width of every MLP (official: 256 for Q, V and W)."""
     n_hidden: int = 2
     """Hidden layers of V, the twin Q and the Q-ensemble (official: 2)."""
-    guidance_n_hidden: int = 4
+    guidance_n_hidden: int = bounded(4, 64)
     """Hidden layers of the guidance network W (official: 4)."""
-    behavior_n_hidden: int = 3
+    behavior_n_hidden: int = bounded(3, 64)
     """Hidden layers of the behaviour model's noise MLP (the library's NoiseMLP default)."""
-    time_dim: int = 16
-    """Size of the sinusoidal step embeddings of the behaviour model and W (the library's NoiseMLP
-    default; the official nets use 32 Gaussian-Fourier features of a continuous time)."""
-    cnn_channels: int = 32
-    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
-    image_features: int = 50
-    """Camera observations: features per image key, concatenated with the vector keys."""
-    random_shift: int = 4
-    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
 
     def check(self) -> None:
+        super().check()
         for name in ("value_learning_rate", "guidance_learning_rate", "behavior_learning_rate"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in (
-            "batch_size",
             "behavior_batch_size",
             "n_noisy_copies",
-            "diffusion_steps",
-            "n_action_samples",
             "lr_decay_steps",
-            "hidden_dim",
-            "n_hidden",
             "guidance_n_hidden",
             "behavior_n_hidden",
         ):
@@ -159,23 +133,10 @@ class DiffusionDICEConfig(ConfigBase):
             self.q_ensemble_size,
         )
         check_field(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
-        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
         check_field(self.alpha > 0, "alpha", "> 0", self.alpha)
         check_field(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
         check_field(self.selection_temperature > 0, "selection_temperature", "> 0", self.selection_temperature)
         check_field(self.min_value_learning_rate >= 0, "min_value_learning_rate", ">= 0", self.min_value_learning_rate)
-        check_field(
-            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
-        )
-        check_field(
-            self.reward_transform in REWARD_TRANSFORMS,
-            "reward_transform",
-            f"one of {REWARD_TRANSFORMS}",
-            self.reward_transform,
-        )
-        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
-        check_image_fields(self)
 
 
 # networks --------------------------------------------------------------------------------------
@@ -249,6 +210,8 @@ class DiffusionDICEPolicy(PolicyBase):
         action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
         config: hyperparameters (network sizes, diffusion steps, schedule, acting).
     """
+
+    config: DiffusionDICEConfig
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionDICEConfig):
         super().__init__(observation_space, action_space, config)

@@ -31,14 +31,12 @@ from gymnasium import spaces
 
 from dql_agent.base import BaseAgent
 from dql_agent.buffer import Batch, OfflineBuffer
-from dql_agent.config import ConfigBase, check_field, is_int
-from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
+from dql_agent.config import AgentConfig, OfflineDataConfig, bounded, check_field, is_int
+from dql_agent.diffusion import GaussianDiffusion
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize
 from dql_agent.policy import PolicyBase
 from dql_agent.registry import Paper
 
-DQL_REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize")
 ENCODER_LOSSES = ("critic", "actor")
 
 
@@ -50,36 +48,23 @@ def _nonfinite(name: str, loss: torch.Tensor) -> str:
 
 # configuration ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DiffusionQLConfig(ConfigBase):
+class DiffusionQLConfig(OfflineDataConfig, AgentConfig):
     """Hyperparameters of Diffusion-QL. Defaults reproduce the official D4RL locomotion run."""
 
-    saved_before: ClassVar[dict[str, Any]] = {
-        **IMAGE_FIELD_DEFAULTS,
-        "encoder_loss": "critic",
-        "critic_layer_norm": False,
-    }
+    saved_before: ClassVar[dict[str, Any]] = {"encoder_loss": "critic", "critic_layer_norm": False}
+    reward_transforms: ClassVar[tuple[str, ...]] = ("none", "cql_antmaze", "normalize")
 
     learning_rate: float = 3e-4
     """Actor (diffusion policy) Adam learning rate; the per-task `lr` of the official code."""
     critic_learning_rate: float = 3e-4
     """Critic Adam learning rate; fixed at 3e-4 for every task in the official code."""
-    batch_size: int = 256
-    """Transitions per gradient step, sampled uniformly with replacement."""
-    gamma: float = 0.99
-    """Discount factor of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target critics, applied every step."""
     eta: float = 1.0
     """Weight of the Q-term in the actor loss: bc_loss + eta * q_loss."""
-    diffusion_steps: int = 5
-    """Number of diffusion steps T."""
-    beta_schedule: str = "vp"
-    """Noise schedule: 'vp', 'linear' or 'cosine'."""
     grad_norm: float | None = 1.0
     """Max gradient norm for actor and critic (one shared value); None disables clipping."""
     max_q_backup: bool = False
     """TD target from the max over `n_max_q_samples` next actions per critic, then the min."""
-    n_max_q_samples: int = 10
+    n_max_q_samples: int = bounded(10, 10_000)
     """Next-action samples per state for the max-Q backup."""
     ema_decay: float = 0.995
     """Decay of the EMA actor that produces the TD target's next actions."""
@@ -95,29 +80,11 @@ class DiffusionQLConfig(ConfigBase):
     """Length of the cosine decay in gradient steps; None: the run's, i.e. the ``total_timesteps``
     of the first ``learn`` call (fixed then and saved with the schedule; set it when training in
     chunks)."""
-    n_action_samples: int = 50
-    """Candidate actions per observation when acting; one is picked by the target critics' min-Q."""
     act_with_ema: bool = False
     """Act with the EMA actor instead of the online actor (the official code uses the online one)."""
-    reward_transform: str = "none"
-    """'none', 'cql_antmaze' (r <- 4 (r - 0.5)) or 'normalize' (r <- (r - mean) / std)."""
-    normalize_observations: bool = False
-    """Standardise observations with dataset mean/std (the official code uses raw observations)."""
     critic_layer_norm: bool = False
     """LayerNorm on the critics' hidden pre-activations (not in the official code; an option that
     is known to stabilise offline critics, see docs/STABILITY.md)."""
-    hidden_dim: int = 256
-    """Width of the denoiser and critic MLPs."""
-    n_hidden: int = 3
-    """Hidden layers of the denoiser and critic MLPs."""
-    time_dim: int = 16
-    """Size of the denoiser's sinusoidal time embedding."""
-    cnn_channels: int = 32
-    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
-    image_features: int = 50
-    """Camera observations: features per image key, concatenated with the vector keys."""
-    random_shift: int = 4
-    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
     encoder_loss: str = "critic"
     """Camera observations: the loss that trains the shared encoder, 'critic' (the TD loss, DrQ-v2's
     choice) or 'actor' (the BC + Q loss); the other network sees the features detached."""
@@ -125,21 +92,12 @@ class DiffusionQLConfig(ConfigBase):
     """A NaN/inf loss: 'raise' (FloatingPointError naming the step) or 'skip' the batch."""
 
     def check(self) -> None:
+        super().check()
         for name in ("learning_rate", "critic_learning_rate"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
-        for name in (
-            "batch_size",
-            "diffusion_steps",
-            "n_max_q_samples",
-            "ema_update_every",
-            "n_action_samples",
-            "hidden_dim",
-            "n_hidden",
-        ):
+        for name in ("n_max_q_samples", "ema_update_every"):
             value = getattr(self, name)
             check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
-        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
-        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
         check_field(0.0 <= self.ema_decay <= 1.0, "ema_decay", "in [0, 1]", self.ema_decay)
         check_field(self.eta >= 0.0, "eta", ">= 0", self.eta)
         check_field(self.ema_start_step >= 0, "ema_start_step", ">= 0", self.ema_start_step)
@@ -150,17 +108,6 @@ class DiffusionQLConfig(ConfigBase):
             self.lr_decay_steps,
         )
         check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
-        check_field(
-            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
-        )
-        check_field(
-            self.reward_transform in DQL_REWARD_TRANSFORMS,
-            "reward_transform",
-            f"one of {DQL_REWARD_TRANSFORMS}",
-            self.reward_transform,
-        )
-        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
-        check_image_fields(self)
         check_field(self.encoder_loss in ENCODER_LOSSES, "encoder_loss", f"one of {ENCODER_LOSSES}", self.encoder_loss)
         check_field(
             self.nonfinite_loss in ("raise", "skip"), "nonfinite_loss", "'raise' or 'skip'", self.nonfinite_loss
@@ -230,6 +177,8 @@ class DiffusionQLPolicy(PolicyBase):
         action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
         config: hyperparameters (network sizes, diffusion steps, schedule, acting).
     """
+
+    config: DiffusionQLConfig
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: DiffusionQLConfig):
         super().__init__(observation_space, action_space, config)

@@ -17,23 +17,8 @@ from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
-from dql_agent.config import check_field, is_int
+from dql_agent.config import ImageConfig
 from dql_agent.observations import has_images, image_shape_chw, is_channels_first, is_image_space, leaves
-
-# The encoder's config fields (in every algorithm's config) and what a config.json saved before
-# them means: no camera keys then, so the values only have to be valid.
-IMAGE_FIELD_DEFAULTS: dict[str, Any] = {"cnn_channels": 32, "image_features": 50, "random_shift": 4}
-
-
-def check_image_fields(config: Any) -> None:
-    """The encoder's config fields, shared by every algorithm's config."""
-    for name in ("cnn_channels", "image_features"):
-        value = getattr(config, name)
-        check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
-    check_field(
-        is_int(config.random_shift) and config.random_shift >= 0, "random_shift", "an int >= 0", config.random_shift
-    )
-
 
 # (kernel, stride) of the three convolutions: Nature-CNN's from 36 px up, 3x3 ones below (the
 # Nature stack shrinks a smaller image to nothing).
@@ -72,7 +57,7 @@ class ObservationEncoder(nn.Module):
     [-0.5, 0.5], channels first), the vector keys raveled and passed through, concatenated in the
     space's key order. For a space without images it is the identity on flat observations."""
 
-    def __init__(self, space: spaces.Space, config: Any):
+    def __init__(self, space: spaces.Space, config: ImageConfig):
         super().__init__()
         self.space = space
         self.uses_images = has_images(space)
@@ -81,7 +66,7 @@ class ObservationEncoder(nn.Module):
             key: (is_channels_first(box), image_shape_chw(box)) for key, box in leaves(space) if is_image_space(box)
         }
         self.vector_dims = {key: math.prod(box.shape) for key, box in leaves(space) if key not in self.image_layout}
-        self.random_shift = int(getattr(config, "random_shift", 0))
+        self.random_shift = config.random_shift
         # ModuleDict keys may not contain '.': nested keys are stored with '__' in the state dict.
         self.cnns = nn.ModuleDict(
             {

@@ -16,6 +16,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from dql_agent.config import AgentConfig, OfflineDataConfig
 from dql_agent.encoders import ObservationEncoder
 from dql_agent.observations import batch_of, check_observation_space, flat_dim, flatten, normalize, rows_of
 from dql_agent.spaces import check_action_space, unscale_actions
@@ -47,7 +48,7 @@ class PolicyBase(nn.Module):
     obs_std: torch.Tensor
     deterministic_noise: torch.Tensor  # (T, N, A)
 
-    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: Any):
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: AgentConfig):
         super().__init__()
         check_observation_space(observation_space)
         check_action_space(action_space)
@@ -186,7 +187,7 @@ class PolicyBase(nn.Module):
     def normalize_observations(self, observations: Any) -> Any:
         """Apply the dataset's observation statistics (identity unless ``normalize_observations``);
         in an observation tree only the vector keys (images are scaled by the encoder)."""
-        if not getattr(self.config, "normalize_observations", False):
+        if not (isinstance(self.config, OfflineDataConfig) and self.config.normalize_observations):
             return observations
         return normalize(self.observation_space, observations, self.obs_mean, self.obs_std)
 

@@ -34,9 +34,8 @@ from gymnasium import spaces
 
 from dql_agent.base import BaseAgent
 from dql_agent.buffer import ReplayBuffer
-from dql_agent.config import ConfigBase, check_field, is_int
-from dql_agent.diffusion import BETA_SCHEDULES, GaussianDiffusion
-from dql_agent.encoders import IMAGE_FIELD_DEFAULTS, check_image_fields
+from dql_agent.config import AgentConfig, bounded, check_field, is_int
+from dql_agent.diffusion import GaussianDiffusion
 from dql_agent.networks import Critic, NoiseMLP, SoftUpdate, optimize, scaled_normal_init
 from dql_agent.observations import flatten, tree_from_arrays
 from dql_agent.policy import PolicyBase, best_of
@@ -52,11 +51,12 @@ WEIGHT_INITS = ("official", "torch")
 
 
 @dataclass(frozen=True)
-class QVPOConfig(ConfigBase):
-    """Hyperparameters of QVPO. Defaults are the official code's (identical for every task)."""
+class QVPOConfig(AgentConfig):
+    """Hyperparameters of QVPO. Defaults are the official code's (identical for every task);
+    ``batch_size`` is the transitions per critic update and the states per actor update."""
 
     renamed: ClassVar[dict[str, str]] = {"n_eval_samples": "n_action_samples"}
-    saved_before: ClassVar[dict[str, Any]] = {"time_hidden_dim": None, "weight_init": "torch", **IMAGE_FIELD_DEFAULTS}
+    saved_before: ClassVar[dict[str, Any]] = {"time_hidden_dim": None, "weight_init": "torch"}
 
     learning_rate: float = 1e-4
     """Actor (diffusion policy) Adam learning rate (official `--diffusion_lr`)."""
@@ -64,27 +64,21 @@ class QVPOConfig(ConfigBase):
     """Critic Adam learning rate (official `--critic_lr`)."""
     adam_eps: float = 1e-5
     """Adam epsilon of both optimizers (hard-coded 1e-5 in the official code)."""
-    batch_size: int = 256
-    """Transitions per critic update; also the number of states per actor update."""
-    buffer_size: int = 1_000_000
+    buffer_size: int = bounded(1_000_000, 1_000_000_000)
     """Replay buffer capacity in transitions (official `memory_size` 1e6); oldest are overwritten."""
     learning_starts: int = 10_000
     """Env steps of uniformly random actions before the policy acts and updates start (`start_steps`)."""
-    utd_ratio: int = 1
+    utd_ratio: int = bounded(1, 10_000)
     """Gradient steps per collected transition (update-to-data ratio; official `updates_per_step`)."""
-    gamma: float = 0.99
-    """Discount factor of the TD target."""
-    tau: float = 0.005
-    """Polyak rate of the target critics and the target actor, applied every gradient step."""
     grad_norm: float | None = 2.0
     """Max gradient norm of actor and critic (official `--ac_grad_norm`); None disables clipping."""
     diffusion_steps: int = 20
     """Number of diffusion steps T (official `--n_timesteps`)."""
     beta_schedule: str = "cosine"
     """Noise schedule: 'cosine' (official default), 'linear' or 'vp'."""
-    n_diffusion_samples: int = 64
+    n_diffusion_samples: int = bounded(64, 10_000)
     """N_d: actions drawn per state from the current policy for the Q-weighted loss (`--train_sample`)."""
-    n_entropy_samples: int = 10
+    n_entropy_samples: int = bounded(10, 10_000)
     """N_e: uniform actions per state for the entropy regulariser (hard-coded 10 in the official code)."""
     entropy_coef_start: float = 0.02
     """omega_ent at step 0 (official `--entropy_alpha`); the uniform actions' weight is omega_ent * w(s)."""
@@ -97,47 +91,27 @@ class QVPOConfig(ConfigBase):
     read from old checkpoints) uses the target of the ``learn`` call in progress."""
     q_transform: str = "qadv"
     """Weight of the best sample: 'qadv' = max(Q - mean_{N_d} Q, 0) (QVPO) or 'qrelu' = max(Q, 0)."""
-    n_behavior_samples: int = 4
+    n_behavior_samples: int = bounded(4, 10_000)
     """K_b: candidates per state when exploring; the argmax of min-Q is taken (`--behavior_sample`)."""
-    n_target_samples: int = 4
+    n_target_samples: int = bounded(4, 10_000)
     """K_t: target-actor candidates per next state in the TD target (`--target_sample`)."""
     n_action_samples: int = 32
     """Candidates per state for ``predict(deterministic=True)`` (official `--eval_sample`; its help
     text says 512). Was ``n_eval_samples``."""
-    hidden_dim: int = 256
-    """Width of the denoiser and critic MLPs."""
-    n_hidden: int = 3
-    """Hidden layers of the denoiser and critic MLPs."""
     time_dim: int = 32
     """Size of the denoiser's sinusoidal time embedding."""
-    time_hidden_dim: int | None = 256
+    time_hidden_dim: int | None = bounded(256, 16_384)
     """Hidden width of the time-embedding MLP, time_dim -> 256 -> time_dim as in the official
     code; None is 2 * time_dim (Diffusion-QL's, and what checkpoints saved before this field hold)."""
     weight_init: str = "official"
     """'official': weights N(0, 1 / (2 sqrt(fan_in))), zero biases (the official `init_weights`),
     for the denoiser and critics; 'torch': PyTorch's default (the behaviour before 0.2)."""
-    cnn_channels: int = 32
-    """Camera observations: channels of each image key's CNN (c, 2c, 2c over three convolutions)."""
-    image_features: int = 50
-    """Camera observations: features per image key, concatenated with the vector keys."""
-    random_shift: int = 4
-    """Camera observations: DrQ's random-shift augmentation in training, up to this many pixels; 0 turns it off."""
 
     def check(self) -> None:
+        super().check()
         for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
-        for name in (
-            "batch_size",
-            "buffer_size",
-            "utd_ratio",
-            "diffusion_steps",
-            "n_diffusion_samples",
-            "n_behavior_samples",
-            "n_target_samples",
-            "n_action_samples",
-            "hidden_dim",
-            "n_hidden",
-        ):
+        for name in ("buffer_size", "utd_ratio", "n_diffusion_samples", "n_behavior_samples", "n_target_samples"):
             value = getattr(self, name)
             check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
         for name in ("learning_starts", "n_entropy_samples"):
@@ -147,8 +121,6 @@ class QVPOConfig(ConfigBase):
         check_field(
             decay is None or (is_int(decay) and decay >= 1), "entropy_decay_steps", "an int >= 1 or None", decay
         )
-        check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
-        check_field(0.0 < self.tau <= 1.0, "tau", "in (0, 1]", self.tau)
         check_field(self.grad_norm is None or self.grad_norm > 0, "grad_norm", "> 0 or None", self.grad_norm)
         check_field(self.entropy_coef_start >= 0.0, "entropy_coef_start", ">= 0", self.entropy_coef_start)
         check_field(
@@ -157,12 +129,7 @@ class QVPOConfig(ConfigBase):
             f"in [0, entropy_coef_start={self.entropy_coef_start}]",
             self.entropy_coef_end,
         )
-        check_field(
-            self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
-        )
         check_field(self.q_transform in Q_TRANSFORMS, "q_transform", f"one of {Q_TRANSFORMS}", self.q_transform)
-        check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
-        check_image_fields(self)
         check_field(
             self.time_hidden_dim is None or self.time_hidden_dim >= 1,
             "time_hidden_dim",
@@ -202,6 +169,8 @@ class QVPOPolicy(PolicyBase):
         action_space: bounded Box; the networks work in [-1, 1] and ``predict`` maps back.
         config: hyperparameters (network sizes, diffusion steps, schedule, K_b / K_eval).
     """
+
+    config: QVPOConfig
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Box, config: QVPOConfig):
         super().__init__(observation_space, action_space, config)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize", "iql_locomotion", "iql_antmaze")
+from dql_agent.config import REWARD_TRANSFORMS
 
 
 def transform_rewards(buffer: Any, kind: str) -> torch.Tensor:
