@@ -14,7 +14,7 @@ Datasets are written with :func:`dql_agent.integrations.minari.write_minari_data
 Loading the SB3 zips of ``DLR-RM/rl-trained-agents`` needs ``shimmy>=2`` (the zips hold old gym
 spaces). Example::
 
-    python benchmarks/datasets.py /work/shared/agents/sac_Hopper.zip --env Hopper-v5 \
+    python -m benchmarks.datasets /work/shared/agents/sac_Hopper.zip --env Hopper-v5 \
         --steps 50000 --out /tmp/minari
 """
 

@@ -44,7 +44,7 @@ Variants: ``default`` (the D4RL locomotion settings: EMA 0.995 every 5 steps fro
 
 Example (exit status 1 when an entry fails)::
 
-    OMP_NUM_THREADS=1 python benchmarks/equivalence.py --reference /tmp/official --threads 1 \
+    OMP_NUM_THREADS=1 python -m benchmarks.equivalence --reference /tmp/official --threads 1 \
         --steps 1 30 1500 --max-q-steps 1 30 --ema-steps 1 30 --out equivalence.json
 """
 
@@ -66,9 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import machine, official_imports, random_data  # noqa: E402  # benchmarks/ is not a package
-
+from benchmarks.common import machine, official_imports, random_data
 from dql_agent import DiffusionQL, OfflineBuffer, networks  # noqa: E402
 from dql_agent.buffer import Batch  # noqa: E402
 from dql_agent.diffusion_ql import ActorNoise  # noqa: E402

@@ -1,6 +1,6 @@
 """The CUDA paths end to end, with timings: what a GPU machine runs before trusting a release.
 
-    python benchmarks/gpu_smoke.py --device cuda [--out gpu_smoke.json]
+    python -m benchmarks.gpu_smoke --device cuda [--out gpu_smoke.json]
 
 Trains each algorithm briefly on the device (Diffusion-QL at the default Hopper size, eager and
 ``compile_training()``; Diffusion-DICE; QVPO online on Pendulum), acts, saves and loads across

@@ -6,13 +6,13 @@ floor, a bare PyAV loop over the same files (demux, decode, ``to_ndarray("rgb24"
 thread each; the median of ``--repeats`` runs. Frames/s counts the frames decoded (each table row of
 each camera once).
 
-The default dataset is the larger benchmark dataset that ``benchmarks/lerobot_fixtures.py --bench``
+The default dataset is the larger benchmark dataset that ``python -m benchmarks.lerobot_fixtures --bench``
 writes with lerobot's own writer (6 episodes x 150 frames at 30 fps, AV1 as lerobot encodes by
 default, cameras of 240x320 and 96x128); ``--dataset tests/data/lerobot/v3_cameras`` times the tiny
 committed fixture. Example (one thread, as the numbers in docs/BENCHMARKS.md were taken)::
 
-    /work/lerobot-venv/bin/python benchmarks/lerobot_fixtures.py --bench /tmp/lerobot_bench
-    OMP_NUM_THREADS=1 python benchmarks/lerobot_decode_speed.py --dataset /tmp/lerobot_bench --out /tmp/lerobot.json
+    /work/lerobot-venv/bin/python -m benchmarks.lerobot_fixtures --bench /tmp/lerobot_bench
+    OMP_NUM_THREADS=1 python -m benchmarks.lerobot_decode_speed --dataset /tmp/lerobot_bench --out /tmp/lerobot.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +27,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import machine  # noqa: E402  # benchmarks/ is not a package
-
+from benchmarks.common import machine
 from dql_agent import OfflineBuffer  # noqa: E402
 from dql_agent.readers.lerobot import SuccessAtEnd  # noqa: E402
 

@@ -6,8 +6,8 @@ dql_agent's::
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /work/lerobot-venv
     /work/lerobot-venv/bin/pip install "lerobot[dataset]==0.6.1"
-    /work/lerobot-venv/bin/python benchmarks/lerobot_fixtures.py --out tests/data/lerobot
-    /work/lerobot-venv/bin/python benchmarks/lerobot_fixtures.py --bench /tmp/lerobot_bench  # not committed
+    /work/lerobot-venv/bin/python -m benchmarks.lerobot_fixtures --out tests/data/lerobot
+    /work/lerobot-venv/bin/python -m benchmarks.lerobot_fixtures --bench /tmp/lerobot_bench  # not committed
 
 It writes three datasets (and, with ``--bench``, only a larger one for the decode benchmark):
 
@@ -40,15 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this folder comes first on sys.path, and benchmarks/datasets.py would shadow the
-# `datasets` package that lerobot imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
 
 import av  # noqa: E402
 import numpy as np  # noqa: E402

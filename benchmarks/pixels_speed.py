@@ -11,7 +11,7 @@ state is built, and the default DiffusionQL (CNN encoder with the default ``cnn_
 
 Example (one thread, as the numbers in the README were taken)::
 
-    OMP_NUM_THREADS=1 python benchmarks/pixels_speed.py --threads 1 --sizes 64 84 --out /tmp/bench/pixels.json
+    OMP_NUM_THREADS=1 python -m benchmarks.pixels_speed --threads 1 --sizes 64 84 --out /tmp/bench/pixels.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +27,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import machine  # noqa: E402  # benchmarks/ is not a package
-
+from benchmarks.common import machine
 from dql_agent import DiffusionQL, OfflineBuffer  # noqa: E402
 
 

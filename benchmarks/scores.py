@@ -21,7 +21,7 @@ Outputs under ``--out``: ``scores.json`` (every curve point), ``scores.md`` (the
 sampled actions of diffusion BC, Diffusion-QL and a Gaussian TD3+BC-style policy over the four
 reward modes. Example::
 
-    OMP_NUM_THREADS=2 python benchmarks/scores.py --minari-path /tmp/minari \
+    OMP_NUM_THREADS=2 python -m benchmarks.scores --minari-path /tmp/minari \
         --datasets dql_bench/hopper/medium-v0 dql_bench/hopper/expert-v0 --steps 5000 --seeds 0 1 2
 """
 
@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,8 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection import parse_named_hyperparameters  # noqa: E402  # benchmarks/ is not a package
+from benchmarks.common import parse_named_hyperparameters
 
 ALGOS = ("dql", "bc-diffusion", "bc-mlp", "td3bc", "iql")
 LABELS = {

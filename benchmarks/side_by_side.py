@@ -19,13 +19,13 @@ of the difference of means, and Mann-Whitney's U; both enumerate every split of 
 Build the dataset (Walker2d: half the expert with sigma 0.1 action noise, half with sigma 0.5 and 30%
 uniform random actions, 50 episodes each), then run both sides and report::
 
-    MINARI_DATASETS_PATH=/tmp/sbs python benchmarks/datasets.py /work/shared/agents/sac_Walker2d.zip \
+    MINARI_DATASETS_PATH=/tmp/sbs python -m benchmarks.datasets /work/shared/agents/sac_Walker2d.zip \
         --env Walker2d-v5 --kinds medium-expert --episodes 50 --expert-noise 0.1 --medium-noise 0.5 \
         --medium-random-prob 0.3 --namespace dql_sbs
     export MINARI_DATASETS_PATH=/tmp/sbs OMP_NUM_THREADS=1
-    python benchmarks/side_by_side.py --impl ours &
-    python benchmarks/side_by_side.py --impl official --reference /tmp/official
-    python benchmarks/side_by_side.py --report
+    python -m benchmarks.side_by_side --impl ours &
+    python -m benchmarks.side_by_side --impl official --reference /tmp/official
+    python -m benchmarks.side_by_side --report
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import importlib
 import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scores import evaluate  # noqa: E402  # benchmarks/ is not a package
-from speed import machine, official_imports  # noqa: E402
+from benchmarks.common import machine, official_imports
+from benchmarks.scores import evaluate
 
 IMPLEMENTATIONS = ("ours", "official")
 # The runs are kept in the repository: a run takes 30-40 min of a core and must outlive the machine.

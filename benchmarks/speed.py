@@ -20,25 +20,20 @@ settings (T=5, batch 256, 3x256 MLPs, 50 action candidates), on 10k random trans
 
 Example::
 
-    OMP_NUM_THREADS=2 python benchmarks/speed.py --reference /tmp/official --threads 2 --out speed.json
-    OMP_NUM_THREADS=1 python benchmarks/speed.py --reference /tmp/official --threads 1 --compile --deploy
+    OMP_NUM_THREADS=2 python -m benchmarks.speed --reference /tmp/official --threads 2 --out speed.json
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --reference /tmp/official --threads 1 --compile --deploy
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +41,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import (
+    add_common_args,
+    latency,
+    machine,
+    official_imports,
+    random_data,
+    rate,
+    setup_torch,
+    sync,
+)
+
 PROBLEMS = {"hopper": (11, 3), "large": (39, 8)}
-N_TRANSITIONS = 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,13 +117,6 @@ def step_matmuls(obs_dim: int, act_dim: int, batch: int = 256, steps: int = 5) -
     return shapes
 
 
-# ---------------------------------------------------------------------------------------------
-# timing helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_mm(m: int, k: int, n: int, device: torch.device, seconds: float) -> float:
     """Seconds per torch.mm of (m, k) @ (k, n), best of a few timed batches."""
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
@@ -163,51 +161,6 @@ def matmul_ceiling(device: torch.device, seconds: float, problems: dict[str, tup
     return result
 
 
-def rate(fn: Callable[[int], Any], seconds: float, device: torch.device, probe: int = 3) -> float:
-    """Calls/s of ``fn(n)`` (n iterations per call): calibrated on ``probe`` iterations, then one
-    timed run of about ``seconds``."""
-    sync(device)
-    start = time.perf_counter()
-    fn(probe)
-    sync(device)
-    first = (time.perf_counter() - start) / probe
-    n = max(1, round(seconds / max(first, 1e-6)))
-    start = time.perf_counter()
-    fn(n)
-    sync(device)
-    return n / (time.perf_counter() - start)
-
-
-def latency(fn: Callable[[], Any], seconds: float, device: torch.device, warmup: int = 10) -> dict[str, float]:
-    """Median and 90th percentile (ms) over at least 20 calls and about ``seconds``, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 20 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"median_ms": statistics.median(times) * 1e3, "p90_ms": times[int(0.9 * len(times))] * 1e3, "n": len(times)}
-
-
-# ---------------------------------------------------------------------------------------------
-# the agents under test
-def random_data(obs_dim: int, act_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    n = N_TRANSITIONS
-    return {
-        "observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32),
-        "rewards": rng.normal(size=n).astype(np.float32),
-        "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
-        "terminals": rng.random(n) < 0.01,
-    }
-
-
 class Ours:
     name = "dql_agent"
 
@@ -247,29 +200,6 @@ class OursCompiled(Ours):
         for batch in (1, 16):  # compile outside the timed calls
             self.predict(batch)()
             self.select_action(batch)()
-
-
-@contextlib.contextmanager
-def official_imports(directory: Path) -> Iterator[None]:
-    """Import from the official checkout: its top-level ``agents``/``utils`` packages are put in
-    sys.modules only while importing (``utils.logger`` stubbed: it needs a log directory), then the
-    previous entries are restored so the generic names do not leak."""
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("agents", "utils")}
-    for key in saved:
-        del sys.modules[key]
-    sys.path.insert(0, str(directory))
-    try:
-        utils = importlib.import_module("utils")
-        stub = types.ModuleType("utils.logger")
-        stub.logger = None
-        sys.modules["utils.logger"] = stub
-        utils.logger = stub
-        yield
-    finally:
-        sys.path.remove(str(directory))
-        for key in [k for k in sys.modules if k.split(".")[0] in ("agents", "utils")]:
-            del sys.modules[key]
-        sys.modules.update(saved)
 
 
 class Official:
@@ -460,32 +390,6 @@ def print_deploy(name: str, deploy: dict[str, Any]) -> None:
     print(f"max |action - predict(deterministic=True)|: {diffs}; export: {exports}")
 
 
-# ---------------------------------------------------------------------------------------------
-def machine(device: torch.device, threads: int) -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu": model,
-        "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "threads_arg": threads,
-        "device": str(device),
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(ImportError):
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    return info
-
-
 def profile_step(ours: Ours, n_steps: int = 20, rows: int = 15) -> str:
     """torch.profiler table of our training step (self CPU time by op)."""
     from torch.profiler import ProfilerActivity, profile
@@ -495,30 +399,6 @@ def profile_step(ours: Ours, n_steps: int = 20, rows: int = 15) -> str:
     with profile(activities=activities) as prof:
         ours.train(n_steps)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
-def add_common_args(p: argparse.ArgumentParser, compared: str) -> None:
-    """--device, --threads, --seconds, --repeats: shared by the speed scripts."""
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: OMP_NUM_THREADS if set, else all visible cores)",
-    )
-    p.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    p.add_argument("--repeats", type=int, default=3, help=f"interleaved {compared} repeats; medians reported")
-
-
-def setup_torch(args: argparse.Namespace) -> tuple[torch.device, int]:
-    """Set torch's threads (--threads, else an explicit OMP_NUM_THREADS, else all cores); the device."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or (int(omp) if omp.isdigit() else 0) or cores
-    torch.set_num_threads(threads)
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), threads
-    return torch.device(args.device), threads
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -537,7 +417,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:  # noqa: C901 - one branch per optional phase
     args = parse_args(argv)
     device, threads = setup_torch(args)
     if args.reference is not None and not (args.reference / "agents" / "ql_diffusion.py").exists():

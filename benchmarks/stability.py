@@ -10,7 +10,7 @@ Configurations (``--configs`` picks a subset; ``--extra NAME=JSON`` adds one by 
 hyperparameters, e.g. ``combo='{"act_with_ema": true, "critic_layer_norm": true}'``):
 
 - ``default``: the base hyperparameters (``--base paper``: the library defaults, which are the
-  paper's settings; ``--base dataset``: the ones benchmarks/selection.py uses for the dataset, the
+  paper's settings; ``--base dataset``: the ones benchmarks/model_selection_study.py uses for the dataset, the
   ``dql-agent demo`` settings on Pendulum), plus ``--set`` overrides. Every config is default plus
   its own changes;
 - ``ema`` (``act_with_ema=True``), ``eta0.5`` (``eta=0.5``), ``gamma0.95`` (``gamma=0.95``),
@@ -23,7 +23,7 @@ score* when its mean gap is below default's by more than the seeds' spread, and 
 not below default's by more than the spread. The spread of a quantity is the larger of the two
 configs' standard deviations over seeds (ddof=1), so it needs at least 2 seeds.
 
-Datasets are benchmarks/selection.py's (its dataset builder and evaluation are imported, not
+Datasets are benchmarks/model_selection_study.py's (its dataset builder and evaluation are imported, not
 copied): ``pendulum-mixed`` (25 good + 25 noisy swing-up episodes, 10,000 transitions),
 ``pendulum-noisy``, or Minari ids such as ``dql_bench/hopper/medium-v0`` of
 ``benchmarks/datasets.py`` (``--preset hopper-medium`` applies the official per-task settings).
@@ -32,7 +32,7 @@ Prints a markdown table per dataset (and the mean curves) and writes every curve
 ``--out`` (JSON, rewritten after each run so a cut-short run keeps what it measured). Example
 (docs/STABILITY.md)::
 
-    OMP_NUM_THREADS=1 python benchmarks/stability.py --datasets pendulum-mixed --steps 6000 \
+    OMP_NUM_THREADS=1 python -m benchmarks.stability --datasets pendulum-mixed --steps 6000 \
         --every 500 --seeds 0 1 2 --eval-episodes 5 --set hidden_dim=64 --out stability.json
 """
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,14 +47,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection import (  # noqa: E402  # benchmarks/ is not a package
-    evaluate,
-    load_dataset,
-    machine,
-    parse_named_hyperparameters,
-    parse_set,
-)
+from benchmarks.common import machine, parse_named_hyperparameters, parse_set
+from benchmarks.model_selection_study import evaluate, load_dataset
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -20,7 +20,7 @@ evaluation return both ways (the sweep is the same computation).
 
 Example::
 
-    OMP_NUM_THREADS=1 python benchmarks/sweep_overhead.py --trials 4 --steps 500 --cpus 1 2 --out sweep.json
+    OMP_NUM_THREADS=1 python -m benchmarks.sweep_overhead --trials 4 --steps 500 --cpus 1 2 --out sweep.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -73,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import ray
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from speed import machine  # benchmarks/ is not a package
-
+    from benchmarks.common import machine
     from dql_agent.demo_data import collect_pendulum_episodes
     from dql_agent.integrations.ray import run_sweep
 

@@ -104,7 +104,7 @@ class OfflineBuffer:
             checkpoints and model cards.
     """
 
-    def __init__(
+    def __init__(  # noqa: C901 - one flat sequence of checks, each branch its own error message
         self,
         observations: Any,
         actions: Any,

@@ -59,6 +59,7 @@ from dql_agent.hub_access import (
     is_connection_error,
     offline_mode,
     reason,
+    repo_errors,
 )
 from dql_agent.registry import algorithm_class
 
@@ -86,6 +87,8 @@ VIDEO_FILE = "replay.mp4"
 CARD_TEMPLATE = "model_card.md"  # in the dql_agent.hub_cards package
 REPO_PLACEHOLDER = "<user>/<repo>"
 CARD_TAGS = ("reinforcement-learning", "offline-rl", "diffusion-policy")
+
+
 @contextlib.contextmanager
 def _connection_lost(endpoint: str, repo_id: str) -> Iterator[None]:
     """Turn a connection failing during a push (after :func:`connection_error` found the Hub) into
@@ -475,14 +478,8 @@ def _download(
     Downloaded with ``hf_hub_download``; or, when ``offline`` (the user asked for the cache only)
     or ``unreachable`` (why the Hub cannot be reached), read from the cache without a request.
     """
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.utils import (  # where every supported version exports them
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # in every supported version
 
     at = f" at revision {revision!r}" if revision else ""
     cache = None if cache_dir is None else os.fspath(cache_dir)
@@ -501,40 +498,18 @@ def _download(
             )
         raise _unreachable_on_load(repo_id, filename, at, unreachable) from unreachable
     try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                token=token,
-                cache_dir=cache,
-                library_name="dql_agent",
-                library_version=library_version(),
+        with repo_errors("model", repo_id, revision, filename):
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache,
+                    library_name="dql_agent",
+                    library_version=library_version(),
+                )
             )
-        )
-    except GatedRepoError as error:
-        raise HubNotFoundError(
-            f"model repo {repo_id!r} is gated: accept its conditions on the Hub and pass a token "
-            f"(token=... or `hf auth login`)",
-            repo_id,
-            filename,
-            revision,
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise HubNotFoundError(
-            f"model repo {repo_id!r} not found on {constants.ENDPOINT} (check the id; a private "
-            "repo needs token=... or `hf auth login`)",
-            repo_id,
-            None,
-            revision,
-        ) from error
-    except RevisionNotFoundError as error:
-        raise HubNotFoundError(
-            f"model repo {repo_id!r} has no revision {revision!r}",
-            repo_id,
-            filename,
-            revision,
-        ) from error
     except LocalEntryNotFoundError as error:  # the connection failed after connection_error found the Hub
         raise _unreachable_on_load(repo_id, filename, at, error) from error
     except EntryNotFoundError as error:

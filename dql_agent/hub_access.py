@@ -6,7 +6,9 @@ unreachable cases read the same everywhere. ``huggingface_hub`` is imported insi
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 CONNECT_TIMEOUT = 3.0  # seconds to open a connection to the Hub before calling it unreachable
@@ -88,3 +90,34 @@ def reason(error: BaseException) -> str:
     while cause is not None:
         error, cause = cause, cause.__cause__ or cause.__context__
     return f"{type(error).__name__}: {' '.join(str(error).split())}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def repo_errors(kind: str, repo_id: str, revision: str | None, filename: str | None = None) -> Iterator[None]:
+    """huggingface_hub's errors about a whole repo (gated, missing, no such revision) as a
+    :class:`HubNotFoundError` naming the ``kind`` of repo ("model", "dataset") and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
+    except GatedRepoError as error:  # a RepositoryNotFoundError too: caught first
+        raise HubNotFoundError(
+            f"{kind} repo {repo_id!r} is gated: accept its conditions on the Hub and pass a token "
+            "(token=... or `hf auth login`)",
+            repo_id,
+            filename,
+            revision,
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise HubNotFoundError(
+            f"{kind} repo {repo_id!r} not found on {constants.ENDPOINT} (check the id; a private repo needs "
+            "token=... or `hf auth login`)",
+            repo_id,
+            None,
+            revision,
+        ) from error
+    except RevisionNotFoundError as error:
+        raise HubNotFoundError(
+            f"{kind} repo {repo_id!r} has no revision {revision!r}", repo_id, filename, revision
+        ) from error

@@ -224,6 +224,18 @@ def leaf_value(observation: Any, key: str, space: spaces.Space) -> Any:
     return value
 
 
+def nested(flat: Mapping[str, Any], separator: str = ".") -> dict[str, Any]:
+    """Flat keys (``"images.top"``; ``"observations/x"`` with ``separator="/"``) as nested dicts."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(separator)
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
 def leaf_name(name: str, key: str, space: spaces.Space) -> str:
     """How errors name a leaf: ``observations['image']``, or ``observations`` for a plain Box."""
     return name if not isinstance(space, spaces.Dict) else f"{name}[{key!r}]"

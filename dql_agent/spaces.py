@@ -75,7 +75,7 @@ BOX_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64"
 MAX_SPACE_DEPTH = 16
 
 
-def space_from_json(data: Any, field: str = "space", depth: int = 0) -> spaces.Space:
+def space_from_json(data: Any, field: str = "space", depth: int = 0) -> spaces.Space:  # noqa: C901 - flat checks
     """Inverse of :func:`space_to_json`; malformed input is a ValueError naming ``field``.
 
     Only numeric Box dtypes, int (not bool) shapes, bounds that fit the dtype and Dicts nested at

@@ -98,18 +98,8 @@ def train(
     timestep in progress. When training stops on Ctrl-C or an error, ``interrupt_checkpoint`` (a
     single agent only) receives a resumable checkpoint before the error propagates.
     """
-    for agent in agents:
-        agent.check_can_learn()
-        if reset_num_timesteps:
-            agent.num_timesteps, agent._episode_num, agent._last_obs = 0, 0, None
-            agent.ep_info_buffer.clear()
+    total_timesteps = _start(agents, callbacks, total_timesteps, reset_num_timesteps)  # callbacks read this name
     lead = agents[0]
-    total_timesteps = int(total_timesteps) + lead.num_timesteps  # callbacks read this name from locals
-    for agent, callback in zip(agents, callbacks, strict=True):
-        agent._total_timesteps = total_timesteps
-        callback.init_callback(cast(Any, agent))  # SB3 callbacks take any model with its protocol
-        callback.on_training_start(locals(), globals())
-        agent.policy.train()
     sums: Losses = {}
     n_summed, start_time, start_timesteps = 0, time.time(), lead.num_timesteps
     try:
@@ -117,17 +107,10 @@ def train(
             while lead.num_timesteps < total_timesteps:
                 before = lead.num_timesteps
                 step = timestep()
-                for losses in step.losses:
-                    for key, value in losses.items():  # summed on the device: no host sync per step
-                        sums[key] = sums[key] + value if key in sums else value.clone()
-                    n_summed += 1
+                n_summed += _add(sums, step.losses)
                 # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
                 seen = locals() if step.rollout is None else {**locals(), **step.rollout._asdict()}
-                go_on = True
-                for callback in callbacks:  # each runs at every step, even after another said stop
-                    callback.update_locals(seen)
-                    go_on = callback.on_step() and go_on
-                if not go_on:
+                if not _on_step(callbacks, seen):
                     break
                 if log_interval and lead.num_timesteps // log_interval > before // log_interval:
                     _dump_all(agents, sums, n_summed, start_time, start_timesteps)
@@ -146,6 +129,41 @@ def train(
         agent.policy.eval()
     for callback in callbacks:
         callback.on_training_end()
+
+
+def _start(agents: Sequence[BaseAgent], callbacks: Sequence[BaseCallback], total: int, reset: bool) -> int:
+    """Before the first timestep: counters (reset, or continued), callbacks bound and started,
+    policies in training mode; returns the timestep to stop at."""
+    for agent in agents:
+        agent.check_can_learn()
+        if reset:
+            agent.num_timesteps, agent._episode_num, agent._last_obs = 0, 0, None
+            agent.ep_info_buffer.clear()
+    total_timesteps = int(total) + agents[0].num_timesteps
+    for agent, callback in zip(agents, callbacks, strict=True):
+        agent._total_timesteps = total_timesteps
+        callback.init_callback(cast(Any, agent))  # SB3 callbacks take any model with its protocol
+        callback.on_training_start({"total_timesteps": total_timesteps, "callback": callback}, globals())
+        agent.policy.train()
+    return total_timesteps
+
+
+def _add(sums: Losses, losses: list[Losses]) -> int:
+    """Add each gradient step's losses to ``sums`` (on the device: no host sync per step); returns
+    how many steps were added."""
+    for step in losses:
+        for key, value in step.items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+    return len(losses)
+
+
+def _on_step(callbacks: Sequence[BaseCallback], seen: dict[str, Any]) -> bool:
+    """Every callback's ``on_step`` (each runs, even after another said stop); False stops training."""
+    go_on = True
+    for callback in callbacks:
+        callback.update_locals(seen)
+        go_on = callback.on_step() and go_on
+    return go_on
 
 
 def _save_interrupt_checkpoint(agent: BaseAgent, path: str | os.PathLike[str]) -> None:

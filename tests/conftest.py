@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # own test) fails at once instead of waiting on a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hub_server import hub_offline_fixture, hub_server_fixture  # noqa: E402, F401  # tests/ is on sys.path
+from tests.hub_server import hub_offline_fixture, hub_server_fixture  # noqa: E402, F401  # the fixtures
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,8 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small models and datasets for the agent tests.
-TINY = {"hidden_dim": 32, "n_hidden": 2, "diffusion_steps": 3, "n_action_samples": 8, "batch_size": 64}
+# Small models and datasets for the agent tests (settings: tests/settings.py).
+from tests.settings import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

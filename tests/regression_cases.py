@@ -27,9 +27,9 @@ series, an action array), so values near zero are not judged by their own tiny s
 Regenerate only for a deliberate change of behaviour, and commit the new files on their own,
 saying why; then re-measure the tolerances (minutes: every case under every kernel path):
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py                  # the stored outputs
-    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py --checkpoints    # and the checkpoints
-    OMP_NUM_THREADS=1 .venv/bin/python tests/regression_cases.py --measure        # the tolerances
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.regression_cases                  # the stored outputs
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.regression_cases --checkpoints    # and the checkpoints
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.regression_cases --measure        # the tolerances
 
 The checkpoints stand for models saved by earlier releases: rewrite them only when the checkpoint
 format itself changes (the ``loaded``/``resumed`` outputs always start from the committed ones).
@@ -410,8 +410,8 @@ def measure() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for i, env in enumerate(KERNEL_PATHS):
             json_path, weights_path = Path(folder, f"{i}.json"), Path(folder, f"{i}.safetensors")
-            command = [sys.executable, __file__, "--write-to", str(json_path), str(weights_path)]
-            subprocess.run(command, env={**os.environ, **env}, check=True)
+            command = [sys.executable, "-m", "tests.regression_cases", "--write-to", str(json_path), str(weights_path)]
+            subprocess.run(command, env={**os.environ, **env}, check=True, cwd=DATA.parent.parent)
             found = json.loads(json_path.read_text())
             tensors = load_file(weights_path)
             record: dict[str, Any] = {"env": env, "machine": found["machine"], "cases": {}}
@@ -441,7 +441,7 @@ def measure() -> None:
                 tolerances[name][stage][kind] = min(max(MARGIN * spread, MINIMUM), CEILING)
     payload = {
         "how": (
-            "tests/regression_cases.py --measure: every case under every kernel path; deviation = "
+            "python -m tests.regression_cases --measure: every case under every kernel path; deviation = "
             f"|found - stored| / max(|stored|, {FLOOR} * group max); tolerance = min(max({MARGIN} x the largest "
             f"deviation over the paths, {MINIMUM}), {CEILING})"
         ),

@@ -14,21 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from dql_agent import DiffusionQL, OfflineBuffer
+from dql_agent import DiffusionQL
+from tests.settings import BANDIT_BEST, BANDIT_MEAN_REWARDS, BANDIT_MODES, bandit_buffer  # noqa: F401
 
-MODES = np.array([[-0.8, 0.8], [-0.8, -0.8], [0.8, 0.8], [0.8, -0.8]])
-MEAN_REWARDS = np.array([3.0, 0.0, 1.5, 5.0])
-BEST = 3
+MODES, MEAN_REWARDS, BEST = BANDIT_MODES, BANDIT_MEAN_REWARDS, BANDIT_BEST
 TOY = {"hidden_dim": 128, "time_dim": 4, "batch_size": 100, "grad_norm": None}
-
-
-def bandit_buffer(n: int = 10_000, seed: int = 0) -> OfflineBuffer:
-    rng = np.random.default_rng(seed)
-    mode = rng.integers(0, 4, n)
-    actions = np.clip(MODES[mode] + rng.normal(0, 0.05, (n, 2)), -1, 1)
-    states = np.zeros((n, 1), np.float32)
-    rewards = rng.normal(MEAN_REWARDS[mode], 0.5)
-    return OfflineBuffer(states, actions, rewards, states, np.ones(n, bool))  # one-step episodes
 
 
 def mode_shares(model: DiffusionQL, radius: float = 0.3, n: int = 1000) -> np.ndarray:

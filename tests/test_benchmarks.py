@@ -15,11 +15,7 @@ HOPPER_ZIP = Path(__file__).resolve().parents[2] / "shared" / "agents" / "sac_Ho
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_step_flops_match_the_hand_count():

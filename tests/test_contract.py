@@ -29,19 +29,17 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
-from test_diffusion_dice import DICE_TINY
-from test_qvpo import TINY as QVPO_TINY
 
 import dql_agent
 from dql_agent import QVPO, DiffusionDICE, DiffusionQL, OfflineBuffer
 from dql_agent.base import BaseAgent
+from tests.settings import TINY, TINY_SETTINGS, tiny
 
 ENV_ID = "Pendulum-v1"
 EPISODE = 25  # Pendulum-v1 cut to 25 steps: evaluations and QVPO's episode-end log dumps stay cheap
@@ -90,7 +88,7 @@ ALGORITHMS = {
     ),
     "DiffusionDICE": Algorithm(
         DiffusionDICE,
-        DICE_TINY,
+        TINY_SETTINGS["DiffusionDICE"],
         online=False,
         log_keys=("train/critic_loss", "train/value_loss", "train/guidance_loss", "train/bc_loss", "time/fps"),
         # The behaviour model stops training, and the cosine decay runs, inside the resumed window.
@@ -98,7 +96,7 @@ ALGORITHMS = {
     ),
     "QVPO": Algorithm(
         QVPO,
-        {**QVPO_TINY, "learning_starts": 10},
+        tiny("QVPO", learning_starts=10),
         online=True,
         log_keys=("train/critic_loss", "train/actor_loss", "train/entropy_coef", "rollout/ep_rew_mean", "time/fps"),
         resume_settings={},
@@ -150,6 +148,16 @@ class Case:
             model.set_env(self.data())
         else:
             model.set_buffer(self.data())
+
+
+def test_the_contract_covers_every_registered_algorithm():
+    """A new algorithm is registered by its class statement: it needs an entry here and tiny
+    settings in tests/settings.py before the contract runs over it."""
+    from dql_agent.registry import load_builtin_algorithms
+
+    registered = set(load_builtin_algorithms())
+    assert set(ALGORITHMS) == registered, f"add {sorted(registered - set(ALGORITHMS))} to ALGORITHMS above"
+    assert set(TINY_SETTINGS) == registered, f"add {sorted(registered - set(TINY_SETTINGS))} to tests/settings.py"
 
 
 @pytest.fixture(scope="module", params=list(ALGORITHMS))

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from dql_agent import DiffusionQL
 from dql_agent.networks import Critic
+from tests.settings import TINY
 
 
 def test_off_adds_nothing_and_draws_nothing():

@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
-from test_bandit import BEST, MODES, bandit_buffer
 
 from dql_agent import OfflineBuffer
 from dql_agent.diffusion import GaussianDiffusion
@@ -17,20 +15,12 @@ from dql_agent.diffusion_dice import (
     guidance_dual_loss,
 )
 from dql_agent.networks import NoiseMLP
+from tests.settings import BANDIT_BEST as BEST
+from tests.settings import BANDIT_MODES as MODES
+from tests.settings import TINY_SETTINGS, bandit_buffer
 
 # TINY's sizes, renamed where Diffusion-DICE's fields differ, and every network small.
-DICE_TINY = {
-    "hidden_dim": TINY["hidden_dim"],
-    "n_hidden": TINY["n_hidden"],
-    "diffusion_steps": TINY["diffusion_steps"],
-    "batch_size": TINY["batch_size"],
-    "n_action_samples": TINY["n_action_samples"],
-    "behavior_batch_size": TINY["batch_size"],
-    "behavior_n_hidden": 2,
-    "guidance_n_hidden": 2,
-    "n_noisy_copies": 4,
-    "q_ensemble_size": 3,
-}
+DICE_TINY = TINY_SETTINGS["DiffusionDICE"]
 
 
 # config --------------------------------------------------------------------------------------

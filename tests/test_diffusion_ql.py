@@ -4,9 +4,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from dql_agent import DiffusionQL, OfflineBuffer, get_preset
+from tests.settings import TINY
 
 
 def absorbing_buffer(terminal: bool, n: int = 64) -> OfflineBuffer:

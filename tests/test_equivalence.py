@@ -28,11 +28,7 @@ ONLY_PLAIN = ["--compile-steps", "0", "--stack-steps", "0", "--no-control"]
 
 
 def load_equivalence():
-    spec = importlib.util.spec_from_file_location("benchmarks_equivalence", ROOT / "benchmarks" / "equivalence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.equivalence")
 
 
 def run(*argv: str, module=None) -> dict:

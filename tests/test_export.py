@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from regression_cases import build, offline_data, pendulum_spaces, train
 
 from dql_agent import DiffusionQL, OfflineBuffer
 from dql_agent.export import read_metadata
+from tests.regression_cases import build, offline_data, pendulum_spaces, train
 
 TOLERANCE = 1e-5
 # Runs each job's ONNX file on its saved inputs; importing torch or dql_agent there fails.

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
 
 from dql_agent import DiffusionQL, networks
+from tests.settings import TINY
 
 
 def test_sigmoid_mish_matches_f_mish_in_value_and_gradient():

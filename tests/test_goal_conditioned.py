@@ -189,7 +189,7 @@ def test_success_rate_in_evaluate_the_card_and_its_model_index(maze_model):
 
 
 def evaluate_success_free() -> dict:
-    from conftest import TINY as PENDULUM_TINY
+    from tests.settings import TINY as PENDULUM_TINY
 
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(32, 3)).astype(np.float32)

@@ -16,12 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hub_server import (  # the fixtures, for every huggingface_hub version
-    aim_client,
-    hub_offline_fixture,  # noqa: F401
-    hub_server_fixture,  # noqa: F401
-    unreachable_endpoint,
-)
 from huggingface_hub import HfApi, ModelCard
 from markdown_it import MarkdownIt
 
@@ -34,6 +28,12 @@ from dql_agent.integrations.hub import (
     load_from_hub,
     make_model_card,
     write_hub_folder,
+)
+from tests.hub_server import (  # the fixtures, for every huggingface_hub version
+    aim_client,
+    hub_offline_fixture,  # noqa: F401
+    hub_server_fixture,  # noqa: F401
+    unreachable_endpoint,
 )
 
 ENV_ID = "Pendulum-v1"

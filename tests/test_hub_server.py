@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hub_server import FakeHub, git_blob_sha1, hub_offline_fixture, hub_server_fixture  # noqa: F401 - fixtures
 from huggingface_hub import (
     HfApi,
     ModelCard,
@@ -24,6 +23,8 @@ from huggingface_hub.utils import (  # where every supported version exports the
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from tests.hub_server import FakeHub, git_blob_sha1, hub_offline_fixture, hub_server_fixture  # noqa: F401 - fixtures
 
 REPO = "alice/dql-test"
 README = """---

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
-from hub_server import hub_server_fixture  # noqa: F401 - the fixture, for every huggingface_hub version
 
 import dql_agent
+from tests.hub_server import hub_server_fixture  # noqa: F401 - the fixture, for every huggingface_hub version
 
 PACKAGES = [  # module, distribution, the variable naming the version expected
     ("huggingface_hub", "huggingface_hub", "DQL_AGENT_HF_HUB"),

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_server import aim_client, hub_offline_fixture, hub_server_fixture, unreachable_endpoint  # noqa: F401
+
+from tests.hub_server import aim_client, hub_offline_fixture, hub_server_fixture, unreachable_endpoint  # noqa: F401
 
 pytest.importorskip("av", reason="needs the lerobot extra: pip install dql_agent[lerobot]")
 pytest.importorskip("pyarrow", reason="needs the lerobot extra: pip install dql_agent[lerobot]")

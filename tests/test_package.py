@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("policy", {"policy", "export"}),
     ("agent", {"sb3", "registry", "training", "evaluation", "metrics", "video", "hub", "base"}),
     ("algorithms", {"diffusion_ql", "qvpo", "diffusion_dice"}),
-    ("algorithm tools", {"seeds", "selection"}),
+    ("algorithm tools", {"seeds", "model_selection"}),
     ("integrations", {"integrations", *(f"integrations.{p.stem}" for p in (ROOT / "integrations").glob("*.py"))}),
     ("applications", {"demo_data", "pixel_reach", "serve", "cli", ""}),  # "" is the package facade
 ]

@@ -12,18 +12,10 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from dql_agent.qvpo import QVPO, QVPOConfig
+from tests.settings import TINY_SETTINGS
 
 # Small networks and sample counts for the plumbing tests (not for learning).
-TINY = {
-    "hidden_dim": 32,
-    "n_hidden": 2,
-    "diffusion_steps": 3,
-    "batch_size": 32,
-    "n_diffusion_samples": 8,
-    "n_entropy_samples": 4,
-    "n_action_samples": 8,
-    "learning_starts": 50,
-}
+TINY = TINY_SETTINGS["QVPO"]
 
 # The Pendulum learning checks. Differences from the paper's (= official code's) settings, all to
 # fit a 2-core CPU budget: networks 64 wide with 2 hidden layers (paper 256 x 3), 5 diffusion steps

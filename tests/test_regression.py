@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from regression_cases import (
+
+from tests.regression_cases import (
     ACTION_KEYS,
     CASES,
     CEILING,

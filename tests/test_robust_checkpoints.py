@@ -25,9 +25,9 @@ CLEAN_ERRORS = (CheckpointError, FileNotFoundError)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, request):
     import numpy as np
-    from conftest import TINY
 
     from dql_agent import OfflineBuffer
+    from tests.settings import TINY
 
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(50, 3)).astype(np.float32)
@@ -279,7 +279,7 @@ def test_optimizer_state_with_a_matching_hash_is_still_checked(saved, tmp_path, 
 
 @pytest.mark.bad_input("checkpoint", "clear error")
 def test_stale_or_foreign_optimizer_files_are_refused(saved, tmp_path):
-    from conftest import TINY
+    from tests.settings import TINY
 
     stale = copy_checkpoint(saved, tmp_path / "stale")
     edit_config(stale, lambda c: c.update(optimizer_sha256=None))  # a save without optimizer state

@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dql_agent import DiffusionQL, OfflineBuffer
+from tests.settings import TINY
 
 KEYS = ("observations", "actions", "rewards", "next_observations")
 DATA_ERROR = pytest.mark.bad_input("data", "clear error")

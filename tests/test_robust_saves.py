@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from dql_agent import DiffusionQL, OfflineBuffer
 from dql_agent import checkpoint as checkpoint_module
+from tests.settings import TINY
 
 
 def tiny_buffer(seed: int = 0) -> OfflineBuffer:

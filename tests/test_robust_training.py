@@ -11,9 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from dql_agent import DiffusionQL, OfflineBuffer
+from tests.settings import TINY
 
 
 def exploding_buffer() -> OfflineBuffer:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
 
 from dql_agent import DiffusionQL, OfflineBuffer
 from dql_agent.seeds import SeedStack, train_seeds
+from tests.settings import TINY
 
 SEEDS = [3, 7, 11]
 # EMA from the first step and every step, so the EMA path is exercised in a few steps.
@@ -196,12 +196,8 @@ def test_stack_refuses_models_that_differ(pendulum_buffer):
 def test_benchmark_script_runs(tmp_path):
     import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_seeds", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("benchmarks.packed_seeds_speed")
     out = tmp_path / "seeds.json"
     argv = ["--seeds", "2", "--seconds", "0.05", "--repeats", "1", "--threads", "1", "--out", str(out)]
     results = module.main(argv)

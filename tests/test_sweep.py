@@ -21,11 +21,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from stable_baselines3.common.callbacks import BaseCallback
 
 from dql_agent import DiffusionQL, OfflineBuffer, train_seeds
 from dql_agent.integrations.metrics import MetricsCallback
+from tests.settings import TINY
 
 ENV = "Pendulum-v1"
 MINARI_ID = "sweeptest/pendulum/mixed-v0"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dql_agent.observations import nested
 from dql_agent.transitions import REQUIRED_KEYS, column, episode_flags
 
 
@@ -45,7 +46,7 @@ def _read(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
             if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle and suggests unpickling
                 raise ValueError("it is not a zip archive, as an .npz file is")
             with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
-                return _nest({k: npz[k] for k in npz.files})
+                return nested({k: npz[k] for k in npz.files}, "/")  # .npz cannot hold dicts: keys a/b nest
         import h5py
 
         def read(group: Any) -> dict[str, Any]:  # a group per dict key (goal-conditioned observations)
@@ -60,18 +61,6 @@ def _read(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
         # h5py and numpy name neither the file nor what was expected of it
         raise ValueError(f"{path} is not a readable HDF5/NPZ dataset: {error}") from error
-
-
-def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-    """npz keys ``observations/achieved_goal`` (an .npz cannot hold dicts) as nested dicts."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return out
 
 
 def _rows(value: Any, index: Any) -> Any:

@@ -54,6 +54,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from gymnasium import spaces
 
+from dql_agent.observations import nested
 from dql_agent.report import report
 
 __all__ = [
@@ -697,7 +698,7 @@ def _flags(rows: _Rows, name: str, n: int, episodes: list[_Episode]) -> np.ndarr
     return values.astype(bool)
 
 
-def _rewards(
+def _rewards(  # noqa: C901 - one branch per reward choice, each with its own error message
     reward: RewardChoice, rows: _Rows, episodes: list[_Episode], meta: _Meta, vectors: Sequence[str], label: str
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Per frame: (rewards (F,), done flags (F,), the choice in words)."""
@@ -1022,14 +1023,8 @@ def _image_sizes(image_size: Any, cameras: list[_Camera]) -> dict[str, tuple[int
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = _nested_path(key)
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    """LeRobot's feature names (``observation.images.top``) as the nested observation dict."""
+    return nested({".".join(_nested_path(key)): value for key, value in flat.items()})
 
 
 def _space(tree: Mapping[str, Any]) -> spaces.Dict:
@@ -1105,12 +1100,7 @@ def read_lerobot(
         raise ImportError(
             f"reading LeRobot datasets needs pyarrow and PyAV (av), which are not installed ({error}): {INSTALL_HINT}"
         ) from error
-    if isinstance(tolerance_s, bool) or not isinstance(tolerance_s, (int, float)) or not tolerance_s > 0:
-        raise ValueError(f"tolerance_s must be a positive number of seconds, got {tolerance_s!r}")
-    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer)):
-        raise TypeError(f"memory_budget_bytes must be an int, got {memory_budget_bytes!r}")
-    if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 0:
-        raise ValueError(f"decode_threads must be an int >= 0, got {decode_threads!r}")
+    _check_arguments(tolerance_s, memory_budget_bytes, decode_threads)
 
     hub = _HubSource.resolve(source, revision, cache_dir, local_files_only, token)
     files = hub.files
@@ -1133,87 +1123,28 @@ def read_lerobot(
     frame_rewards, frame_done, reward_words = _rewards(reward, rows, chosen, meta, vectors, files.label)
     action_space, bounds_source = _action_space(files, meta, action_low, action_high, actions, rows, chosen)
 
-    # Transitions: rows [start, start + kept) of each episode; next = the following frame, or the
-    # frame itself for a terminal last step.
-    obs_frames, next_frames, terminals, timeouts, skipped = [], [], [], [], 0
-    for episode, start in zip(chosen, rows.starts, strict=True):
-        length = episode.length
-        kept = length if frame_done[start + length - 1] else length - 1
-        if kept == 0:
-            skipped += 1
-            continue
-        frames = np.arange(start, start + kept)
-        obs_frames.append(frames)
-        next_frames.append(np.minimum(frames + 1, start + length - 1))
-        terminals.append(frame_done[frames])
-        end = np.zeros(kept, bool)
-        end[-1] = not frame_done[start + kept - 1]
-        timeouts.append(end)
-    if not obs_frames:
-        raise ValueError(
-            f"{files.label}: the chosen episodes hold no transition (each has a single frame and no done flag)"
-        )
-    obs_index, next_index = np.concatenate(obs_frames), np.concatenate(next_frames)
+    obs_index, next_index, terminals, timeouts, skipped = _transition_rows(chosen, rows.starts, frame_done, files.label)
     n_rows = len(obs_index)
 
-    vector_dims = {key: math.prod(int(s) for s in meta.features[key]["shape"]) for key in vectors}
-    per_obs = sum(h * w * 3 for h, w in sizes.values()) + 4 * sum(vector_dims.values())
-    per_row = 2 * per_obs + 4 * actions.shape[1] + 4 + 2  # as OfflineBuffer.bytes_per_transition counts
-    estimate = n_rows * per_row
+    vector_dims = {key: math.prod(int(d) for d in meta.features[key]["shape"]) for key in vectors}
+    per_row = _bytes_per_row(sizes, vector_dims, actions.shape[1])
     plan = (
         f"LeRobot {files.label} ({meta.version}): {len(chosen)} episode(s), {n_rows:,} transitions from {n_frames:,} "
         f"frames; cameras {', '.join(f'{c.key} {sizes[c.key][0]}x{sizes[c.key][1]}' for c in cameras) or 'none'}; "
-        f"the buffer will take {estimate:,} bytes ({estimate / 2**20:,.1f} MiB, observation and next observation "
-        f"each stored)"
+        f"the buffer will take {n_rows * per_row:,} bytes ({n_rows * per_row / 2**20:,.1f} MiB, observation and next "
+        "observation each stored)"
     )
-    if estimate > memory_budget_bytes:
+    if n_rows * per_row > memory_budget_bytes:
         raise ValueError(
             f"{plan}, over memory_budget_bytes={int(memory_budget_bytes):,}: pass a larger memory_budget_bytes, or "
             "fewer episodes=..., keys=... or a smaller image_size=..."
         )
     if verbose:
-        unread = [
-            f"{k} (dtype {f['dtype']!r})"
-            for k, f in meta.features.items()
-            if k.startswith(OBSERVATION_PREFIX) and not _readable(f["dtype"])
-        ]
-        notes = [f"{skipped} one-frame episode(s) skipped"] if skipped else []
-        if keys is None and unread:
-            notes.append(f"not read: {', '.join(unread)}")
-        report("; ".join([plan, *notes]))
+        report("; ".join([plan, *_plan_notes(meta, keys, skipped)]))
 
-    for camera in cameras:  # every video is there, and a regular file, before any is decoded
-        for rel in sorted({episode.videos[camera.key][0] for episode in chosen}):
-            files.open(rel, f"video of {camera.key}").close()
-    # Decode every camera into its observation and next-observation arrays.
-    images_obs = {c.key: np.empty((n_rows, *sizes[c.key], 3), np.uint8) for c in cameras}
-    images_next = {c.key: np.empty((n_rows, *sizes[c.key], 3), np.uint8) for c in cameras}
-    obs_row_of = np.full(n_frames, -1)
-    obs_row_of[obs_index] = np.arange(n_rows)
-    next_rows_of: dict[int, list[int]] = {}
-    for row, frame in enumerate(next_index):
-        next_rows_of.setdefault(int(frame), []).append(row)
-    timestamps = rows.columns["timestamp"].reshape(-1).astype(np.float64)
-    for camera in cameras:
-        by_file: dict[str, list[_Query]] = {}
-        for episode, start in zip(chosen, rows.starts, strict=True):
-            rel, offset, stop = episode.videos[camera.key]
-            for frame in range(start, start + episode.length):
-                targets = [(images_next[camera.key], r) for r in next_rows_of.get(frame, [])]
-                if obs_row_of[frame] >= 0:
-                    targets.append((images_obs[camera.key], int(obs_row_of[frame])))
-                if not targets:
-                    continue
-                time = offset + timestamps[frame]
-                if stop is not None and time > stop + tolerance_s:
-                    raise ValueError(
-                        f"{files.label}: episode {episode.index} frame_index {frame - start} of {camera.key} is at "
-                        f"{time:.4f} s in {rel}, past the episode's to_timestamp {stop:.4f} s"
-                    )
-                by_file.setdefault(rel, []).append(_Query(time, targets, episode.index, frame - start))
-        for rel, queries in by_file.items():
-            queries.sort(key=lambda q: q.time)
-            _decode_file(files, rel, camera, sizes[camera.key], queries, float(tolerance_s), decode_threads)
+    images_obs, images_next = _decode_cameras(
+        files, chosen, cameras, sizes, rows, obs_index, next_index, n_frames, float(tolerance_s), decode_threads
+    )
 
     observations: dict[str, Any] = {}
     next_observations: dict[str, Any] = {}
@@ -1243,12 +1174,118 @@ def read_lerobot(
         "actions": actions[obs_index],
         "rewards": frame_rewards[obs_index].astype(np.float32),
         "next_observations": _nest(next_observations),
-        "terminals": np.concatenate(terminals),
-        "timeouts": np.concatenate(timeouts),
+        "terminals": terminals,
+        "timeouts": timeouts,
         "observation_space": _space(_nest(leaves)),
         "action_space": action_space,
         "metadata": metadata,
     }
+
+
+def _check_arguments(tolerance_s: Any, memory_budget_bytes: Any, decode_threads: Any) -> None:
+    if isinstance(tolerance_s, bool) or not isinstance(tolerance_s, (int, float)) or not tolerance_s > 0:
+        raise ValueError(f"tolerance_s must be a positive number of seconds, got {tolerance_s!r}")
+    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, (int, np.integer)):
+        raise TypeError(f"memory_budget_bytes must be an int, got {memory_budget_bytes!r}")
+    if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 0:
+        raise ValueError(f"decode_threads must be an int >= 0, got {decode_threads!r}")
+
+
+def _transition_rows(
+    chosen: list[_Episode], starts: Sequence[int], frame_done: np.ndarray, label: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The frames each transition reads (observation, next observation), its terminal and timeout
+    flags, and how many one-frame episodes gave none. Rows [start, start + kept) of each episode;
+    next is the following frame, or the frame itself for a terminal last step."""
+    obs_frames, next_frames, terminals, timeouts, skipped = [], [], [], [], 0
+    for episode, start in zip(chosen, starts, strict=True):
+        length = episode.length
+        kept = length if frame_done[start + length - 1] else length - 1
+        if kept == 0:
+            skipped += 1
+            continue
+        frames = np.arange(start, start + kept)
+        obs_frames.append(frames)
+        next_frames.append(np.minimum(frames + 1, start + length - 1))
+        terminals.append(frame_done[frames])
+        end = np.zeros(kept, bool)
+        end[-1] = not frame_done[start + kept - 1]
+        timeouts.append(end)
+    if not obs_frames:
+        raise ValueError(f"{label}: the chosen episodes hold no transition (each has a single frame and no done flag)")
+    return (
+        np.concatenate(obs_frames),
+        np.concatenate(next_frames),
+        np.concatenate(terminals),
+        np.concatenate(timeouts),
+        skipped,
+    )
+
+
+def _bytes_per_row(sizes: Mapping[str, tuple[int, int]], vector_dims: Mapping[str, int], action_dim: int) -> int:
+    """What one transition takes in the buffer, as ``OfflineBuffer.bytes_per_transition`` counts it."""
+    per_obs = sum(h * w * 3 for h, w in sizes.values()) + 4 * sum(vector_dims.values())
+    return 2 * per_obs + 4 * action_dim + 4 + 2
+
+
+def _plan_notes(meta: _Meta, keys: Sequence[str] | None, skipped: int) -> list[str]:
+    unread = [
+        f"{k} (dtype {f['dtype']!r})"
+        for k, f in meta.features.items()
+        if k.startswith(OBSERVATION_PREFIX) and not _readable(f["dtype"])
+    ]
+    notes = [f"{skipped} one-frame episode(s) skipped"] if skipped else []
+    if keys is None and unread:
+        notes.append(f"not read: {', '.join(unread)}")
+    return notes
+
+
+def _decode_cameras(
+    files: _Files,
+    chosen: list[_Episode],
+    cameras: list[_Camera],
+    sizes: Mapping[str, tuple[int, int]],
+    rows: _Rows,
+    obs_index: np.ndarray,
+    next_index: np.ndarray,
+    n_frames: int,
+    tolerance_s: float,
+    decode_threads: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every camera's frames, decoded straight into the observation and next-observation arrays."""
+    for camera in cameras:  # every video is there, and a regular file, before any is decoded
+        for rel in sorted({episode.videos[camera.key][0] for episode in chosen}):
+            files.open(rel, f"video of {camera.key}").close()
+    n_rows = len(obs_index)
+    images_obs = {c.key: np.empty((n_rows, *sizes[c.key], 3), np.uint8) for c in cameras}
+    images_next = {c.key: np.empty((n_rows, *sizes[c.key], 3), np.uint8) for c in cameras}
+    obs_row_of = np.full(n_frames, -1)
+    obs_row_of[obs_index] = np.arange(n_rows)
+    next_rows_of: dict[int, list[int]] = {}
+    for row, frame in enumerate(next_index):
+        next_rows_of.setdefault(int(frame), []).append(row)
+    timestamps = rows.columns["timestamp"].reshape(-1).astype(np.float64)
+    for camera in cameras:
+        by_file: dict[str, list[_Query]] = {}
+        for episode, start in zip(chosen, rows.starts, strict=True):
+            rel, offset, stop = episode.videos[camera.key]
+            for frame in range(start, start + episode.length):
+                targets = [(images_next[camera.key], r) for r in next_rows_of.get(frame, [])]
+                if obs_row_of[frame] >= 0:
+                    targets.append((images_obs[camera.key], int(obs_row_of[frame])))
+                if not targets:
+                    continue
+                time = offset + timestamps[frame]
+                if stop is not None and time > stop + tolerance_s:
+                    raise ValueError(
+                        f"{files.label}: episode {episode.index} frame_index {frame - start} of {camera.key} is at "
+                        f"{time:.4f} s in {rel}, past the episode's to_timestamp {stop:.4f} s"
+                    )
+                by_file.setdefault(rel, []).append(_Query(time, targets, episode.index, frame - start))
+        for rel, queries in by_file.items():
+            queries.sort(key=lambda q: q.time)
+            _decode_file(files, rel, camera, sizes[camera.key], queries, tolerance_s, decode_threads)
+    return images_obs, images_next
 
 
 # the Hub -----------------------------------------------------------------------------------------
@@ -1350,50 +1387,28 @@ def _snapshot(repo: dict[str, Any], patterns: list[str], what: str) -> Path:
     """``snapshot_download`` of ``patterns`` from the dataset repo, with dql_agent's Hub errors."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import (
-        GatedRepoError,
         LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
     )
 
     from dql_agent.checkpoint import library_version
-    from dql_agent.hub_access import HubNotFoundError, HubUnreachableError, reason
+    from dql_agent.hub_access import HubNotFoundError, HubUnreachableError, reason, repo_errors
 
     repo_id, revision = repo["repo_id"], repo["revision"]
     at = f" at revision {revision!r}" if revision else ""
     cache_only = repo["offline"] or repo["unreachable"] is not None
     try:
-        folder = snapshot_download(
-            repo_id,
-            repo_type="dataset",
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=repo["cache_dir"],
-            token=repo["token"],
-            local_files_only=cache_only,
-            library_name="dql_agent",
-            library_version=library_version(),
-        )
-    except GatedRepoError as error:
-        raise HubNotFoundError(
-            f"dataset repo {repo_id!r} is gated: accept its conditions on the Hub and pass a token (token=... or "
-            "`hf auth login`)",
-            repo_id,
-            None,
-            revision,
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise HubNotFoundError(
-            f"dataset repo {repo_id!r} not found on {constants.ENDPOINT} (check the id; a private repo needs "
-            "token=... or `hf auth login`)",
-            repo_id,
-            None,
-            revision,
-        ) from error
-    except RevisionNotFoundError as error:
-        raise HubNotFoundError(
-            f"dataset repo {repo_id!r} has no revision {revision!r}", repo_id, None, revision
-        ) from error
+        with repo_errors("dataset", repo_id, revision):
+            folder = snapshot_download(
+                repo_id,
+                repo_type="dataset",
+                revision=revision,
+                allow_patterns=patterns,
+                cache_dir=repo["cache_dir"],
+                token=repo["token"],
+                local_files_only=cache_only,
+                library_name="dql_agent",
+                library_version=library_version(),
+            )
     except LocalEntryNotFoundError as error:
         if repo["unreachable"] is not None or not cache_only:
             cause = repo["unreachable"] if repo["unreachable"] is not None else error

@@ -11,7 +11,7 @@ Repeats are interleaved so both see the same machine load; medians are reported 
 
 Example::
 
-    OMP_NUM_THREADS=1 python benchmarks/seeds.py --threads 1 --seconds 3 --out seeds.json
+    OMP_NUM_THREADS=1 python -m benchmarks.packed_seeds_speed --threads 1 --seconds 3 --out seeds.json
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import add_common_args, machine, random_data, rate, setup_torch  # noqa: E402  # benchmarks/ is not a package
+from benchmarks.common import add_common_args, machine, random_data, rate, setup_torch
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper
 

@@ -2,7 +2,7 @@
 
 For each dataset and seed: split the data by whole episodes (``--validation-fraction`` held out,
 the split drawn with the run's seed), train DiffusionQL on the rest for ``--steps`` gradient
-steps and, every ``--every`` steps, record the offline signals of :mod:`dql_agent.selection`
+steps and, every ``--every`` steps, record the offline signals of :mod:`dql_agent.model_selection`
 on the held-out episodes AND the true return: ``--eval-episodes`` episodes of the dataset's env,
 deterministic actions, env resets seeded ``--eval-seed + i`` (the same episodes at every
 checkpoint and seed). The true return is the ground truth the signals are judged by:
@@ -22,7 +22,7 @@ from the dataset). Pendulum runs use the ``dql-agent demo`` hyperparameters (hid
 
 Prints a markdown table and writes every point to ``--out`` (JSON). Example (docs/SELECTION.md)::
 
-    OMP_NUM_THREADS=1 python benchmarks/selection.py --steps 4000 --every 400 --seeds 0 1 2 \
+    OMP_NUM_THREADS=1 python -m benchmarks.model_selection_study --steps 4000 --every 400 --seeds 0 1 2 \
         --eval-episodes 5 --out selection.json
 """
 
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from benchmarks.common import machine, parse_set
 
 PENDULUM_DATASETS = {"pendulum-mixed": (25, 25), "pendulum-noisy": (0, 50)}
 ORIENTATION = {"td_error": -1.0, "bc_loss": -1.0, "policy_q": 1.0, "action_distance": -1.0}
@@ -146,7 +146,7 @@ def evaluate(act: Callable[[np.ndarray], np.ndarray], env_id: str, n_episodes: i
 def run(buffer: Any, env_id: str, hyperparameters: dict[str, Any], seed: int, args: argparse.Namespace) -> dict:
     """One training run: the signals and the true return at every checkpoint."""
     from dql_agent import DiffusionQL
-    from dql_agent.selection import offline_signals, split_episodes
+    from dql_agent.model_selection import offline_signals, split_episodes
 
     train, validation = split_episodes(buffer, args.validation_fraction, seed=seed)
     model = DiffusionQL(train, seed=seed, device=args.device, **hyperparameters)
@@ -216,57 +216,6 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | {rho} | {row['regret_mean']:.1f} +/- {row['regret_std']:.1f} | {picks} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def parse_named_hyperparameters(items: Sequence[str], flag: str) -> dict[str, dict[str, Any]]:
-    """``NAME=JSON`` pairs, the JSON an object of hyperparameters; a ValueError names ``flag`` and the item."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"{flag} expects NAME=JSON, got {item!r}")
-        try:
-            hyperparameters = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{flag} {name}: not JSON ({e}): {value!r}") from None
-        if not isinstance(hyperparameters, dict):
-            raise ValueError(f"{flag} {name}: expects a JSON object of hyperparameters, got {value!r}")
-        out[name] = hyperparameters
-    return out
-
-
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs, values read as JSON when they parse (numbers, true, null), else strings."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ Use::
     best = DiffusionQL.load("best")          # the checkpoint the criterion picked
     selector.history                          # [{"step": 1000, "td_error": ..., ...}, ...]
 
-``benchmarks/selection.py`` measures which signal tracks the true return; docs/SELECTION.md has
+``benchmarks/model_selection_study.py`` measures which signal tracks the true return; docs/SELECTION.md has
 the table behind the default criterion.
 """
 

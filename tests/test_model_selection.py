@@ -1,4 +1,4 @@
-"""Model selection without the environment (dql_agent.selection): episode splits, offline signals,
+"""Model selection without the environment (dql_agent.model_selection): episode splits, offline signals,
 the selection callback, and SB3's EvalCallback saving a best model our load accepts."""
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 
 from dql_agent import DiffusionQL, OfflineBuffer, load_from_hub
-from dql_agent.selection import (
+from dql_agent.model_selection import (
     CRITERIA,
     DEFAULT_CRITERION,
     SIGNALS,
@@ -28,6 +27,7 @@ from dql_agent.selection import (
     offline_signals,
     split_episodes,
 )
+from tests.settings import TINY
 
 PENDULUM = gym.make("Pendulum-v1")
 PENDULUM_ACTIONS: Any = PENDULUM.action_space  # a Box
@@ -333,16 +333,8 @@ def test_sb3_eval_callback_best_model_loads(pendulum_buffer, tmp_path):
 # the benchmark's statistics ----------------------------------------------------------------------
 def load_benchmark():
     import importlib.util
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_selection", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.model_selection_study")
 
 
 def test_benchmark_spearman_and_regret():
