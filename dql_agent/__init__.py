@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dql_agent.integrations.hub import load_from_hub
     from dql_agent.qvpo import QVPO, QVPOConfig, QVPOPolicy
     from dql_agent.seeds import SeedStack, train_seeds
+    from dql_agent.server import serve
 
     __version__: str
 
@@ -51,6 +52,7 @@ _EXPORTS = {
     "QVPOConfig": "dql_agent.qvpo",
     "QVPOPolicy": "dql_agent.qvpo",
     "SeedStack": "dql_agent.seeds",
+    "serve": "dql_agent.server",
     "train_seeds": "dql_agent.seeds",
 }
 
@@ -75,6 +77,7 @@ __all__ = [
     "SeedStack",
     "get_preset",
     "load_from_hub",
+    "serve",
     "train_seeds",
     "__version__",
 ]

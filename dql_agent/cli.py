@@ -1,4 +1,4 @@
-"""The ``dql-agent`` command: demo, train, evaluate, record, push, export.
+"""The ``dql-agent`` command: demo, train, evaluate, record, push, export, sweep, serve.
 
     dql-agent demo                                   # Pendulum end to end, nothing downloaded
     dql-agent train DATASET [--algo dql|dice] [--env ENV] [--preset P] [--steps N] [--set key=value ...] -o DIR
@@ -8,6 +8,7 @@
     dql-agent push MODEL REPO_ID [--env ENV] [--local-dir DIR]      # --local-dir: no network
     dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
     dql-agent sweep SPEC.yaml [--address auto] [--resume]          # on Ray Tune: pip install dql_agent[ray]
+    dql-agent serve MODEL [--host H --token-file F] [--tls-cert C --tls-key K]   # pip install dql_agent[serve]
 
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
 ``.npz``/``.hdf5`` file. MODEL is a directory written by ``save``, a ``.zip`` of one, or a Hub
@@ -505,6 +506,12 @@ IMPORT_HELP = (
 )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from dql_agent.server import run_serve  # an ImportError names the serve extra
+
+    run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dql-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -588,6 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join: 'auto', 'ray://HOST:10001' (default: local)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep at storage/name")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output")
+
+    p = add("serve", cmd_serve, "serve a policy to RemotePolicy clients over websockets (dql_agent[serve])")
+    try:
+        from dql_agent.server import add_serve_arguments
+    except ImportError:  # the serve extra is missing: cmd_serve names it
+        p.add_argument("arguments", nargs=argparse.REMAINDER)
+    else:
+        add_serve_arguments(p)
     return parser
 
 

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("algorithms", {"diffusion_ql", "qvpo", "diffusion_dice"}),
     ("algorithm tools", {"seeds", "model_selection"}),
     ("integrations", {"integrations", *(f"integrations.{p.stem}" for p in (ROOT / "integrations").glob("*.py"))}),
-    ("applications", {"demo_data", "pixel_reach", "serve", "cli", ""}),  # "" is the package facade
+    ("applications", {"demo_data", "pixel_reach", "server", "cli", ""}),  # "" is the package facade
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 
@@ -84,7 +84,10 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            # `from dql_agent import wire` imports the submodule; `from dql_agent import X` the facade
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            inner = [name.removeprefix("dql_agent").removeprefix(".") for name in submodules]
+            names = submodules if all(i in known for i in inner) else [node.module, *submodules]
         for name in names:
             if name == "dql_agent" or name.startswith("dql_agent."):
                 inner = name.removeprefix("dql_agent").removeprefix(".")
