@@ -317,6 +317,11 @@ class BaseAgent:
         """SB3's ``predict``: see :meth:`dql_agent.policy.PolicyBase.predict`."""
         return self.policy.predict(observation, state, episode_start, deterministic)
 
+    def predict_chunk(self, observation: Any, deterministic: bool = False) -> np.ndarray:
+        """A whole action chunk for one observation history (or a batch): see
+        :meth:`dql_agent.policy.PolicyBase.predict_chunk`."""
+        return self.policy.predict_chunk(observation, deterministic)
+
     # data ----------------------------------------------------------------------------------------
     def set_buffer(self, buffer: OfflineBuffer) -> None:
         """Train on ``buffer``: observations normalised (when configured; the statistics go into the
@@ -324,10 +329,10 @@ class BaseAgent:
         if not isinstance(buffer, OfflineBuffer):
             raise TypeError(f"buffer must be an OfflineBuffer, got {type(buffer).__name__}")
         policy = self.policy
-        if buffer.obs_dim != policy.obs_dim or buffer.action_dim != policy.action_dim:
+        if buffer.obs_dim != policy.obs_dim or buffer.action_dim != policy.env_action_dim:
             raise ValueError(
                 f"buffer has obs_dim={buffer.obs_dim}, action_dim={buffer.action_dim}; the model expects "
-                f"obs_dim={policy.obs_dim}, action_dim={policy.action_dim}"
+                f"obs_dim={policy.obs_dim}, action_dim={policy.env_action_dim}"
             )
         if buffer.has_images != policy.encoder.uses_images or (
             buffer.has_images and not spaces_equal(buffer.observation_space, policy.observation_space)
@@ -343,6 +348,9 @@ class BaseAgent:
             self.device,
             reward_transform=data.reward_transform,
             normalize_observations=data.normalize_observations,
+            action_horizon=self.config.action_horizon,
+            n_obs_steps=self.config.n_obs_steps,
+            gamma=self.config.gamma,
         )
 
     def sample_batch(self, replay: Any, batch_size: int) -> Batch:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from dql_agent.chunks import Chunking, chunk_transitions, episode_index
 from dql_agent.config import is_int
 from dql_agent.observations import (
     as_float32,
@@ -54,11 +55,13 @@ class Batch(NamedTuple):
     of (B, *shape) tensors per key, see :mod:`dql_agent.observations`) until the policy encodes them.
     """
 
-    observations: Any  # (B, obs_dim), or a tree
-    actions: torch.Tensor  # (B, act_dim)
-    rewards: torch.Tensor  # (B,)
-    next_observations: Any  # (B, obs_dim), or a tree
+    observations: Any  # (B, obs_dim), or a tree; (B, k, ...) histories with n_obs_steps = k > 1
+    actions: torch.Tensor  # (B, act_dim); (B, h * act_dim) chunks with action_horizon = h > 1
+    rewards: torch.Tensor  # (B,); a chunk's discounted reward sum
+    next_observations: Any  # like observations
     not_dones: torch.Tensor  # (B,)
+    discounts: torch.Tensor | None = None  # (B,) gamma^L of a chunk's bootstrap; None: the config's gamma
+    action_mask: torch.Tensor | None = None  # (B, h * act_dim) 0 on a chunk's padding; None: no padding
 
 
 def _flat_observations(name: str, observations: Any, space: spaces.Space) -> np.ndarray:
@@ -188,6 +191,7 @@ class OfflineBuffer:
         self.terminals = torch.as_tensor(term)
         self.timeouts = torch.as_tensor(tout)
         self.batch_device: torch.device | None = None  # set when kept on the host for a CUDA run
+        self.chunking: Chunking | None = None  # set on a training view that samples chunks
         if images:
             report(self.memory_summary())
 
@@ -369,19 +373,25 @@ def sample_batch(source: Any, size: int, batch_size: int, generator: torch.Gener
     idx = torch.randint(size, (batch_size,), device=target, generator=generator)
     if target != storage:
         idx = idx.to(storage)
-    batch = Batch(
-        take_rows(source.observations, idx),
-        source.actions[idx],
-        source.rewards[idx],
-        take_rows(source.next_observations, idx),
-        (~source.terminals[idx]).float(),
-    )
+    chunking: Chunking | None = getattr(source, "chunking", None)
+    if chunking is not None:  # chunks of actions, histories of observations (dql_agent.chunks)
+        batch = Batch(**chunk_transitions(source, chunking.episodes, idx, *chunking[:3]))
+    else:
+        batch = Batch(
+            take_rows(source.observations, idx),
+            source.actions[idx],
+            source.rewards[idx],
+            take_rows(source.next_observations, idx),
+            (~source.terminals[idx]).float(),
+        )
     if target == storage:
         return batch
     return Batch(*(_pinned_to(part, target) for part in batch))
 
 
 def _pinned_to(value: Any, device: torch.device) -> Any:
+    if value is None:
+        return None
     if isinstance(value, dict):
         return {key: _pinned_to(v, device) for key, v in value.items()}
     return value.pin_memory().to(device, non_blocking=True)
@@ -493,10 +503,15 @@ def prepare_training_data(
     *,
     reward_transform: str = "none",
     normalize_observations: bool = False,
+    action_horizon: int = 1,
+    n_obs_steps: int = 1,
+    gamma: float = 0.99,
 ) -> OfflineBuffer:
     """What an agent trains on: ``buffer`` with its observations normalised (when asked; the
     statistics go into ``policy``), actions scaled to [-1, 1], rewards transformed, on ``device``
-    when it fits, else in host memory with each batch copied over (``batch_device``)."""
+    when it fits, else in host memory with each batch copied over (``batch_device``). With
+    ``action_horizon`` or ``n_obs_steps`` above 1 its batches are chunks and histories inside
+    episodes, with the h-step backup's discount ``gamma`` (see :mod:`dql_agent.chunks`)."""
     rewards = transform_rewards(buffer, reward_transform)
     if normalize_observations:
         mean, std = buffer.observation_stats()
@@ -510,6 +525,8 @@ def prepare_training_data(
         actions=scale_actions(buffer.actions, policy.action_space),
         rewards=rewards,
     ).to(place)
+    if action_horizon > 1 or n_obs_steps > 1:
+        data.chunking = Chunking(action_horizon, n_obs_steps, gamma, episode_index(data.terminals, data.timeouts))
     if place != device:
         data.batch_device = device
         warnings.warn(

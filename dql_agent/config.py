@@ -259,10 +259,27 @@ class AgentConfig(ImageConfig):
     """Hidden layers of the MLPs."""
     time_dim: int = bounded(16, 4_096)
     """Size of the denoiser's sinusoidal time embedding."""
+    action_horizon: int = bounded(1, 256)
+    """h: the diffusion model generates a chunk of h actions, and the critics score whole chunks
+    (Q-chunking's h-step backup); 1 is the papers' setting, one action per observation."""
+    n_action_steps: int = bounded(1, 256)
+    """How many actions of a chunk ``predict`` executes before it plans again (at most h)."""
+    n_obs_steps: int = bounded(1, 64)
+    """The observation history the policy sees: the last this many observations of the episode
+    (the first one repeated at an episode's start)."""
 
     def check(self) -> None:
         super().check()
-        for name in ("batch_size", "diffusion_steps", "n_action_samples", "hidden_dim", "n_hidden"):
+        for name in (
+            "batch_size",
+            "diffusion_steps",
+            "n_action_samples",
+            "hidden_dim",
+            "n_hidden",
+            "action_horizon",
+            "n_action_steps",
+            "n_obs_steps",
+        ):
             value = getattr(self, name)
             check_field(is_int(value) and value >= 1, name, "an int >= 1", value)
         check_field(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma)
@@ -271,6 +288,17 @@ class AgentConfig(ImageConfig):
             self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
         )
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_field(
+            self.n_action_steps <= self.action_horizon,
+            "n_action_steps",
+            f"<= action_horizon ({self.action_horizon})",
+            self.n_action_steps,
+        )
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the policy acts in chunks or from a history (else: the papers' one-step setting)."""
+        return self.action_horizon > 1 or self.n_obs_steps > 1
 
 
 @dataclass(frozen=True)

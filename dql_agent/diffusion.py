@@ -138,6 +138,7 @@ class GaussianDiffusion(nn.Module):
         weights: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Behaviour-cloning loss: MSE between the predicted and the true noise.
 
@@ -145,6 +146,8 @@ class GaussianDiffusion(nn.Module):
         actions: (B, A) in [-1, 1]; states: (B, S). ``weights`` (B,), when given, scale each
         row's squared error before the mean (QVPO's Q-weighted loss). ``t`` (B,) and ``noise``
         (B, A), when given, replace the random draws (stacked seeds draw them per replica).
+        ``mask`` (B, A), when given, averages over the entries it marks 1 only (an action chunk's
+        padding past its episode's end is 0: see :mod:`dql_agent.chunks`).
         """
         batch = actions.shape[0]
         if t is None:
@@ -152,6 +155,8 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(actions.shape, device=actions.device, generator=generator)
         x_noisy = self.q_sample(actions, t, noise)
+        if mask is not None:
+            return ((self.denoiser(x_noisy, t, states) - noise).pow(2) * mask).sum() / mask.sum().clamp(min=1.0)
         if weights is None:
             return F.mse_loss(self.denoiser(x_noisy, t, states), noise)
         return ((self.denoiser(x_noisy, t, states) - noise).pow(2) * weights[:, None]).mean()

@@ -354,7 +354,7 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
             bc_batch = replay.sample(cfg.behavior_batch_size, self.generator)
             with torch.no_grad():  # features without gradients: the behaviour loss does not train the encoder
                 bc_states = p.encoder(bc_batch.observations, self.generator)
-            bc_loss = self.behavior.loss(bc_batch.actions, bc_states, self.generator)
+            bc_loss = self.behavior.loss(bc_batch.actions, bc_states, self.generator, mask=bc_batch.action_mask)
             optimize(self.behavior_optimizer, bc_loss)
             losses["bc_loss"] = bc_loss.detach()
 
@@ -371,9 +371,11 @@ class DiffusionDICE(BaseAgent, algorithm="DiffusionDICE", short_name="dice", pap
         value_loss = torch.mean(f_star((target_q - v) / cfg.alpha) + v / cfg.alpha)
         optimize(self.value_optimizer, value_loss)
 
-        # 3. Twin Q and the Q-ensemble: y = r + gamma (1 - d) V(s') (no target V).
+        # 3. Twin Q and the Q-ensemble: y = r + gamma (1 - d) V(s') (no target V); a chunk of L steps
+        #    sums its rewards and bootstraps with gamma^L (dql_agent.chunks).
+        discount = cfg.gamma if batch.discounts is None else batch.discounts
         with torch.no_grad():
-            y = batch.rewards + batch.not_dones * cfg.gamma * self.value(batch.next_observations)  # (B,)
+            y = batch.rewards + batch.not_dones * discount * self.value(batch.next_observations)  # (B,)
         q = self.critic(features, act)  # (2, B); trains the camera encoder too
         critic_loss = (q - y).pow(2).mean(dim=1).sum()  # MSE(Q1, y) + MSE(Q2, y)
         optimize(self.critic_optimizer, critic_loss)

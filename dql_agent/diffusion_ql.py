@@ -229,7 +229,9 @@ def critic_loss(
         else:
             next_act = policy.ema_actor.sample(batch.next_observations, noise=next_noise)
             next_q = policy.critic_target(batch.next_observations, next_act).min(dim=0).values
-        target_q = batch.rewards + batch.not_dones * cfg.gamma * next_q  # (B,)
+        # A chunk of L steps bootstraps with gamma^L (batch.discounts, dql_agent.chunks); one step with gamma.
+        discount = cfg.gamma if batch.discounts is None else batch.discounts
+        target_q = batch.rewards + batch.not_dones * discount * next_q  # (B,)
     current_q = policy.critic(batch.observations, batch.actions)  # (2, B)
     loss = (current_q - target_q).pow(2).mean(dim=1).sum()
     return loss, {"critic_loss": loss.detach(), "q_mean": current_q.detach().mean()}
@@ -239,7 +241,9 @@ def actor_loss(
     policy: DiffusionQLPolicy, cfg: DiffusionQLConfig, batch: Batch, noise: ActorNoise
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """bc_loss + eta * q_loss on the batch's states; with eta = 0 pure diffusion BC (no chain)."""
-    loss = bc_loss = policy.actor.loss(batch.actions, batch.observations, t=noise.t, noise=noise.bc_noise)
+    loss = bc_loss = policy.actor.loss(
+        batch.actions, batch.observations, t=noise.t, noise=noise.bc_noise, mask=batch.action_mask
+    )
     losses = {"bc_loss": bc_loss.detach()}
     if cfg.eta > 0:
         assert noise.chain_noise is not None and noise.coin is not None  # drawn whenever eta > 0

@@ -55,12 +55,18 @@ class ImageEncoder(nn.Module):
 class ObservationEncoder(nn.Module):
     """Observation tree -> features (B, feature_dim): each image key through its own CNN (scaled to
     [-0.5, 0.5], channels first), the vector keys raveled and passed through, concatenated in the
-    space's key order. For a space without images it is the identity on flat observations."""
+    space's key order. For a space without images it is the identity on flat observations.
 
-    def __init__(self, space: spaces.Space, config: ImageConfig):
+    With ``n_obs_steps`` k > 1 the input is a history, each leaf (B, k, *shape) (flat: (B, k,
+    obs_dim)): every frame goes through the same CNN, and the k steps' features are concatenated,
+    oldest first, so ``feature_dim`` is k times one step's."""
+
+    def __init__(self, space: spaces.Space, config: ImageConfig, n_obs_steps: int = 1):
         super().__init__()
         self.space = space
         self.uses_images = has_images(space)
+        self.history = n_obs_steps
+        self.passthrough = not self.uses_images and n_obs_steps == 1  # the identity: acting skips the call
         self.keys = [key for key, _ in leaves(space)] if self.uses_images else []
         self.image_layout = {
             key: (is_channels_first(box), image_shape_chw(box)) for key, box in leaves(space) if is_image_space(box)
@@ -75,9 +81,10 @@ class ObservationEncoder(nn.Module):
             }
         )
         if self.uses_images:
-            self.feature_dim = len(self.image_layout) * int(config.image_features) + sum(self.vector_dims.values())
+            step_features = len(self.image_layout) * int(config.image_features) + sum(self.vector_dims.values())
         else:
-            self.feature_dim = sum(math.prod(box.shape) for _, box in leaves(space))
+            step_features = sum(math.prod(box.shape) for _, box in leaves(space))
+        self.feature_dim = n_obs_steps * step_features
 
     def images_chw(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, *shape) in the space's layout -> float (B, C, H, W) in [-0.5, 0.5]."""
@@ -90,8 +97,18 @@ class ObservationEncoder(nn.Module):
     def forward(self, observations: Any, augment: torch.Generator | None = None) -> torch.Tensor:
         """Features of a tree (or the flat tensor itself without images); ``augment`` (a generator)
         random-shifts the images by up to ``random_shift`` pixels (DrQ) before the CNNs."""
-        if not self.uses_images:
+        if self.passthrough:
             return observations
+        if not self.uses_images:  # a flat history (B, k, obs_dim): the steps side by side
+            return observations.reshape(observations.shape[0], -1)
+        if self.history > 1:  # every frame through the same networks, then the steps side by side
+            batch = next(iter(observations.values())).shape[0]
+            frames = {key: value.reshape(-1, *value.shape[2:]) for key, value in observations.items()}
+            return self._encode(frames, augment).reshape(batch, -1)
+        return self._encode(observations, augment)
+
+    def _encode(self, observations: Any, augment: torch.Generator | None) -> torch.Tensor:
+        """One step's tree (B, *shape) per leaf -> (B, step features)."""
         parts = []
         for key in self.keys:
             value = observations[key]

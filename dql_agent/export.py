@@ -17,6 +17,10 @@ Inputs (the batch dimension is dynamic unless ``batch`` fixes it):
 
 Output ``action`` (B, *action_shape), float32, in the action space's bounds. The deterministic
 graph bakes in the fixed noise, so it returns what ``predict(obs, deterministic=True)`` returns.
+A policy that acts in chunks (``action_horizon`` h > 1) returns the whole chunk, (B, h,
+*action_shape), what ``policy.predict_chunk`` returns; with ``n_obs_steps`` k > 1 every
+observation input is a history (B, k, *shape), oldest first. The runtime executes
+``n_action_steps`` actions of a chunk before it asks for the next (the README shows the loop).
 
 Metadata (ONNX ``metadata_props``, the .pt2's extra file ``dql_agent.json``): the algorithm, the
 library version, input and output names, observation keys and shapes, action shape and bounds,
@@ -83,12 +87,15 @@ class ExportablePolicy(nn.Module):
         self.n_observation_inputs = len(observation_inputs(policy.observation_space))
         self.tree_keys = [key for key, _ in leaves(policy.observation_space)] if policy.encoder.uses_images else None
         self.takes_uniform = stochastic and policy.temperature is not None
+        self.history = policy.config.n_obs_steps
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         parts = inputs[: self.n_observation_inputs]
         observations: Any
         if self.tree_keys is not None:
             observations = dict(zip(self.tree_keys, parts, strict=True))
+        elif self.history > 1:  # (B, k, *shape) per key -> (B, k, obs_dim)
+            observations = torch.cat([p.reshape(p.shape[0], p.shape[1], -1) for p in parts], dim=2)
         else:
             observations = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
         if not self.stochastic:
@@ -229,8 +236,9 @@ def _example_inputs(
     size = 2 if batch == "dynamic" else int(batch)  # 2, not 1: a size-1 example would be specialised
     inputs = observation_inputs(policy.observation_space)
     dtypes = observation_dtypes(policy.observation_space)
+    history = (policy.config.n_obs_steps,) if policy.config.n_obs_steps > 1 else ()
     example = [
-        torch.zeros((size, *shape), dtype=dtype, device=policy.device)
+        torch.zeros((size, *history, *shape), dtype=dtype, device=policy.device)
         for (_, shape), dtype in zip(inputs, dtypes, strict=True)
     ]
     names = [name for name, _ in inputs]
@@ -267,6 +275,11 @@ def _metadata(
         "deterministic": deterministic,
         "n_action_samples": policy.n_candidates(deterministic),
         "diffusion_steps": int(policy.config.diffusion_steps),
+        # Chunks: the output is (batch, action_horizon, *action_shape) when action_horizon > 1, and
+        # every observation input (batch, n_obs_steps, *shape) when n_obs_steps > 1, oldest first.
+        "action_horizon": int(policy.config.action_horizon),
+        "n_action_steps": int(policy.config.n_action_steps),
+        "n_obs_steps": int(policy.config.n_obs_steps),
         "noise_layout": None if deterministic else "(batch, diffusion_steps, n_action_samples, action_dim)",
         "batch": batch,
     }

@@ -162,9 +162,15 @@ def _check_model(model: Any, validation: Any) -> None:
     if not isinstance(validation, OfflineBuffer):
         raise TypeError(f"validation must be an OfflineBuffer, got {type(validation).__name__}")
     policy = model.policy
+    if model.config.chunked:
+        raise ValueError(
+            f"offline selection signals score one-step transitions; this model acts in chunks "
+            f"(action_horizon={model.config.action_horizon}, n_obs_steps={model.config.n_obs_steps}): "
+            "select its checkpoints by evaluation (MetricsCallback)"
+        )
     for name, found, expected in (
         ("obs_dim", validation.obs_dim, policy.obs_dim),
-        ("action_dim", validation.action_dim, policy.action_dim),
+        ("action_dim", validation.action_dim, policy.env_action_dim),
         ("has_images", validation.has_images, policy.encoder.uses_images),
     ):
         if found != expected:

@@ -297,14 +297,18 @@ def flatten(space: spaces.Space, tree: Mapping[str, Any]) -> Any:
     return torch.cat(parts, dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
 
 
-def batch_of(space: spaces.Space, observation: Any, name: str = "observation") -> tuple[dict[str, np.ndarray], bool]:
+def batch_of(
+    space: spaces.Space, observation: Any, name: str = "observation", history: int = 1
+) -> tuple[dict[str, np.ndarray], bool]:
     """``predict``'s input, one observation or a batch ``(n_envs, *shape)``, as a checked tree of
-    (B, *shape) leaves, and whether it was batched.
+    (B, *shape) leaves, and whether it was batched. With ``history`` k > 1 every leaf carries a
+    history axis: ``(k, *shape)`` for one, ``(n_envs, k, *shape)`` for a batch.
 
     Batching is read off the first leaf, as SB3 does for Dict spaces; every other leaf must then
     have its space's shape with the same batching, else a ValueError names the leaf. Torch tensors
     are detached and moved to the host; Dict keys the space does not name are ignored.
     """
+    steps = (history,) if history > 1 else ()
     if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
         raise ValueError(
             f"{name} is an (obs, info) tuple: pass only the observation, e.g. "
@@ -312,7 +316,7 @@ def batch_of(space: spaces.Space, observation: Any, name: str = "observation") -
         )
     found = [(where, box, as_numeric(where, value)) for where, box, value in _named_leaves(space, observation, name)]
     first, box, probe = found[0]
-    shape = tuple(box.shape)
+    shape = (*steps, *box.shape)
     if probe.shape == shape:
         vectorized, batch = False, 1
     elif probe.shape[1:] == shape and probe.ndim == len(shape) + 1:
@@ -324,13 +328,14 @@ def batch_of(space: spaces.Space, observation: Any, name: str = "observation") -
         )
     tree: dict[str, np.ndarray] = {}
     for (key, _), (where, leaf_box, array) in zip(leaves(space), found, strict=True):
-        expected = (batch, *leaf_box.shape) if vectorized else tuple(leaf_box.shape)
+        leaf_shape = (*steps, *leaf_box.shape)
+        expected = (batch, *leaf_shape) if vectorized else leaf_shape
         if array.shape != expected:
             given = f"a batch of {batch}" if vectorized else "one observation"
             raise ValueError(
                 f"{where} has shape {array.shape}; expected {expected} ({given}, as {first} has shape {probe.shape})"
             )
-        array = array.reshape(batch, *leaf_box.shape)
+        array = array.reshape(batch, *leaf_shape)
         if is_image_space(leaf_box):
             tree[key] = as_uint8_images(where, array)
         else:

@@ -9,7 +9,7 @@ deterministic), score them with a Q function, keep one (:meth:`PolicyBase.pick`)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 
 from dql_agent.config import AgentConfig, OfflineDataConfig
 from dql_agent.encoders import ObservationEncoder
-from dql_agent.observations import batch_of, check_observation_space, flat_dim, flatten, normalize, rows_of
+from dql_agent.observations import batch_of, check_observation_space, flat_dim, flatten, leaves, normalize, rows_of
 from dql_agent.spaces import check_action_space, unscale_actions
 
 # Fixed seed of the noise behind deterministic actions: the same observation gives the same
@@ -53,9 +53,12 @@ class PolicyBase(nn.Module):
         check_observation_space(observation_space)
         check_action_space(action_space)
         self.observation_space, self.action_space, self.config = observation_space, action_space, config
-        self.obs_dim, self.action_dim = flat_dim(observation_space), int(np.prod(action_space.shape))
-        # Observations -> the features the networks see: a CNN per camera key, else the identity.
-        self.encoder = ObservationEncoder(observation_space, config)
+        self.obs_dim, self.env_action_dim = flat_dim(observation_space), int(np.prod(action_space.shape))
+        # What the networks generate: one action, or a chunk of action_horizon of them, flattened.
+        self.action_dim = config.action_horizon * self.env_action_dim
+        # Observations (or histories of them) -> the features the networks see: a CNN per camera
+        # key, the history flattened, else the identity.
+        self.encoder = ObservationEncoder(observation_space, config, config.n_obs_steps)
         self.feature_dim = self.encoder.feature_dim
         self.register_buffer("obs_mean", torch.zeros(self.obs_dim))
         self.register_buffer("obs_std", torch.ones(self.obs_dim))
@@ -122,7 +125,7 @@ class PolicyBase(nn.Module):
     def act(self, observations: Any, noise: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
         """Normalised observations (B, S) (or a tree) -> actions (B, A) in [-1, 1], every random input given."""
         # A module call costs microseconds: acting on flat observations skips the identity encoder.
-        features = self.encoder(observations) if self.encoder.uses_images else observations
+        features = observations if self.encoder.passthrough else self.encoder(observations)
         candidates, q = self.score_candidates(features, noise)
         return self.pick(candidates, q, uniform)
 
@@ -130,7 +133,7 @@ class PolicyBase(nn.Module):
         """A training batch with its observation trees encoded to features (a batch of flat
         observations is returned as it is). The observations' features keep the encoder's graph, so
         the loss they feed trains it; the next observations' are computed without gradients."""
-        if not self.encoder.uses_images:
+        if self.encoder.passthrough:
             return batch
         with torch.no_grad():
             next_features = self.encoder(batch.next_observations, augment)
@@ -168,7 +171,9 @@ class PolicyBase(nn.Module):
         self, observations: torch.Tensor, noise: torch.Tensor | None = None, uniform: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``predict``'s math on tensors: raw flat observations (B, obs_dim) -> actions (B, *action
-        shape) in the Box.
+        shape) in the Box. A policy with ``n_obs_steps`` k > 1 takes histories (B, k, obs_dim) (a
+        tree's leaves (B, k, *shape)), and one with ``action_horizon`` h > 1 returns whole chunks
+        (B, h, *action shape), the first action first.
 
         ``noise`` None acts deterministically (the fixed noise, the argmax). Otherwise ``noise``
         (B, T, N, A) standard normal drives the chains and ``uniform`` (B,) in [0, 1) the softmax
@@ -182,7 +187,10 @@ class PolicyBase(nn.Module):
         else:
             steps, n, dim = noise.shape[1:]
             actions = self.act(x, noise.transpose(0, 1).reshape(steps, batch * n, dim), uniform)
-        return unscale_actions(actions, self.action_space).reshape(batch, *self.action_space.shape)
+        horizon = self.config.action_horizon
+        shape = self.action_space.shape if horizon == 1 else (horizon, *self.action_space.shape)
+        unscaled = unscale_actions(actions.reshape(-1, self.env_action_dim), self.action_space)
+        return unscaled.reshape(batch, *shape)
 
     def normalize_observations(self, observations: Any) -> Any:
         """Apply the dataset's observation statistics (identity unless ``normalize_observations``);
@@ -214,13 +222,21 @@ class PolicyBase(nn.Module):
     ) -> tuple[np.ndarray, Any]:
         """SB3's ``predict``: one observation or a batch ``(n_envs, *obs_shape)`` in, same batching out.
 
-        Actions come back in the action space's bounds. ``state`` is returned unchanged (the
-        policies have no recurrent state) and ``episode_start`` is ignored. An empty batch
-        ``(0, *obs_shape)`` gives ``(0, *action_shape)``; torch tensors are accepted (detached).
+        Actions come back in the action space's bounds. An empty batch ``(0, *obs_shape)`` gives
+        ``(0, *action_shape)``; torch tensors are accepted (detached).
+
+        With the papers' settings (``action_horizon`` = ``n_observation_steps`` = 1) ``state`` is
+        returned unchanged and ``episode_start`` is ignored. A policy that acts in chunks or from
+        a history keeps both in ``state``, as SB3's recurrent policies do (:class:`ActingState`):
+        each env runs ``n_action_steps`` actions of its chunk, then plans again from its last
+        ``n_obs_steps`` observations; ``episode_start`` (one flag per env, as ``evaluate_policy``
+        passes it) drops an env's pending chunk and history. ``state`` None starts every env anew.
 
         Raises:
             FloatingPointError: the networks produced a NaN/inf action (e.g. NaN weights).
         """
+        if self.config.chunked:
+            return self._predict_chunked(observation, state, episode_start, deterministic)
         tree, vectorized = batch_of(self.observation_space, observation)
         rows = rows_of(tree)
         if self.encoder.uses_images:
@@ -228,17 +244,133 @@ class PolicyBase(nn.Module):
         else:
             tensor = torch.as_tensor(flatten(self.observation_space, tree), device=self.device)
         if rows == 0:  # nothing to act on: the networks are not run on no rows
-            empty = np.zeros((0, self.action_dim), np.float32)
+            empty = np.zeros((0, self.env_action_dim), np.float32)
             return actions_to_env(empty, self.action_space, vectorized), state
         actions = self.select_action(self.normalize_observations(tensor), deterministic).cpu().numpy()
-        finite = np.isfinite(actions).all(axis=1)
-        if not finite.all():
-            raise FloatingPointError(
-                f"the policy's output is not finite: NaN/inf actions for {int((~finite).sum())} of "
-                f"{len(actions)} observation(s) (first at index {int(np.flatnonzero(~finite)[0])}); the "
-                "network weights or observation statistics probably hold NaN/inf"
-            )
+        _check_finite(actions)
         return actions_to_env(actions, self.action_space, vectorized), state
+
+    # acting in chunks -----------------------------------------------------------------------------
+    def predict_chunk(self, observation: Any, deterministic: bool = False) -> np.ndarray:
+        """A whole chunk for one history (or a batch of them): ``(h, *action_shape)``, or
+        ``(n, h, *action_shape)``, in the Box. The input is one observation per leaf for
+        ``n_obs_steps`` = 1, else its last k observations, ``(k, *shape)`` (``(n, k, *shape)`` for a
+        batch), oldest first. What ``predict`` runs from, and what the exported graph computes."""
+        k = self.config.n_obs_steps
+        tree, vectorized = batch_of(self.observation_space, observation, history=k)
+        chunks = self._plan(tree, deterministic)  # (n, h * A) in [-1, 1]
+        shape = (self.config.action_horizon, *self.action_space.shape)
+        unscaled = unscale_actions(chunks.reshape(-1, self.env_action_dim), self.action_space)
+        out = unscaled.reshape(len(chunks), *shape)
+        return out if vectorized else out[0]
+
+    def _plan(self, history: dict[str, np.ndarray], deterministic: bool) -> np.ndarray:
+        """Checked histories (leaves (n, k, *shape), or (n, *shape) for k = 1) -> chunks (n, h * A)
+        in [-1, 1], as the networks give them."""
+        if self.encoder.uses_images:
+            tensor: Any = {key: torch.as_tensor(value, device=self.device) for key, value in history.items()}
+        else:
+            steps = history_steps(self.observation_space, history)
+            tensor = torch.as_tensor(steps, device=self.device)
+        chunks = self.select_action(self.normalize_observations(tensor), deterministic).cpu().numpy()
+        _check_finite(chunks)
+        return chunks
+
+    def _predict_chunked(
+        self, observation: Any, state: Any, episode_start: np.ndarray | None, deterministic: bool
+    ) -> tuple[np.ndarray, ActingState]:
+        cfg = self.config
+        tree, vectorized = batch_of(self.observation_space, observation)
+        n = rows_of(tree)
+        starts = np.ones(n, bool) if state is None else _episode_starts(episode_start, n)
+        state = ActingState.start(self, tree) if state is None else ActingState.check(state, n, self)
+        history = state.advanced(tree, starts, cfg.n_obs_steps)
+        step = np.where(starts, cfg.n_action_steps, state.next_step)  # a new episode drops its pending chunk
+        pending = state.pending.copy()
+        plan = step >= cfg.n_action_steps
+        if plan.any():
+            rows = {key: value[plan] for key, value in history.items()}
+            if cfg.n_obs_steps == 1:
+                rows = {key: value[:, 0] for key, value in rows.items()}
+            pending[plan] = self._plan(rows, deterministic).reshape(int(plan.sum()), cfg.action_horizon, -1)
+            step = np.where(plan, 0, step)
+        actions = pending[np.arange(n), step]  # (n, A) in [-1, 1]
+        new_state = ActingState(pending, step + 1, history)
+        return actions_to_env(actions, self.action_space, vectorized), new_state
+
+
+class ActingState(NamedTuple):
+    """What a chunked policy's ``predict`` carries from one call to the next, per env: SB3's
+    recurrent ``state``, passed back unchanged by ``evaluate_policy`` and VecEnv loops."""
+
+    pending: np.ndarray
+    """(n_envs, h, act_dim) each env's current chunk, in the networks' [-1, 1]."""
+    next_step: np.ndarray
+    """(n_envs,) the chunk's next action; at ``n_action_steps`` the env plans again."""
+    history: dict[str, np.ndarray]
+    """Each leaf (n_envs, k, *shape): the env's last k observations, oldest first."""
+
+    @classmethod
+    def start(cls, policy: PolicyBase, tree: dict[str, np.ndarray]) -> ActingState:
+        n, cfg = rows_of(tree), policy.config
+        history = {key: np.repeat(value[:, None], cfg.n_obs_steps, axis=1) for key, value in tree.items()}
+        pending = np.zeros((n, cfg.action_horizon, policy.env_action_dim), np.float32)
+        return cls(pending, np.full(n, cfg.n_action_steps), history)
+
+    @classmethod
+    def check(cls, state: Any, n: int, policy: PolicyBase) -> ActingState:
+        """``state`` as ``predict`` returned it for ``n`` envs, or a TypeError/ValueError saying why not."""
+        if not isinstance(state, ActingState):
+            given = type(state).__name__
+            raise TypeError(f"state must be None or what predict returned (an ActingState), got {given}")
+        expected = (n, policy.config.action_horizon, policy.env_action_dim)
+        if state.pending.shape != expected:
+            raise ValueError(
+                f"state holds {state.pending.shape[0]} env(s)' chunks of shape {state.pending.shape[1:]}, but the "
+                f"observation batch has {n} env(s) and the policy's chunks are {expected[1:]}: pass None to start anew"
+            )
+        return state
+
+    def advanced(self, tree: dict[str, np.ndarray], starts: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """Each env's history with ``tree`` appended (the oldest dropped); an env starting an
+        episode gets its first observation repeated k times."""
+        out = {}
+        for key, value in tree.items():
+            shifted = np.concatenate([self.history[key][:, 1:], value[:, None]], axis=1)
+            fresh = np.repeat(value[:, None], k, axis=1)
+            out[key] = np.where(starts.reshape(-1, *([1] * (shifted.ndim - 1))), fresh, shifted)
+        return out
+
+
+def _episode_starts(episode_start: Any, n: int) -> np.ndarray:
+    """SB3's ``episode_start`` (None, a bool, or one flag per env) as (n,) bools."""
+    if episode_start is None:
+        return np.zeros(n, bool)
+    flags = np.asarray(episode_start, dtype=bool).reshape(-1)
+    if flags.size == 1:
+        return np.full(n, bool(flags[0]))
+    if flags.size != n:
+        raise ValueError(f"episode_start must hold one flag per env ({n}), got {flags.size}")
+    return flags
+
+
+def history_steps(space: spaces.Space, history: dict[str, np.ndarray]) -> np.ndarray:
+    """A flat space's checked observations, (n, obs_dim), or histories of them, (n, k, obs_dim)."""
+    first = next(iter(history.values()))
+    boxes = dict(leaves(space))
+    lead = first.shape[: first.ndim - len(boxes[next(iter(history))].shape)]  # (n,) or (n, k)
+    parts = [value.reshape(*lead, -1) for value in history.values()]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+
+def _check_finite(actions: np.ndarray) -> None:
+    finite = np.isfinite(actions).all(axis=1)
+    if not finite.all():
+        raise FloatingPointError(
+            f"the policy's output is not finite: NaN/inf actions for {int((~finite).sum())} of "
+            f"{len(actions)} observation(s) (first at index {int(np.flatnonzero(~finite)[0])}); the "
+            "network weights or observation statistics probably hold NaN/inf"
+        )
 
 
 def best_of(candidates: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,13 @@ class QVPOConfig(AgentConfig):
 
     def check(self) -> None:
         super().check()
+        for name in ("action_horizon", "n_action_steps", "n_obs_steps"):  # its online loop is one step at a time
+            check_field(
+                getattr(self, name) == 1,
+                name,
+                "1 for QVPO (action chunks are for the offline algorithms)",
+                getattr(self, name),
+            )
         for name in ("learning_rate", "critic_learning_rate", "adam_eps"):
             check_field(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("buffer_size", "utd_ratio", "n_diffusion_samples", "n_behavior_samples", "n_target_samples"):

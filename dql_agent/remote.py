@@ -49,12 +49,16 @@ ERRORS: dict[str, type[Exception]] = {
 
 class ActionQueue(NamedTuple):
     """The ``state`` :meth:`RemotePolicy.predict` returns when the model acts in chunks
-    (``n_action_steps`` > 1): each env's pending actions, SB3's recurrent-state convention."""
+    (``n_action_steps`` > 1) or from a history (``n_obs_steps`` > 1): each env's pending actions and
+    last observations, SB3's recurrent-state convention."""
 
     actions: np.ndarray
     """(n_envs, n_action_steps, *action_shape): the chunk each env is executing."""
     next: np.ndarray
     """(n_envs,) int: the index of each env's next action; n_action_steps means a new chunk is due."""
+    history: dict[tuple[str, ...], np.ndarray] | None = None
+    """Each observation leaf's last n_obs_steps values per env, (n_envs, k, *shape), oldest first
+    (the first observation repeated at an episode's start); None when the model sees one."""
 
 
 class RemotePolicy:
@@ -153,13 +157,14 @@ class RemotePolicy:
         self.action_spec = action_spec
         self.action_horizon = int(model.get("action_horizon", 1))
         self.n_action_steps = int(model.get("n_action_steps", 1))
+        self.n_obs_steps = int(model.get("n_obs_steps", 1))
+        self.request_spec = wire.with_history(self.observation_spec, self.n_obs_steps)
         self.weights_sha256 = str(model.get("weights_sha256"))
         self.max_payload_bytes = int(server.get("max_payload_bytes", MAX_REPLY_BYTES))
-        if int(model.get("n_obs_steps", 1)) != 1 or not 1 <= self.n_action_steps <= self.action_horizon:
-            raise NotImplementedError(
-                f"this RemotePolicy sends one observation per step and runs at most a chunk per request; the "
-                f"model has n_obs_steps={model.get('n_obs_steps')}, n_action_steps={self.n_action_steps}, "
-                f"action_horizon={self.action_horizon}"
+        if self.n_obs_steps < 1 or not 1 <= self.n_action_steps <= self.action_horizon:
+            raise ConnectionError(
+                f"{self.url} serves a model with n_obs_steps={self.n_obs_steps}, n_action_steps={self.n_action_steps}, "
+                f"action_horizon={self.action_horizon}, which no dql_agent model has"
             )
 
     @property
@@ -201,13 +206,14 @@ class RemotePolicy:
         if not isinstance(deterministic, (bool, np.bool_)):
             raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
         batch, rows, vectorized = wire.batch(self.observation_spec, observation)
-        if self.n_action_steps == 1:
+        if self.n_action_steps == 1 and self.n_obs_steps == 1:
             actions = self.act(batch, bool(deterministic))[:, 0]  # (B, *action_shape)
             return (actions if vectorized else actions[0]), state
-        queue = self._queue_for(state, episode_start, rows)
+        queue = self._queue_for(state, episode_start, rows, batch)
         due = queue.next >= self.n_action_steps
         if due.any():
-            chunks = self.act(wire.take(self.observation_spec, batch, due), bool(deterministic))
+            ask = batch if queue.history is None else wire.from_leaves(self.request_spec, queue.history)
+            chunks = self.act(wire.take(self.request_spec, ask, due), bool(deterministic))
             queue.actions[due] = chunks[:, : self.n_action_steps]
             queue.next[due] = 0
         actions = queue.actions[np.arange(rows), queue.next]
@@ -219,7 +225,7 @@ class RemotePolicy:
         ``(B, action_horizon, *action_shape)`` (whole chunks; ``predict`` runs them)."""
         reply = self._request({"type": "act", "observation": observation, "deterministic": deterministic})
         actions = reply.get("actions")
-        rows = wire.rows(self.observation_spec, observation)
+        rows = wire.rows(self.request_spec, observation)
         shape = (rows, self.action_horizon, *self.action_spec.shape)
         if not isinstance(actions, np.ndarray) or actions.shape != shape:
             raise RuntimeError(
@@ -227,24 +233,43 @@ class RemotePolicy:
             )
         return actions
 
-    def _queue_for(self, state: Any, episode_start: Any, rows: int) -> ActionQueue:
-        """A copy of ``state``'s pending chunks (a fresh queue for None), with the envs whose
-        episode starts emptied."""
-        k = self.n_action_steps
+    def _queue_for(self, state: Any, episode_start: Any, rows: int, batch: Any) -> ActionQueue:
+        """A copy of ``state``'s pending chunks and histories (a fresh queue for None) with
+        ``batch``, this step's observations, appended; envs whose episode starts are emptied."""
+        k, steps = self.n_action_steps, self.n_obs_steps
+        latest = wire.take_leaves(self.observation_spec, batch)
         if state is None:
             actions = np.zeros((rows, k, *self.action_spec.shape), np.float32)
-            return ActionQueue(actions, np.full(rows, k, np.int64))
-        if not isinstance(state, ActionQueue) or state.actions.shape[:2] != (rows, k) or state.next.shape != (rows,):
-            raise ValueError(
-                f"state must be None or the ActionQueue predict returned for {rows} env(s), got {type(state).__name__}"
-            )
-        queue = ActionQueue(state.actions.copy(), state.next.copy())
-        if episode_start is not None:
-            starts = np.asarray(episode_start).reshape(-1)
-            if starts.shape != (rows,):
-                raise ValueError(f"episode_start must have one flag per env ({rows}), got shape {starts.shape}")
-            queue.next[starts.astype(bool)] = k
-        return queue
+            starts = np.ones(rows, bool)
+            queue = ActionQueue(actions, np.full(rows, k, np.int64), None)
+        else:
+            if (
+                not isinstance(state, ActionQueue)
+                or state.actions.shape[:2] != (rows, k)
+                or state.next.shape != (rows,)
+                or (state.history is None) != (steps == 1)
+            ):
+                given = type(state).__name__
+                raise ValueError(f"state must be None or the ActionQueue predict returned for {rows} envs, got {given}")
+            starts = np.zeros(rows, bool)
+            if episode_start is not None:
+                flags = np.asarray(episode_start).reshape(-1)
+                if flags.shape != (rows,):
+                    raise ValueError(f"episode_start must have one flag per env ({rows}), got shape {flags.shape}")
+                starts = flags.astype(bool)
+            queue = ActionQueue(state.actions.copy(), state.next.copy(), state.history)
+        next_action = np.where(starts, k, queue.next)
+        history = None
+        if steps > 1:
+            history = {}
+            for path, value in latest.items():
+                fresh = np.repeat(value[:, None], steps, axis=1)
+                if queue.history is None:
+                    history[path] = fresh
+                    continue
+                shifted = np.concatenate([queue.history[path][:, 1:], value[:, None]], axis=1)
+                history[path] = np.where(starts.reshape(-1, *([1] * (shifted.ndim - 1))), fresh, shifted)
+        return ActionQueue(queue.actions, next_action, history)
 
     # the connection -------------------------------------------------------------------------------
     def _open(self) -> ClientConnection:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from dql_agent.sb3 import make_callback
 from dql_agent.training import Timestep, train
 
 Params = dict[str, torch.Tensor]
+# vmap's in_dims of a stacked one-step Batch: every tensor along the replicas, the chunk fields absent.
+_BATCH_DIMS = Batch(*cast(Any, (0, 0, 0, 0, 0, None, None)))
 NETWORKS = ("actor", "ema_actor", "critic", "critic_target")
 
 
@@ -190,6 +192,12 @@ class SeedStack:
         first = self.models[0]
         for model in self.models:
             _refuse_images(model.observation_space)
+            if model.config.chunked:
+                raise ValueError(
+                    "stacked seeds train the one-step losses; this model acts in chunks "
+                    f"(action_horizon={model.config.action_horizon}, n_obs_steps={model.config.n_obs_steps}): "
+                    "train its seeds one by one"
+                )
         self.config: DiffusionQLConfig = first.config
         for model in self.models[1:]:
             for field, ours, theirs in (
@@ -229,7 +237,7 @@ class SeedStack:
             def loss(trained: Params, frozen: Params, batch: Batch, noise: Any) -> tuple[torch.Tensor, Params]:
                 return functional_call(self.math, {**trained, **frozen}, (stage, batch, noise))
 
-            dims = (0, 0, 0, _in_dims(inputs))
+            dims = (0, 0, _BATCH_DIMS, _in_dims(inputs))
             self._gradients[key] = vmap(grad_and_value(loss, has_aux=True), in_dims=dims)
         return self._gradients[key]
 

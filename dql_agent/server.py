@@ -203,17 +203,17 @@ class ServedModel:
         self.action_horizon = int(getattr(config, "action_horizon", 1))
         self.n_action_steps = int(getattr(config, "n_action_steps", 1))
         self.n_obs_steps = int(getattr(config, "n_obs_steps", 1))
-        if self.n_obs_steps != 1:
+        self.chunked = self.action_horizon > 1 or self.n_obs_steps > 1
+        if self.chunked and not callable(getattr(model, "predict_chunk", None)):
             raise NotImplementedError(
-                f"this server sends one observation per request; the model needs n_obs_steps={self.n_obs_steps}"
-            )
-        if self.action_horizon > 1 and not callable(getattr(model, "predict_chunk", None)):
-            raise NotImplementedError(
-                f"the model has action_horizon={self.action_horizon} but no predict_chunk(observation, deterministic)"
+                f"the model acts in chunks (action_horizon={self.action_horizon}, n_obs_steps={self.n_obs_steps}) "
+                "but has no predict_chunk(observation, deterministic)"
             )
         self.observation_json = space_to_json(model.observation_space)
         self.action_json = space_to_json(model.action_space)
-        self.observation_spec = wire.spec_from_json(self.observation_json, "observation_space")
+        # What a request holds: one observation per env, or its last n_obs_steps (each leaf (B, k, *shape)).
+        single = wire.spec_from_json(self.observation_json, "observation_space")
+        self.observation_spec = wire.with_history(single, self.n_obs_steps)
         self.action_shape = tuple(int(n) for n in model.action_space.shape)
         device = getattr(model, "device", None)
         self.description: dict[str, Any] = {
@@ -233,8 +233,9 @@ class ServedModel:
     def act(self, observation: Any, deterministic: bool) -> np.ndarray:
         """A checked batch (see :func:`dql_agent.wire.check_batch`) -> actions (B, h, *action_shape)."""
         rows = wire.rows(self.observation_spec, observation)
-        if self.action_horizon > 1:
+        if self.chunked:
             actions = np.asarray(self.model.predict_chunk(observation, deterministic=deterministic))
+            actions = actions.reshape(rows, self.action_horizon, *self.action_shape)
         else:
             actions = np.asarray(self.model.predict(observation, deterministic=deterministic)[0])[:, None]
         expected = (rows, self.action_horizon, *self.action_shape)

@@ -217,6 +217,27 @@ def leaves(spec: SpaceSpec, name: str = "observation") -> list[tuple[str, tuple[
     return out
 
 
+def with_history(spec: SpaceSpec, history: int) -> SpaceSpec:
+    """The spec of observation histories: every Box gains a leading axis of ``history`` steps
+    (what a model with ``n_obs_steps`` > 1 is asked with: each leaf ``(B, k, *shape)``)."""
+    if history == 1:
+        return spec
+    if isinstance(spec, DictSpec):
+        return DictSpec({key: with_history(sub, history) for key, sub in spec.spaces.items()})
+    shape = (history, *spec.shape)
+    return BoxSpec(shape, spec.dtype, np.broadcast_to(spec.low, shape), np.broadcast_to(spec.high, shape))
+
+
+def take_leaves(spec: SpaceSpec, tree: Any) -> dict[tuple[str, ...], np.ndarray]:
+    """A batch's arrays by key path (for per-leaf bookkeeping such as histories)."""
+    return {path: _get(tree, path) for _, path, _ in leaves(spec)}
+
+
+def from_leaves(spec: SpaceSpec, values: dict[tuple[str, ...], np.ndarray]) -> Any:
+    """Inverse of :func:`take_leaves`: the batch (a dict for Dict specs) from arrays by key path."""
+    return _tree(spec, values)
+
+
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]

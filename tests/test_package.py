@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "readers.minari",
             "readers.sb3",
             "readers.lerobot",
+            "chunks",
             "wire",
             "remote",
         },

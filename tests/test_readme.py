@@ -30,6 +30,7 @@ BUDGET = [  # (as written in README.md, as run here)
     ('render_mode="rgb_array"))', 'render_mode="rgb_array"), video_length=20)'),  # a frame takes ~0.15 s here
     ("n_episodes=200", "n_episodes=4"),  # the camera section's PixelReach dataset
     ("model.learn(3_000)", "model.learn(3)"),
+    ("n_action_steps=2, n_obs_steps=2)", "n_action_steps=2, n_obs_steps=2, hidden_dim=16)"),  # exported below
 ]
 
 
