@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from gymnasium import spaces
 from torch import nn
-from torch.nn import functional as F
 
 from dql_agent.config import ImageConfig
 from dql_agent.observations import has_images, image_shape_chw, is_channels_first, is_image_space, leaves
@@ -89,10 +88,10 @@ class ObservationEncoder(nn.Module):
     def images_chw(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, *shape) in the space's layout -> float (B, C, H, W) in [-0.5, 0.5]."""
         channels_first, _ = self.image_layout[key]
-        x = images.float()
+        x = images.to(torch.float32, copy=True)  # a new tensor: scaled in place (no more image-sized allocations)
         if not channels_first:
             x = x.permute(0, 3, 1, 2)
-        return x / 255.0 - 0.5
+        return x.div_(255.0).sub_(0.5)
 
     def forward(self, observations: Any, augment: torch.Generator | None = None) -> torch.Tensor:
         """Features of a tree (or the flat tensor itself without images); ``augment`` (a generator)
@@ -113,10 +112,9 @@ class ObservationEncoder(nn.Module):
         for key in self.keys:
             value = observations[key]
             if key in self.image_layout:
-                x = self.images_chw(key, value)
                 if augment is not None and self.random_shift > 0:
-                    x = random_shift(x, self.random_shift, augment)
-                parts.append(self.cnns[_module_key(key)](x))
+                    value = random_shift(value, self.random_shift, augment, self.image_layout[key][0])
+                parts.append(self.cnns[_module_key(key)](self.images_chw(key, value)))
             else:
                 parts.append(value.reshape(value.shape[0], -1).float())
         return torch.cat(parts, dim=1)
@@ -126,14 +124,25 @@ def _module_key(key: str) -> str:
     return key.replace(".", "__")
 
 
-def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor, pad: int, generator: torch.Generator, channels_first: bool = True
+) -> torch.Tensor:
     """DrQ's augmentation: replicate-pad by ``pad`` and crop back at an integer offset drawn per image
-    in [0, 2 pad]: (B, C, H, W) -> (B, C, H, W), a shift of up to ``pad`` pixels each way."""
-    batch, _, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=images.device, generator=generator)
-    rows = torch.arange(height, device=images.device)[None, :] + offsets[:, :1]  # (B, H)
-    cols = torch.arange(width, device=images.device)[None, :] + offsets[:, 1:]  # (B, W)
-    index = torch.arange(batch, device=images.device)[:, None, None]
-    # (B, H, W, C) by advanced indexing, back to channels first
-    return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    in [0, 2 pad], a shift of up to ``pad`` pixels each way; (B, C, H, W), or (B, H, W, C) when not
+    ``channels_first``, in the same layout and dtype out.
+
+    Padding by replication and then cropping is indexing with coordinates clamped to the image, so
+    it is done without the padded copy, on the stored uint8 pixels (a quarter of the bytes of the
+    float image the CNN then sees): whole rows are selected at once, then the columns of each image
+    (two passes measured 2x faster than one advanced index over (image, row, column)).
+    """
+    hwc = images.permute(0, 2, 3, 1) if channels_first else images
+    batch, height, width, channels = hwc.shape
+    device = images.device
+    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), device=device, generator=generator) - pad
+    rows = (torch.arange(height, device=device)[None, :] + offsets[:, :1]).clamp_(0, height - 1)  # (B, H)
+    cols = (torch.arange(width, device=device)[None, :] + offsets[:, 1:]).clamp_(0, width - 1)  # (B, W)
+    flat_rows = (rows + torch.arange(batch, device=device)[:, None] * height).reshape(-1)
+    picked = hwc.reshape(batch * height, width * channels).index_select(0, flat_rows).view(hwc.shape)
+    shifted = picked.gather(2, cols[:, None, :, None].expand(hwc.shape))  # (B, H, W, C)
+    return shifted.permute(0, 3, 1, 2) if channels_first else shifted

@@ -90,15 +90,21 @@ def test_pixels_must_be_whole_numbers_in_0_255():
         )
 
 
-def test_random_shift_moves_images_by_at_most_pad_pixels():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
-    assert shifted.shape == images.shape
-    # each output is a crop of the replicate-padded input: find its offset among the 25 candidates
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
-    for b in range(2):
-        crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
-        assert any(torch.equal(shifted[b], crop) for crop in crops)
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_random_shift_is_the_crop_of_the_replicate_padded_image_at_the_drawn_offset(channels_first):
+    stored = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    if channels_first:
+        stored = stored.permute(0, 3, 1, 2).contiguous()
+    shifted = random_shift(stored, 2, torch.Generator().manual_seed(0), channels_first)
+    assert shifted.shape == stored.shape and shifted.dtype == torch.uint8
+    # DrQ's definition: pad by replication, crop at the offset (the same draw from the same generator)
+    offsets = torch.randint(0, 5, (3, 2), generator=torch.Generator().manual_seed(0))
+    chw = stored if channels_first else stored.permute(0, 3, 1, 2)
+    padded = torch.nn.functional.pad(chw.float(), (2, 2, 2, 2), mode="replicate")
+    out = shifted if channels_first else shifted.permute(0, 3, 1, 2)
+    for b, (i, j) in enumerate(offsets.tolist()):
+        assert torch.equal(out[b].float(), padded[b, :, i : i + 8, j : j + 8])
+    assert not torch.equal(shifted, stored)  # some image moved
 
 
 # training and acting ----------------------------------------------------------------------------
