@@ -489,6 +489,7 @@ class BaseAgent:
         device: str | torch.device = "auto",
         include_optimizer: bool = True,
         *,
+        buffer: OfflineBuffer | None = None,
         custom_objects: dict[str, Any] | None = None,
         print_system_info: bool = False,
         force_reset: bool = True,
@@ -500,6 +501,12 @@ class BaseAgent:
         ``overrides`` replace saved hyperparameters that do not change network shapes (e.g.
         ``n_action_samples``); optimizer/RNG state is restored when present so ``learn`` resumes.
         Any other keyword is a TypeError naming it.
+
+        ``buffer`` (offline algorithms) is the dataset to go on training on, as :meth:`set_buffer`
+        after the load; with ``env`` (an online algorithm's, or an offline one's evaluation env) it
+        makes resuming one line: ``DiffusionQL.load(ckpt, buffer=buffer).learn(n,
+        reset_num_timesteps=False)`` continues a checkpoint saved with optimizer state (an
+        interrupt checkpoint, or ``save(path, include_optimizer=True)``) exactly where it stopped.
 
         SB3's load keywords are accepted (keyword-only), so SB3 code and rl-zoo3 load these models:
 
@@ -526,7 +533,7 @@ class BaseAgent:
         checkpoint = load_checkpoint(path, include_optimizer=include_optimizer)
         if print_system_info:
             show_system_info(checkpoint.config)
-        return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, seed=seed, **overrides)
+        return cls.from_checkpoint(checkpoint, str(path), env=env, device=device, seed=seed, buffer=buffer, **overrides)
 
     @classmethod
     def from_checkpoint(
@@ -536,10 +543,19 @@ class BaseAgent:
         env: Any = None,
         device: str | torch.device = "auto",
         seed: int | None = None,
+        buffer: OfflineBuffer | None = None,
         **overrides: Any,
     ) -> SelfAgent:
         """A model of this class from a parsed checkpoint; ``where`` names it in errors. ``seed``
-        replaces the saved seed (the optimizer's saved RNG state, when loaded, still wins)."""
+        replaces the saved seed (the optimizer's saved RNG state, when loaded, still wins);
+        ``buffer`` is the dataset to train on (:meth:`set_buffer`)."""
+        if buffer is not None and not isinstance(buffer, OfflineBuffer):
+            raise TypeError(f"buffer must be an OfflineBuffer or None, got {type(buffer).__name__}")
+        if buffer is not None and cls.online:
+            raise ValueError(
+                f"{cls.__name__} collects its own experience: pass env=..., not buffer= (buffer is for the offline "
+                "algorithms' datasets)"
+            )
         saved, config = checked_config(
             checkpoint,
             where,
@@ -571,6 +587,8 @@ class BaseAgent:
                 raise CheckpointError(f"{where}/optimizer.safetensors does not match the model: {error!r}") from None
         if env is not None:
             model.set_env(env)
+        if buffer is not None:
+            model.set_buffer(buffer)
         model.policy.eval()
         return model
 

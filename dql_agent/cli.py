@@ -3,9 +3,10 @@
     dql-agent demo                                   # Pendulum end to end, nothing downloaded
     dql-agent train DATASET [--algo dql|dice] [--env ENV] [--preset P] [--steps N] [--set key=value ...] -o DIR
     dql-agent train --algo qvpo --env ENV [--steps N] -o DIR       # online
-    dql-agent evaluate MODEL --env ENV [--episodes N]
-    dql-agent record MODEL --env ENV -o replay.mp4
-    dql-agent push MODEL REPO_ID [--env ENV] [--local-dir DIR]      # --local-dir: no network
+    dql-agent train --resume DIR [--steps N]                        # continue an interrupted run
+    dql-agent evaluate MODEL --env ENV [--episodes N] [--seed S]
+    dql-agent record MODEL --env ENV -o replay.mp4 [--seed S]
+    dql-agent push MODEL REPO_ID [--env ENV] [--seed S] [--local-dir DIR]   # --local-dir: no network
     dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
     dql-agent sweep SPEC.yaml [--address auto] [--resume]          # on Ray Tune: pip install dql_agent[ray]
     dql-agent serve MODEL [--host H --token-file F] [--tls-cert C --tls-key K]   # pip install dql_agent[serve]
@@ -22,6 +23,12 @@ which gym.make would import) is refused: pass it with --env yourself if you trus
 A mistake in the input (a missing or malformed file, a bad --set value, an unknown env) prints
 one line, ``dql-agent: error: ...``, and exits with status 2; set DQL_AGENT_DEBUG=1 to see the
 traceback instead.
+
+Ctrl-C (SIGINT) or SIGTERM during ``train`` finishes the gradient step in progress, saves the run
+to -o with its optimizer state, prints the command that continues it (``train --resume``) and
+exits with 128 + the signal (130, 143); anywhere else Ctrl-C prints ``dql-agent: interrupted`` and
+exits with 130. Evaluations (evaluate, record, push, demo, and train's own) are seeded: episode i
+resets with ``--seed`` + i (default 0), so they repeat exactly on the same machine.
 """
 
 from __future__ import annotations
@@ -282,11 +289,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     os.environ["MINARI_DATASETS_PATH"] = str(output / "datasets")  # keep ~/.minari untouched
     import gymnasium as gym
     import torch
-    from stable_baselines3.common.monitor import Monitor
 
     from dql_agent import DiffusionQL, OfflineBuffer
     from dql_agent.demo_data import build_pendulum_dataset
-    from dql_agent.evaluation import evaluate
     from dql_agent.hub import write_hub_folder
 
     # One thread: the demo's 64-wide MLPs gain nothing from intra-op parallelism, and on a
@@ -304,12 +309,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     model = DiffusionQL(buffer, env=DEMO_ENV, device=args.device, seed=args.seed, **DEMO_HYPERPARAMETERS)
     print(f"[2/5] training Diffusion-QL for {args.steps} gradient steps on {model.device}")
     model.learn(args.steps, progress_bar=True)
-    print(f"[3/5] evaluating with stable_baselines3 evaluate_policy ({args.episodes} episodes)")
-    results = evaluate(model, Monitor(gym.make(DEMO_ENV)), n_eval_episodes=args.episodes)
-    print(f"      Diffusion-QL       {results['mean_reward']:8.1f} +/- {results['std_reward']:.1f}")
-    print(f"      dataset noisy half {info.noisy_return:8.1f}")
-    print(f"      random actions     {info.random_return:8.1f}")
-    print(f"      dataset good half  {info.good_return:8.1f}")
+    print(f"[3/5] evaluating with stable_baselines3 evaluate_policy ({args.episodes} episodes, seeds {args.seed}+i)")
+    results, table = demo_table(model, info, args.episodes, args.seed)
+    print(table)
     model.save(output / "model")
     print(f"[4/5] saved the model to {output / 'model'}")
     hub_dir = write_hub_folder(
@@ -319,6 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         video=not args.no_video,
         video_length=200,
         results=results,
+        seed=args.seed,
     )
     print(f"[5/5] wrote the Hub-ready folder (card, results, video) to {hub_dir}")
     print(f"      push it with: dql-agent push {hub_dir} <user>/<repo>")
@@ -327,6 +330,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     beat_random = results["mean_reward"] > info.random_return
     if not (beat_noisy and beat_random):
         print("warning: the agent did not beat both the noisy half and random actions", file=sys.stderr)
+
+
+def demo_table(model: Any, info: Any, episodes: int, seed: int) -> tuple[dict[str, Any], str]:
+    """The demo's evaluation and the table it prints: ``evaluate`` with episode i reset with
+    ``seed + i``, beside the dataset's halves and random actions (a PendulumDatasetInfo). The same
+    model and seed give the same table on the same machine."""
+    import gymnasium as gym
+    from stable_baselines3.common.monitor import Monitor
+
+    from dql_agent.evaluation import evaluate
+
+    results = evaluate(model, Monitor(gym.make(DEMO_ENV)), n_eval_episodes=episodes, seed=seed)
+    lines = [
+        f"      Diffusion-QL       {results['mean_reward']:8.1f} +/- {results['std_reward']:.1f}",
+        f"      dataset noisy half {info.noisy_return:8.1f}",
+        f"      random actions     {info.random_return:8.1f}",
+        f"      dataset good half  {info.good_return:8.1f}",
+    ]
+    return results, "\n".join(lines)
 
 
 def _check_overrides(overrides: dict[str, Any]) -> None:
@@ -354,14 +376,18 @@ def _literal_hint(error: Exception, overrides: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train, or with --resume continue an interrupted run; save; evaluate."""
+    if args.resume is not None:
+        _resume_train(args)
+        return
+    if args.output is None:
+        raise CLIError("train needs -o DIR, the checkpoint to write (or --resume DIR to continue an interrupted run)")
+    _check_steps(args.steps)
     _check_output(args.output, "checkpoint", [args.dataset])
     cls = algorithms_by_short_name()[args.algo]
     overrides = _parse_overrides(args.set)
     _check_overrides(overrides)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.preset is not None:
         if not cls.presets:
             with_presets = sorted(name for name, other in algorithms_by_short_name().items() if other.presets)
@@ -375,12 +401,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.dataset is None:
             raise CLIError(f"--algo {args.algo} trains offline: pass a DATASET (Minari id or .npz/.hdf5)")
-        spaces = {}
-        if args.env:  # a file takes the env's spaces
-            spaces_env = _make_env(args.env, imports=args.imports)
-            spaces = {"observation_space": spaces_env.observation_space, "action_space": spaces_env.action_space}
-            spaces_env.close()
-        data = load_buffer(args.dataset, download=args.download, **spaces)
+        data = _load_dataset(args)
         env = args.env
         if not env and data.metadata.get("env_id") is not None:
             env = _env_from_file(data.metadata["env_id"], f"the dataset {args.dataset}")
@@ -401,16 +422,191 @@ def cmd_train(args: argparse.Namespace) -> None:
         model.metadata["env_id"] = plain_id
         if env_module:
             model.metadata["env_module"] = env_module
-    model.learn(args.steps, progress_bar=not args.no_progress, log_interval=args.log_interval)
-    model.save(args.output, include_optimizer=args.include_optimizer)
-    print(f"saved to {args.output}")
-    if env is not None and args.episodes > 0:
+    steps = DEFAULT_TRAIN_STEPS if args.steps is None else args.steps
+    model.metadata[RUN_KEY] = {
+        "dataset": None if args.dataset is None else _dataset_record(args.dataset),
+        "download": bool(args.download),
+        "total_timesteps": int(steps),
+        "include_optimizer": bool(args.include_optimizer),
+        "episodes": int(args.episodes),
+        "stochastic": bool(args.stochastic),
+        "eval_seed": int(args.eval_seed),
+        "log_interval": int(args.log_interval),
+    }
+    _train_save_evaluate(model, args, args.output, env, resumed=False)
+
+
+RUN_KEY = "dql_agent_train"  # an interrupt checkpoint's metadata: how `dql-agent train` was asked to run, for --resume
+DEFAULT_TRAIN_STEPS = 1_000_000
+RESUME_FIXED = {"algo": "--algo", "preset": "--preset", "set": "--set", "seed": "--seed"}
+
+
+def _check_steps(steps: int | None) -> None:
+    if steps is not None and steps < 0:
+        raise CLIError(f"--steps is the run's total timesteps, an int >= 0; got {steps}")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load_dataset(args: argparse.Namespace, spaces: dict[str, Any] | None = None) -> Any:
+    """The DATASET argument as an OfflineBuffer (a file takes ``spaces``, else --env's); a missing
+    Minari dataset's message names --download, the command-line way to fetch it."""
+    from dql_agent.readers.minari import download_hint
+
+    spaces = dict(spaces or {})
+    if not spaces and args.env:  # a file takes the env's spaces
+        spaces_env = _make_env(args.env, imports=args.imports)
+        spaces = {"observation_space": spaces_env.observation_space, "action_space": spaces_env.action_space}
+        spaces_env.close()
+    with download_hint("pass --download to fetch it"):
+        return load_buffer(args.dataset, download=args.download, **spaces)
+
+
+def _dataset_record(dataset: str) -> str:
+    """A dataset as --resume finds it again: a file by its absolute path, a Minari id as it is."""
+    if dataset.endswith((".npz", ".hdf5", ".h5")):
+        return str(Path(dataset).expanduser().resolve())
+    return dataset
+
+
+def _train_save_evaluate(model: Any, args: argparse.Namespace, output: str, env: str | None, resumed: bool) -> None:
+    """Train up to the run's total, save to ``output``, evaluate. Ctrl-C or SIGTERM ends the step
+    in progress, saves a resumable checkpoint to ``output`` and exits with 128 + the signal."""
+    from dql_agent.sb3 import TimestepProgressBar
+
+    run = model.metadata[RUN_KEY]
+    total = int(run["total_timesteps"])
+    bar = None if args.no_progress else TimestepProgressBar()
+    try:
+        model.learn(
+            max(total - model.num_timesteps, 0),
+            callback=bar,
+            log_interval=int(run["log_interval"]),
+            reset_num_timesteps=not resumed,
+        )
+    except KeyboardInterrupt as interrupt:
+        if bar is not None:
+            bar.close()  # before the message, and while the interpreter can still draw it
+        _save_interrupted(model, output, total, interrupt)
+    finally:
+        if bar is not None:
+            bar.close()
+    del model.metadata[RUN_KEY]  # only an unfinished run needs it; a finished model names no local paths
+    model.save(output, include_optimizer=bool(run["include_optimizer"]))
+    print(f"saved to {output}")
+    if env is not None and int(run["episodes"]) > 0:
         from stable_baselines3.common.monitor import Monitor
 
         from dql_agent.evaluation import evaluate
 
         eval_env = Monitor(_make_env(env, imports=args.imports))
-        _print_evaluation(evaluate(model, eval_env, n_eval_episodes=args.episodes, deterministic=not args.stochastic))
+        deterministic = not run["stochastic"]
+        results = evaluate(model, eval_env, int(run["episodes"]), deterministic, seed=int(run["eval_seed"]))
+        _print_evaluation(results)
+
+
+def _save_interrupted(model: Any, output: str, total: int, interrupt: KeyboardInterrupt) -> NoReturn:
+    """Save the interrupted run with its optimizer state, say how to continue, exit 128 + signal."""
+    import signal
+
+    signum = int(getattr(interrupt, "signum", signal.SIGINT))
+    name = signal.Signals(signum).name
+    status = 128 + signum
+    done = f"timestep {model.num_timesteps:,} of {total:,}"
+    if not getattr(interrupt, "step_finished", True):
+        print(f"dql-agent: {name} again: stopped in the middle of a step at {done}; nothing saved", file=sys.stderr)
+        raise SystemExit(status)
+    try:
+        model.save(output, include_optimizer=True)
+    except KeyboardInterrupt:
+        print(f"dql-agent: interrupted again while saving: {output} is as it was before", file=sys.stderr)
+        raise SystemExit(status) from None
+    print(f"{name}: training stopped after {done}.")
+    print(f"Saved a resumable checkpoint (weights, optimizer and RNG state) to {output}; continue with:")
+    print(f"    dql-agent train --resume {shlex.quote(str(output))}")
+    if model.online:
+        print(
+            f"({model.algorithm}'s replay buffer and the episode in progress are not in the checkpoint: the resumed "
+            "run starts a new buffer from a fresh reset, so it does not repeat an uninterrupted run exactly)"
+        )
+    raise SystemExit(status)
+
+
+def _resume_train(args: argparse.Namespace) -> None:
+    """``train --resume DIR``: the run recorded in DIR's checkpoint, continued to its total."""
+    from dql_agent.checkpoint import load_checkpoint
+
+    given = [flag for key, flag in RESUME_FIXED.items() if getattr(args, key) not in (None, [], "dql")]
+    if given:
+        raise CLIError(
+            f"--resume continues the run as it was started; {', '.join(given)} cannot change it (train a new "
+            "run with -o instead)"
+        )
+    _check_steps(args.steps)
+    source = args.resume
+    output = args.output or source
+    _check_output(output, "checkpoint")
+    _set_threads(args.threads)
+    checkpoint = load_checkpoint(source, include_optimizer=True)
+    if checkpoint.optimizer_tensors is None:
+        raise CLIError(
+            f"{source} holds no optimizer state, so training cannot continue exactly from it: resume from the "
+            "checkpoint an interrupted `dql-agent train` saved (or one saved with --include-optimizer)"
+        )
+    metadata = checkpoint.config.get("metadata") or {}
+    run = metadata.get(RUN_KEY)
+    cls = _algorithm_of(checkpoint.config.get("algorithm"))
+    if not isinstance(run, dict):
+        if args.steps is None or (args.dataset is None and not cls.online):
+            raise CLIError(
+                f"{source} records no unfinished `dql-agent train` run (it is a finished one, or a checkpoint saved "
+                f"from Python), so it does not say what to train on: pass {'' if cls.online else 'the DATASET and '}"
+                "--steps TOTAL (the run's new total timesteps)"
+            )
+        run = {
+            "dataset": None if cls.online else _dataset_record(args.dataset),
+            "download": bool(args.download),
+            "include_optimizer": bool(args.include_optimizer),
+            "episodes": int(args.episodes),
+            "stochastic": bool(args.stochastic),
+            "eval_seed": int(args.eval_seed),
+            "log_interval": int(args.log_interval),
+        }
+    run = {**run, "total_timesteps": int(args.steps if args.steps is not None else run["total_timesteps"])}
+    done = int(checkpoint.config.get("num_timesteps", 0))
+    if done >= run["total_timesteps"]:
+        raise CLIError(
+            f"the run in {source} is finished ({done:,} of {run['total_timesteps']:,} timesteps): pass --steps TOTAL "
+            "above that to train it further"
+        )
+    model = cls.from_checkpoint(checkpoint, str(source), device=args.device)
+    env = _env_id_of(model, args.env, source, args.imports) if (cls.online or model.metadata.get("env_id")) else None
+    made_env = _make_env(env, imports=args.imports) if env is not None else None
+    if not cls.online:  # the dataset, as the run recorded it or as given now; a file takes the model's spaces
+        args.dataset = _dataset_record(args.dataset) if args.dataset is not None else run["dataset"]
+        args.download = args.download or bool(run["download"])
+        spaces = {"observation_space": model.observation_space, "action_space": model.action_space}
+        model.set_buffer(_load_dataset(args, spaces))
+        run["dataset"] = args.dataset
+    if made_env is not None:
+        model.set_env(made_env)
+    model.metadata[RUN_KEY] = run
+    print(f"resuming {source} at timestep {done:,} of {run['total_timesteps']:,}")
+    _train_save_evaluate(model, args, output, env, resumed=True)
+
+
+def _algorithm_of(name: Any) -> Any:
+    """The registered class of the algorithm a config.json names."""
+    from dql_agent.registry import algorithm_class
+
+    if not isinstance(name, str):
+        raise CLIError(f"the checkpoint names no algorithm ({name!r})")
+    return algorithm_class(name)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -423,7 +619,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     env_id = _env_id_of(model, args.env, args.model, args.imports)
     env = Monitor(_make_env(env_id, imports=args.imports))
-    results = evaluate(model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic)
+    results = evaluate(model, env, n_eval_episodes=args.episodes, deterministic=not args.stochastic, seed=args.seed)
     _print_evaluation(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -458,6 +654,8 @@ def cmd_push(args: argparse.Namespace) -> None:
         "video": not args.no_video,
         "video_length": args.video_length,
         "deterministic": not args.stochastic,
+        "seed": args.seed,
+        "install": _install_line(args.install),
     }
     if args.local_dir is not None:
         from dql_agent.hub import write_hub_folder
@@ -465,8 +663,27 @@ def cmd_push(args: argparse.Namespace) -> None:
         folder = write_hub_folder(model, args.local_dir, repo_id=args.repo_id, **options)
         print(f"wrote the Hub folder to {folder}; push it once online with: dql-agent push {folder} {args.repo_id}")
         return
-    url = model.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision, **options)
+    from dql_agent.hub import push_to_hub
+
+    url = push_to_hub(model, args.repo_id, private=args.private or None, revision=args.revision, **options)
     print(f"pushed: {url}")
+
+
+def _install_line(given: str | None) -> str:
+    """The card's install command: --install, else the package's own (:func:`install_command`),
+    with a note when that names a folder only this machine can install from."""
+    from dql_agent.hub import INSTALL_ENV, install_command
+
+    if given is not None and given.strip():
+        return given.strip()
+    command, origin = install_command()
+    if origin == "local":
+        print(
+            f"note: the model card's install line is `{command}`, a folder on this machine; set {INSTALL_ENV} "
+            "(or --install) to a command readers can run, e.g. "
+            'pip install "dql_agent @ git+https://github.com/OWNER/dql_agent@TAG"'
+        )
+    return command
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -500,6 +717,14 @@ STOCHASTIC_HELP = (
     "evaluate with predict(deterministic=False): sample by softmax over fresh candidates, as the official "
     "Diffusion-QL evaluation does (default: the argmax over fixed-noise candidates)"
 )
+EVAL_SEED_HELP = (
+    "episode i of the evaluation resets with SEED + i, so the numbers repeat exactly on the same machine "
+    "(results.json records the seeds)"
+)
+INSTALL_HELP = (
+    "the install command the model card gives readers (default: $DQL_AGENT_INSTALL, else where this dql_agent "
+    "was installed from)"
+)
 IMPORT_HELP = (
     "import MODULE before making the env (a package that registers envs, e.g. gymnasium_robotics); "
     "--env MODULE:ENV_ID does the same"
@@ -526,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="dql_demo", help="folder for the dataset, model and Hub folder")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="gradient steps")
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the dataset, the training and the evaluation's episodes")
     p.add_argument("--no-video", action="store_true", help="skip replay.mp4")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits the demo's small networks)")
 
@@ -538,14 +763,25 @@ def build_parser() -> argparse.ArgumentParser:
         f"{n} ({c.algorithm}, {'online' if c.online else 'offline'})" for n, c in sorted(algos.items())
     )
     p.add_argument("--algo", choices=sorted(algos), default="dql", help=help_algo)
-    p.add_argument("-o", "--output", required=True, help="model directory (or .zip) to write")
+    p.add_argument("-o", "--output", help="model directory (or .zip) to write; an interrupted run saves here too")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run whose interrupt checkpoint is DIR (written back to DIR, or to -o), to its total --steps",
+    )
     p.add_argument("--env", help="env id for spaces and evaluation (default: the dataset's)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--preset", help="task preset, e.g. hopper-medium")
-    p.add_argument("--steps", type=int, default=1_000_000, help="gradient steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"the run's total timesteps (gradient steps offline; default {DEFAULT_TRAIN_STEPS:,})",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes after training (0: none)")
+    p.add_argument("--eval-seed", type=int, default=0, help=EVAL_SEED_HELP)
     p.add_argument("--log-interval", type=int, default=1000)
     p.add_argument("--download", action="store_true", help="download a Minari dataset that is not local")
     p.add_argument("--include-optimizer", action="store_true", help="save optimizer state to resume")
@@ -558,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="env id (default: the one the model was trained for)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help=EVAL_SEED_HELP)
     p.add_argument("--json", help="also write the results to this JSON file")
 
     p = add("record", cmd_record, "record a rollout video (mp4)")
@@ -567,7 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the first reset; later episodes follow from the env's RNG"
+    )
 
     p = add("push", cmd_push, "push a model with its card, results and video to the Hugging Face Hub")
     p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
@@ -576,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="env id for evaluation and video (default: the model's)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (0: push without results)")
+    p.add_argument("--seed", type=int, default=0, help=EVAL_SEED_HELP)
+    p.add_argument("--install", metavar="COMMAND", help=INSTALL_HELP)
     p.add_argument("--no-video", action="store_true")
     p.add_argument("--video-length", type=int, default=1000)
     p.add_argument("--private", action="store_true")
@@ -616,6 +857,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         _check_device(args.device)
         args.func(args)
+    except KeyboardInterrupt:  # outside training (which saves and exits itself): nothing to keep
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print("dql-agent: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as error:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not isinstance(error, _user_error_types()):
             raise

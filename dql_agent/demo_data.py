@@ -9,7 +9,9 @@ Measured with ``build_pendulum_dataset()`` (seed 0; mean undiscounted return of 
 clean controller -156 (20 episodes; -137 over another 20 with SB3's ``evaluate_policy``), good half
 -152, noisy half -844, uniform random actions -1181.
 
-Minari is imported inside :func:`build_pendulum_dataset` only, so importing this module is cheap.
+Minari is imported inside the functions only, so importing this module is cheap. ``record_episode``
+lives in :mod:`dql_agent.integrations.minari` with the rest of "your own data"; it is still
+importable from here.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ __all__ = [
     "PendulumSwingUpController",
     "build_pendulum_dataset",
     "collect_pendulum_episodes",
-    "record_episode",
 ]
 
 ENV_ID = "Pendulum-v1"
@@ -114,50 +115,12 @@ class PendulumDatasetInfo:
         return cls(dataset=dataset, **{key: float(value) for key, value in returns.items()})
 
 
-def record_episode(
-    env: gym.Env, act: Callable[[Any], np.ndarray], reset_seed: int, max_steps: int | None = None
-) -> dict[str, Any]:
-    """Play one episode of ``act`` (observation -> action) in Minari's layout.
+def __getattr__(name: str) -> Any:
+    if name == "record_episode":  # moved to dql_agent.integrations.minari; imported when asked for
+        from dql_agent.integrations.minari import record_episode
 
-    The stored action is the one the env applies: clipped to the action Box and cast to its dtype.
-    ``max_steps`` truncates the episode early (to fill a step budget exactly).
-
-    Returns:
-        ``observations`` (T+1, ...) in the observation space's dtype (a dict of such arrays for a
-        Dict space), ``actions`` (T, act_dim), ``rewards`` (T,) float64, ``terminations`` and
-        ``truncations`` (T,) bool.
-    """
-    space = env.action_space
-    if not isinstance(space, gym.spaces.Box):
-        raise TypeError(f"env.action_space must be a Box, got {type(space).__name__}")
-    obs, _ = env.reset(seed=reset_seed)
-    observations: list[Any] = [obs]
-    actions: list[np.ndarray] = []
-    rewards: list[float] = []
-    terminations: list[bool] = []
-    truncations: list[bool] = []
-    while True:
-        action = np.clip(act(obs), space.low, space.high).astype(space.dtype)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
-        observations.append(obs)
-        actions.append(action)
-        rewards.append(float(reward))
-        terminations.append(bool(terminated))
-        truncations.append(bool(truncated))
-        if terminated or truncated:
-            break
-    if isinstance(obs, dict):
-        stacked: Any = {key: np.stack([o[key] for o in observations]) for key in obs}
-    else:
-        stacked = np.asarray(observations, dtype=env.observation_space.dtype)
-    return {
-        "observations": stacked,
-        "actions": np.asarray(actions),
-        "rewards": np.asarray(rewards, dtype=np.float64),
-        "terminations": np.asarray(terminations, dtype=bool),
-        "truncations": np.asarray(truncations, dtype=bool),
-    }
+        return record_episode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _noisy_policy(
@@ -207,6 +170,8 @@ def collect_pendulum_episodes(
         raise ValueError(f"n_good and n_noisy must be >= 0, got n_good={n_good}, n_noisy={n_noisy}")
     if not 0.0 <= random_prob <= 1.0:
         raise ValueError(f"random_prob must be in [0, 1], got {random_prob}")
+    from dql_agent.integrations.minari import record_episode
+
     rng = np.random.default_rng(seed)
     controller = PendulumSwingUpController()
     good = _noisy_policy(controller, rng, good_noise_std, 0.0)
@@ -221,6 +186,8 @@ def collect_pendulum_episodes(
 
 def _mean_return(policy: Callable[[np.ndarray], np.ndarray], n_episodes: int, seed: int) -> float:
     """Mean return of ``policy`` over ``n_episodes`` with env resets seeded ``seed + i``."""
+    from dql_agent.integrations.minari import record_episode
+
     env = gym.make(ENV_ID)
     returns = [record_episode(env, policy, seed + i)["rewards"].sum() for i in range(n_episodes)]
     env.close()

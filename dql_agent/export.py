@@ -33,10 +33,14 @@ The ONNX path needs ``pip install dql_agent[deploy]`` (onnx, onnxscript; onnxrun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,22 +157,23 @@ def export_policy(
     module = ExportablePolicy(exported, stochastic=not deterministic).eval()
     example, names, dynamic = _example_inputs(exported, module, batch)
     metadata = _metadata(algorithm, policy, exported, names, deterministic, batch)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
     if path.suffix == ".pt2":
         buffer = io.BytesIO()
         torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
         atomic_write(path, buffer.getvalue())
         return path
-    onnx_program = torch.onnx.export(
-        program,
-        example,
-        input_names=names,
-        output_names=[OUTPUT],
-        opset_version=opset or DEFAULT_OPSET,
-        dynamo=True,
-        verbose=False,
-    )
+    with _quiet_exporter():
+        onnx_program = torch.onnx.export(
+            program,
+            example,
+            input_names=names,
+            output_names=[OUTPUT],
+            opset_version=opset or DEFAULT_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
     assert onnx_program is not None
     proto = onnx_program.model_proto
     for key, value in metadata.items():
@@ -176,6 +181,34 @@ def export_policy(
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     atomic_write(path, proto.SerializeToString())
     return path
+
+
+# What torch's exporters say about themselves, on every export, whatever the policy: the ONNX
+# registry logs that torchvision's operators are skipped (this package exports none), and pytree
+# warns of its own deprecated LeafSpec check. Dropped by logger and message, during the export only.
+_EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
+_EXPORTER_LOG_MESSAGES = ("torchvision is not installed",)
+_EXPORTER_WARNINGS = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),)
+
+
+class _DropExporterNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _EXPORTER_LOG_MESSAGES)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.export / torch.onnx.export without the exporters' notes about themselves; any other
+    warning or log line (about the model, the user's inputs) passes."""
+    logger, drop = logging.getLogger(_EXPORTER_LOGGER), _DropExporterNotes()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _EXPORTER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

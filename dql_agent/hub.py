@@ -33,6 +33,7 @@ import os
 import re
 import string
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -75,6 +76,7 @@ __all__ = [
     "VIDEO_FILE",
     "HubNotFoundError",
     "HubUnreachableError",
+    "install_command",
     "load_from_hub",
     "make_model_card",
     "push_to_hub",
@@ -129,6 +131,103 @@ def _video_env(env: Any) -> tuple[gym.Env, bool]:
         f"eval_env renders with render_mode={env.render_mode!r} and has no spec to re-create it "
         "with render_mode='rgb_array'; make it with render_mode='rgb_array' or pass video=False"
     )
+
+
+# the card's install line ------------------------------------------------------------------------
+INSTALL_ENV = "DQL_AGENT_INSTALL"
+"""Environment variable with the command a model card tells readers to install dql_agent with
+(e.g. ``pip install "dql_agent @ git+https://github.com/OWNER/dql_agent@v0.1.0"``)."""
+_SOURCE_LABELS = ("source", "repository", "source code", "code", "homepage", "home")
+
+
+def install_command() -> tuple[str, str]:
+    """The command a model card gives to install this dql_agent, and where it comes from.
+
+    In order: ``$DQL_AGENT_INSTALL`` as set; the URL this copy was installed from when pip recorded
+    one that others can reach (PEP 610 ``direct_url.json``: a git URL pinned to its commit, or a
+    wheel/sdist URL); ``dql_agent==VERSION`` when it came from a package index; the project URL of
+    the package metadata (``Project-URL: Source``/``Repository``/``Homepage``, or ``Home-page``);
+    else the folder it was installed from, which only this machine can install from (a push then
+    warns: set ``DQL_AGENT_INSTALL``).
+
+    Returns:
+        ``(command, origin)``; origin is one of ``"DQL_AGENT_INSTALL"``, ``"vcs"``, ``"archive"``,
+        ``"index"``, ``"project-url"``, ``"local"``.
+    """
+    import importlib.metadata
+    import shlex
+
+    configured = os.environ.get(INSTALL_ENV, "").strip()
+    if configured:
+        return configured, INSTALL_ENV
+    version = library_version()
+    local: str | None = None
+    for dist in importlib.metadata.distributions(name="dql_agent"):
+        direct = _direct_url(dist)
+        if direct is None:
+            continue
+        url = str(direct.get("url", ""))
+        vcs = direct.get("vcs_info")
+        if isinstance(vcs, dict) and vcs.get("vcs") and not url.startswith("file:"):
+            pin = vcs.get("commit_id") or vcs.get("requested_revision")
+            return f'pip install "dql_agent @ {vcs["vcs"]}+{url}{"@" + str(pin) if pin else ""}"', "vcs"
+        if "archive_info" in direct and url.startswith(("https://", "http://")):
+            return f'pip install "dql_agent @ {url}"', "archive"
+        if url.startswith("file:"):
+            local = local or _file_url_path(url)
+    if local is None and _installed_from_index():
+        return f"pip install dql_agent=={version}", "index"
+    project = _project_url()
+    if project is not None:
+        return f'pip install "dql_agent @ git+{project}"', "project-url"
+    if local is None:  # run from a source tree: the folder above the package
+        local = str(Path(__file__).resolve().parents[1])
+    return f"pip install {shlex.quote(local)}", "local"
+
+
+def _direct_url(dist: Any) -> dict[str, Any] | None:
+    try:
+        data = json.loads(dist.read_text("direct_url.json") or "null")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _file_url_path(url: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    return unquote(urlparse(url).path)
+
+
+def _installed_from_index() -> bool:
+    """Installed by a package installer from an index: metadata with an INSTALLER record and no
+    direct URL (an .egg-info of a source tree has neither)."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions(name="dql_agent"):
+        if (dist.read_text("INSTALLER") or "").strip() and _direct_url(dist) is None:
+            return True
+    return False
+
+
+def _project_url() -> str | None:
+    """The project's source repository URL from the package metadata, if it names a git host."""
+    import importlib.metadata
+
+    try:
+        meta = importlib.metadata.metadata("dql_agent")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    candidates = []
+    for entry in meta.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in _SOURCE_LABELS:
+            candidates.append(url.strip())
+    candidates += meta.get_all("Home-page") or []
+    for url in candidates:
+        if url.startswith("https://") and any(host in url for host in ("github.com", "gitlab.com", "bitbucket.org")):
+            return url.removesuffix("/")
+    return None
 
 
 # model card --------------------------------------------------------------------------------------
@@ -239,11 +338,13 @@ def make_model_card(
     results: dict[str, Any] | None = None,
     repo_id: str | None = None,
     has_video: bool = False,
+    install: str | None = None,
 ) -> ModelCard:
     """The README.md card: Hub metadata (tags, datasets, model-index) plus the rendered template.
 
     The env and dataset ids (which may come from any checkpoint or dataset) are quoted for each
     place they appear in: YAML by ``yaml``, Markdown escaped, the usage snippet as string literals.
+    ``install`` is the card's install command (default: :func:`install_command`).
     """
     from importlib import resources
 
@@ -315,6 +416,7 @@ def make_model_card(
         num_timesteps=int(model.num_timesteps),
         seed=model.seed,
         library_version=library_version(),
+        install_command=" ".join((install or install_command()[0]).split()),
     )
 
 
@@ -330,6 +432,8 @@ def write_hub_folder(
     repo_id: str | None = None,
     results: dict[str, Any] | None = None,
     deterministic: bool = True,
+    seed: int | None = 0,
+    install: str | None = None,
 ) -> Path:
     """Write the hub-ready folder locally: what :func:`push_to_hub` uploads. No network.
 
@@ -349,6 +453,11 @@ def write_hub_folder(
         repo_id: the repo the card's usage snippet loads from (a placeholder when None).
         results: the output of :func:`evaluate` on ``eval_env`` when already computed (it is
             not run again).
+        seed: episode ``i`` of the evaluation resets with ``seed + i`` (see :func:`evaluate`), so
+            the card's numbers repeat on the same machine; results.json records the seeds. None
+            leaves the env's resets unseeded.
+        install: the command the card gives to install dql_agent (default: :func:`install_command`:
+            ``$DQL_AGENT_INSTALL``, else where this copy was installed from).
 
     Returns:
         The folder, holding model.safetensors, config.json, README.md and, with ``eval_env``,
@@ -367,7 +476,7 @@ def write_hub_folder(
         results = None
     else:
         if results is None:
-            results = evaluate(model, eval_env, n_eval_episodes, deterministic)
+            results = evaluate(model, eval_env, n_eval_episodes, deterministic, seed=seed)
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         if video:
             from dql_agent.video import record_video
@@ -387,7 +496,7 @@ def write_hub_folder(
             finally:
                 if owned:
                     env.close()
-    card = make_model_card(model, results, repo_id, has_video=(folder / VIDEO_FILE).exists())
+    card = make_model_card(model, results, repo_id, has_video=(folder / VIDEO_FILE).exists(), install=install)
     card.save(folder / README_FILE)
     return folder
 
@@ -405,6 +514,8 @@ def push_to_hub(
     token: str | None = None,
     revision: str | None = None,
     deterministic: bool = True,
+    seed: int | None = 0,
+    install: str | None = None,
 ) -> str:
     """Push ``model`` to the Hub repo ``repo_id`` in one commit; returns the commit URL.
 
@@ -412,7 +523,10 @@ def push_to_hub(
     :func:`write_hub_folder` into a temporary directory and uploads it with
     ``HfApi.upload_folder``. ``revision`` is the branch to commit to (created from main if
     missing; default main). ``token`` defaults to the logged-in token / ``HF_TOKEN``.
-    ``deterministic`` is the evaluation protocol (see :func:`write_hub_folder`).
+    ``deterministic`` is the evaluation protocol and ``seed`` seeds its episodes (see
+    :func:`write_hub_folder`). ``install`` is the card's install command (default:
+    :func:`install_command`); when that names a folder on this machine, which readers cannot
+    install from, a warning says to set ``$DQL_AGENT_INSTALL``.
 
     Raises:
         HubUnreachableError: (a ``ConnectionError``) offline mode is on or the Hub cannot be
@@ -429,6 +543,15 @@ def push_to_hub(
     error = connection_error(endpoint)
     if error is not None:
         raise _unreachable_on_push(endpoint, repo_id, f"no connection to {endpoint} ({reason(error)})") from error
+    if install is None:
+        install, origin = install_command()
+        if origin == "local":
+            warnings.warn(
+                f"the model card tells readers to install dql_agent with `{install}`, a folder on this machine; "
+                f'set {INSTALL_ENV} to a command they can run (e.g. pip install "dql_agent @ '
+                'git+https://github.com/OWNER/dql_agent@TAG") or pass install=...',
+                stacklevel=3,
+            )
     with _connection_lost(endpoint, repo_id):
         if private is None:  # the Hub's default visibility (0.x would send None as JSON null)
             api.create_repo(repo_id, exist_ok=True, repo_type="model")
@@ -446,6 +569,8 @@ def push_to_hub(
                 video_length=video_length,
                 repo_id=repo_id,
                 deterministic=deterministic,
+                seed=seed,
+                install=install,
             )
             if commit_message is None:
                 commit_message = f"Upload {model.algorithm} agent"

@@ -25,6 +25,8 @@ Acting: best-of-K by the current critics' min-Q; K = ``n_behavior_samples`` when
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +46,8 @@ from dql_agent.spaces import unscale_actions
 from dql_agent.training import Rollout
 
 Q_TRANSFORMS = ("qadv", "qrelu")
+FEW_UPDATES = 0.5
+"""``learn`` warns when fewer than this fraction of its env steps are followed by gradient updates."""
 
 
 # configuration ---------------------------------------------------------------------------------
@@ -151,6 +155,18 @@ class QVPOConfig(AgentConfig):
 
 
 # diffusion helpers -----------------------------------------------------------------------------
+CPU_CHUNK_ROWS = 2048
+"""On the CPU, :func:`sample_and_score` runs the chains of about this many candidate rows at a time
+(whole states): with the defaults the actor's 256 x 64 candidates are 8 chunks of 32 states. Each
+activation is then 2 MB instead of 16 MB, so it stays in cache and is not a fresh allocation the
+kernel has to zero. The values are bit for bit those of one pass (the same noise, and every matmul
+row computed alike: tests/test_first_week.py checks it). 0 turns chunking off. See
+benchmarks/qvpo_speed.py and the README's QVPO timing."""
+MIN_CHUNK_STATES = 32
+"""A chunk holds at least this many states: the per-state matmuls (the first layers' state share)
+of a handful of rows take other BLAS kernels, which round differently."""
+
+
 @torch.no_grad()
 def sample_and_score(
     actor: GaussianDiffusion,
@@ -160,11 +176,25 @@ def sample_and_score(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` actions per state and their min-Q: states (B, S) -> actions (B, n, A), q (B, n)."""
+    """``n`` actions per state and their min-Q: states (B, S) -> actions (B, n, A), q (B, n).
+
+    ``noise`` (T, B * n, A) is drawn as one :meth:`GaussianDiffusion.sample` call draws it when
+    None; on the CPU the chains then run in chunks of :data:`CPU_CHUNK_ROWS` rows."""
     batch = states.shape[0]
-    actions = actor.sample(states, generator, noise, n_samples=n)  # (B * n, A), state-major
-    q = critic.q_min_of_candidates(states, actions)  # (B, n)
-    return actions.view(batch, n, -1), q
+    n_chunks = batch // max(MIN_CHUNK_STATES, CPU_CHUNK_ROWS // n) if CPU_CHUNK_ROWS else 1
+    if states.device.type != "cpu" or n_chunks < 2:
+        actions = actor.sample(states, generator, noise, n_samples=n)  # (B * n, A), state-major
+        q = critic.q_min_of_candidates(states, actions)  # (B, n)
+        return actions.view(batch, n, -1), q
+    if noise is None:  # the draw actor.sample would make, so chunking changes no value
+        noise = torch.randn((actor.n_steps, batch * n, actor.action_dim), device=states.device, generator=generator)
+    parts, bounds = [], [batch * i // n_chunks for i in range(n_chunks + 1)]  # near-equal, >= MIN_CHUNK_STATES
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        rows = states[start:end]
+        chunk_noise = noise[:, start * n : end * n]
+        actions = actor.sample(rows, noise=chunk_noise, n_samples=n)
+        parts.append((actions, critic.q_min_of_candidates(rows, actions)))
+    return torch.cat([a for a, _ in parts]).view(batch, n, -1), torch.cat([q for _, q in parts])
 
 
 # policy ----------------------------------------------------------------------------------------
@@ -282,6 +312,45 @@ class QVPO(BaseAgent, algorithm="QVPO", short_name="qvpo", paper=QVPO_PAPER):
         critic_params = [*self.critic.parameters(), *self.policy.encoder.parameters()]
         self.critic_optimizer = torch.optim.Adam(critic_params, lr=cfg.critic_learning_rate, eps=cfg.adam_eps)
         self.warmup_rng = np.random.default_rng(self.seed + 1)  # uniform actions of the warm-up
+
+    def learn(self, total_timesteps: int, *args: Any, **kwargs: Any) -> QVPO:
+        """:meth:`BaseAgent.learn` (same arguments), after a warning when this call will make no
+        gradient update, or updates after fewer than :data:`FEW_UPDATES` of its env steps, because
+        the first ``learning_starts`` env steps only collect random experience."""
+        call = inspect.signature(BaseAgent.learn).bind(self, total_timesteps, *args, **kwargs)
+        call.apply_defaults()
+        if is_int(total_timesteps) and total_timesteps > 0 and self.env is not None:
+            start = 0 if call.arguments["reset_num_timesteps"] else self.num_timesteps
+            self._warn_few_updates(start, int(total_timesteps))
+        super().learn(total_timesteps, *args, **kwargs)
+        return self
+
+    def _warn_few_updates(self, start: int, total: int) -> None:
+        cfg, n_envs = self.config, self.env.num_envs
+        vec_steps = -(-total // n_envs)  # the loop runs VecEnv steps until it reaches start + total
+        # VecEnv step k (from 0) updates when start + (k + 1) * n_envs >= learning_starts
+        first = max(0, -(-(cfg.learning_starts - start) // n_envs) - 1)
+        updating = max(0, vec_steps - first) * n_envs  # env steps followed by updates
+        if updating >= FEW_UPDATES * total:
+            return
+        end = start + vec_steps * n_envs
+        warm = (
+            f"QVPO acts randomly for its first learning_starts={cfg.learning_starts:,} env steps (filling the replay "
+            "buffer) and makes no gradient update before"
+        )
+        if updating == 0:
+            what = f"this learn call (env steps {start:,} to {end:,}) will make no gradient update"
+        else:
+            what = (
+                f"only {updating:,} of this learn call's {end - start:,} env steps will be followed by gradient "
+                f"updates ({updating * cfg.utd_ratio:,} updates)"
+            )
+        warnings.warn(
+            f"{what}: {warm}. Train for more env steps, or pass a smaller learning_starts (QVPO(..., "
+            f"learning_starts=N), N at least batch_size={cfg.batch_size} so the first batch has that many "
+            "transitions to draw from)",
+            stacklevel=3,
+        )
 
     @property
     def entropy_coef(self) -> float:

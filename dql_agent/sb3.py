@@ -6,7 +6,10 @@ with callbacks, ``load`` with SB3's keywords), not by inheritance; what that tak
 
 from __future__ import annotations
 
+import atexit
+import math
 import platform
+import time
 import warnings
 from typing import Any
 
@@ -42,25 +45,106 @@ def system_info() -> dict[str, str]:
 
 
 class TimestepProgressBar(BaseCallback):
-    """A tqdm/rich progress bar over ``learn``'s timesteps (gradient steps offline, env steps
-    online) that, unlike SB3's, needs no training env."""
+    """Progress over ``learn``'s timesteps (gradient steps offline, env steps online) that, unlike
+    SB3's bar, needs no training env.
+
+    On a terminal (or in Jupyter) it is a tqdm/rich bar. Anywhere else (output redirected to a file,
+    a pipe, a CI or cluster log, where a bar would show nothing until it ends) it reports a line
+    (:func:`dql_agent.report.report`) each ``line_fraction`` of the run or after ``line_seconds``,
+    whichever comes first, and one at the end: ``timestep 1,200/12,000 (10%), 14 s, 85.3
+    timesteps/s, about 2 min 7 s left`` (the rate since the previous line).
+
+    Args:
+        terminal: draw the bar (True) or write lines (False); None tells from the console.
+        line_seconds: most seconds between two lines (default 30).
+        line_fraction: a line at every such fraction of the run (default 0.1).
+
+    A bar still open when ``learn`` stops on Ctrl-C or an error is closed by :meth:`close` or,
+    at the latest, when the interpreter exits (while it can still render).
+    """
+
+    def __init__(self, terminal: bool | None = None, line_seconds: float = 30.0, line_fraction: float = 0.1):
+        super().__init__()
+        if not line_seconds > 0 or not 0 < line_fraction <= 1:
+            raise ValueError(
+                f"line_seconds must be > 0 and line_fraction in (0, 1], got {line_seconds!r} and {line_fraction!r}"
+            )
+        self.terminal, self.line_seconds, self.line_fraction = terminal, float(line_seconds), float(line_fraction)
+        self.pbar: Any = None
 
     def _on_training_start(self) -> None:
-        from tqdm import TqdmExperimentalWarning
-        from tqdm.rich import tqdm
+        self.close()  # a bar left open by an interrupted learn
+        self.first = self.shown = self.model.num_timesteps
+        self.total = self.locals["total_timesteps"] - self.first
+        terminal = self.terminal if self.terminal is not None else _console_is_interactive()
+        if terminal:
+            from tqdm import TqdmExperimentalWarning
+            from tqdm.rich import tqdm
 
-        warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # as SB3 does
-        self.shown = self.model.num_timesteps
-        self.pbar = tqdm(total=self.locals["total_timesteps"] - self.shown)
+            warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # as SB3 does
+            self.pbar = tqdm(total=self.total)
+            atexit.register(self.close)  # rich cannot render once the interpreter tears down
+        else:
+            self.started = self.last_line = time.monotonic()
+            self.every = max(1, math.ceil(self.total * self.line_fraction))
+            self.next_line = self.first + self.every
 
     def _on_step(self) -> bool:
-        self.pbar.update(self.model.num_timesteps - self.shown)
-        self.shown = self.model.num_timesteps
+        done = self.model.num_timesteps
+        if self.pbar is not None:
+            self.pbar.update(done - self.shown)
+            self.shown = done
+            return True
+        if self.total <= 0 or (done < self.next_line and time.monotonic() - self.last_line < self.line_seconds):
+            return True
+        self._line(done)
+        while self.next_line <= done:
+            self.next_line += self.every
         return True
 
+    def _line(self, done: int) -> None:
+        now = time.monotonic()
+        elapsed, count = now - self.started, done - self.first
+        # The rate since the previous line: an online run speeds down when its warm-up ends.
+        rate = (done - self.shown) / (now - self.last_line) if now > self.last_line else 0.0
+        text = f"timestep {done:,}/{self.first + self.total:,} ({100 * count / self.total:.0f}%), {_duration(elapsed)}"
+        if rate > 0:
+            text += f", {rate:.1f} timesteps/s"
+            if count < self.total:
+                text += f", about {_duration((self.total - count) / rate)} left"
+        report(text)
+        self.shown, self.last_line = done, now
+
     def _on_training_end(self) -> None:
-        self.pbar.refresh()
-        self.pbar.close()
+        if self.pbar is None and self.total > 0 and self.shown != self.model.num_timesteps:
+            self._line(self.model.num_timesteps)
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar (a no-op when it is closed or lines are written)."""
+        pbar, self.pbar = self.pbar, None
+        if pbar is not None:
+            atexit.unregister(self.close)
+            pbar.refresh()
+            pbar.close()
+
+
+def _console_is_interactive() -> bool:
+    """Whether rich draws live on this stdout: a terminal or Jupyter (rich's own test)."""
+    from rich import get_console
+
+    console = get_console()
+    return bool(console.is_terminal or console.is_jupyter)
+
+
+def _duration(seconds: float) -> str:
+    """``4.2 s``, ``42 s``, ``2 min 7 s``, ``1 h 3 min``."""
+    if seconds < 59.5:
+        return f"{max(seconds, 0.0):.1f} s" if seconds < 9.95 else f"{seconds:.0f} s"
+    seconds = round(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def make_callback(callback: Any, progress_bar: bool) -> BaseCallback:

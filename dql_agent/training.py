@@ -52,32 +52,49 @@ class Timestep(NamedTuple):
 
 class _InterruptFlag:
     requested = False
+    signum: int | None = None
+    again = False  # a second signal stopped a step in the middle
 
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[_InterruptFlag]:
-    """Turn Ctrl-C into a flag that the loop checks between timesteps.
+    """Turn Ctrl-C (SIGINT), and SIGTERM, into a flag that the loop checks between timesteps.
 
     A step is never cut in half (critic updated, actor not), so an interrupted run saves a state
-    that resumes exactly. A second Ctrl-C interrupts at once. Only the main thread can own SIGINT;
-    elsewhere this does nothing.
+    that resumes exactly. A second signal interrupts at once. SIGTERM (what ``kill``, ``timeout``,
+    a batch scheduler or a container stop sends) is taken over only while it is at its default
+    (terminate): a program that installed its own SIGTERM handler keeps it. The KeyboardInterrupt
+    that leaves the block carries ``signum``, the signal that asked for it, so a program can exit
+    with the conventional status (128 + signum: 130 for SIGINT, 143 for SIGTERM), and
+    ``step_finished`` (False when a second signal cut a step short: that state does not resume
+    exactly). Only the main thread can own signals; elsewhere this does nothing.
     """
     flag = _InterruptFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signals = [signal.SIGINT]
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signals.append(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
 
     def handler(signum: int, frame: Any) -> None:
         if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
+            flag.again = True
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received again: stopped at once")
+        flag.requested, flag.signum = True, signum
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in signals:
+        signal.signal(signum, handler)
     try:
         yield flag
+    except KeyboardInterrupt as error:
+        error.signum = int(flag.signum or signal.SIGINT)  # type: ignore[attr-defined]
+        error.step_finished = not flag.again  # type: ignore[attr-defined]
+        raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def train(

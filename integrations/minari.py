@@ -1,20 +1,28 @@
-"""Writing Minari datasets from your own episodes, without jax.
+"""Your own data as a dataset: record episodes of any policy, write them as Minari or as an .npz.
 
-Reading is :mod:`dql_agent.readers.minari` (``OfflineBuffer.from_minari``); its two functions are
-re-exported here. An episode of ``T`` steps holds ``T + 1`` observations (the reset observation
-plus one per step) and ``T`` actions, rewards, terminations and truncations.
+- :func:`record_episode` plays one episode of any policy (a scripted controller, an SB3 model's
+  ``predict``, a teleoperation bridge) in an env and returns it in Minari's layout;
+- :func:`write_minari_dataset` writes such episodes (or a log you recorded yourself, as arrays) as
+  a local Minari dataset, read back by ``OfflineBuffer.from_minari(id)``;
+- :func:`episodes_to_transitions` aligns them as D4RL-style transition columns, for ``np.savez``
+  and ``OfflineBuffer.from_d4rl("file.npz")`` (or ``OfflineBuffer(**columns)``).
+
+An episode of ``T`` steps holds ``T + 1`` observations (the reset observation plus one per step)
+and ``T`` actions, rewards, terminations and truncations. Reading is :mod:`dql_agent.readers.minari`
+(``OfflineBuffer.from_minari``); its two functions are re-exported here.
 
 Writing uses :func:`minari.create_dataset_from_buffers` with plain
-:class:`minari.data_collector.EpisodeBuffer` objects, so no ``jax`` (``minari[create]``) is needed.
+:class:`minari.data_collector.EpisodeBuffer` objects, so no ``jax`` is needed: Minari's own
+``DataCollector`` needs ``minari[create]`` (jax), which dql_agent does not install.
 """
 
 from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import minari
@@ -23,11 +31,122 @@ from gymnasium.envs.registration import EnvSpec
 from minari.data_collector import EpisodeBuffer
 from minari.storage import get_dataset_path
 
-from dql_agent.readers.minari import check_dataset_id, load_minari_dataset, minari_to_transitions
+if TYPE_CHECKING:
+    from dql_agent.readers.minari import load_minari_dataset, minari_to_transitions
 
-__all__ = ["load_minari_dataset", "minari_to_transitions", "write_minari_dataset"]
+__all__ = [
+    "episodes_to_transitions",
+    "load_minari_dataset",
+    "minari_to_transitions",
+    "record_episode",
+    "write_minari_dataset",
+]
 
 _EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+
+
+def __getattr__(name: str) -> Any:
+    # The readers' functions load torch (observations): imported when asked for, so recording and
+    # writing episodes (and importing dql_agent, whose PixelReach task records with them) do not.
+    if name in ("load_minari_dataset", "minari_to_transitions"):
+        from dql_agent.readers import minari as reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def record_episode(
+    env: gym.Env, act: Callable[[Any], np.ndarray], reset_seed: int, max_steps: int | None = None
+) -> dict[str, Any]:
+    """Play one episode of ``act`` (observation -> action) in Minari's layout.
+
+    ``act`` is any policy: a function, an SB3 model (``lambda obs: model.predict(obs,
+    deterministic=True)[0]``), a bridge to a teleoperation device. The stored action is the one the
+    env applies: clipped to the action Box and cast to its dtype. ``max_steps`` truncates the
+    episode early (to fill a step budget exactly).
+
+    Returns:
+        ``observations`` (T+1, ...) in the observation space's dtype (a dict of such arrays for a
+        Dict space), ``actions`` (T, act_dim), ``rewards`` (T,) float64, ``terminations`` and
+        ``truncations`` (T,) bool: one entry of :func:`write_minari_dataset`'s ``episodes``.
+    """
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box):
+        raise TypeError(f"env.action_space must be a Box, got {type(space).__name__}")
+    obs, _ = env.reset(seed=reset_seed)
+    observations: list[Any] = [obs]
+    actions: list[np.ndarray] = []
+    rewards: list[float] = []
+    terminations: list[bool] = []
+    truncations: list[bool] = []
+    while True:
+        action = np.clip(act(obs), space.low, space.high).astype(space.dtype)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or (max_steps is not None and len(actions) + 1 >= max_steps)
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(float(reward))
+        terminations.append(bool(terminated))
+        truncations.append(bool(truncated))
+        if terminated or truncated:
+            break
+    if isinstance(obs, dict):
+        stacked: Any = {key: np.stack([o[key] for o in observations]) for key in obs}
+    else:
+        stacked = np.asarray(observations, dtype=env.observation_space.dtype)
+    return {
+        "observations": stacked,
+        "actions": np.asarray(actions),
+        "rewards": np.asarray(rewards, dtype=np.float64),
+        "terminations": np.asarray(terminations, dtype=bool),
+        "truncations": np.asarray(truncations, dtype=bool),
+    }
+
+
+def episodes_to_transitions(episodes: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Episodes in Minari's layout as D4RL-style transition columns, aligned per episode.
+
+    Each episode's ``T + 1`` observations give ``observations = obs[:-1]`` and
+    ``next_observations = obs[1:]``, so no transition crosses an episode boundary; ``terminals``
+    are its terminations and ``timeouts`` its truncations (a step both terminated and truncated is
+    terminal). ``np.savez(path, **columns)`` writes what ``OfflineBuffer.from_d4rl(path)`` reads.
+    Flat (Box) observations only: a Dict space is what a Minari dataset keeps.
+
+    Raises:
+        ValueError: no episodes, or an episode whose arrays do not line up (naming it and the key).
+        TypeError: dict observations.
+    """
+    if len(episodes) == 0:
+        raise ValueError("episodes is empty; a dataset needs at least one episode")
+    columns: dict[str, list[np.ndarray]] = {
+        key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+    }
+    for index, episode in enumerate(episodes):
+        missing = [key for key in _EPISODE_KEYS if key not in episode]
+        if missing:
+            raise ValueError(f"episode {index}: missing keys {missing}; expected {list(_EPISODE_KEYS)}")
+        if isinstance(episode["observations"], Mapping):
+            raise TypeError(
+                f"episode {index}: dict observations have no flat .npz layout; write a Minari dataset "
+                "(write_minari_dataset) instead"
+            )
+        obs = np.asarray(episode["observations"])
+        n_steps = len(np.asarray(episode["rewards"]))
+        for key, expected in (("observations", n_steps + 1), ("actions", n_steps), ("terminations", n_steps)):
+            found = len(obs) if key == "observations" else len(np.asarray(episode[key]))
+            if found != expected:
+                raise ValueError(
+                    f"episode {index}: {key!r} has length {found}, expected {expected} "
+                    f"(T + 1 observations, T actions and flags for T = {n_steps} rewards)"
+                )
+        terminations = np.asarray(episode["terminations"], dtype=bool)
+        columns["observations"].append(obs[:-1])
+        columns["next_observations"].append(obs[1:])
+        columns["actions"].append(np.asarray(episode["actions"]))
+        columns["rewards"].append(np.asarray(episode["rewards"], dtype=np.float64))
+        columns["terminals"].append(terminations)
+        columns["timeouts"].append(np.asarray(episode["truncations"], dtype=bool) & ~terminations)
+    return {key: np.concatenate(parts) for key, parts in columns.items()}
 
 
 def _leading_lengths(data: Any) -> set[int]:
@@ -147,6 +266,8 @@ def write_minari_dataset(
 
     A write that fails part-way removes the half-written dataset directory.
     """
+    from dql_agent.readers.minari import check_dataset_id
+
     check_dataset_id(dataset_id)
     if (ref_min_score is None) != (ref_max_score is None):
         raise ValueError(

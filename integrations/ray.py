@@ -31,12 +31,14 @@ Needs ``pip install dql_agent[ray]``; see docs/SCALING.md for clusters.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
@@ -60,6 +62,12 @@ METRICS = {
     "eval/success_rate": "success rate",
 }
 """The reported evaluation metrics the results table summarises, and their column titles."""
+
+DOWNLOAD_HINT = "set download: true in the sweep spec (download=True in Python) to fetch it"
+"""How a sweep's reader downloads a missing Minari dataset (the missing-dataset message says it)."""
+RESUME_HINT = "`dql-agent sweep SPEC.yaml --resume` (run_sweep(..., resume=True)) continues it"
+_TUNE_HINTS = ("Tuner.restore(", "Trials did not complete", "Resume experiment with")
+"""Tune's own log lines about resuming, which name its Python API: the sweep says it in its words."""
 
 CallbackFactory = Callable[[dict[str, Any]], Sequence[Any]]
 """Extra SB3 callbacks for one model of a trial, from ``{"dataset", "seed", "hyperparameters"}``."""
@@ -204,10 +212,8 @@ class SweepSpec:
             print(f"nothing to resume at {self.path}: starting the sweep")
         started = not ray.is_initialized()
         if started:
-            if address is None:  # on a cluster the files need only exist where the trials run
-                for name in self.datasets:
-                    if name.endswith(FILE_SUFFIXES) and not (Path(self.root) / name).is_file():
-                        raise FileNotFoundError(f"dataset file {name} not found (relative to {self.root})")
+            if address is None:  # on a cluster the data need only exist where the trials run
+                self.check_datasets()
             ray.init(address=address)  # None: a local Ray on this machine
         try:
             trainable = tune.with_resources(tune.with_parameters(train_trial, callbacks=callbacks), self.resources)
@@ -215,11 +221,26 @@ class SweepSpec:
                 tuner = tune.Tuner.restore(str(self.path), trainable=trainable, resume_errored=True)
             else:
                 tuner = self.tuner(trainable, verbose)
-            grid = tuner.fit()
+            with _tune_hints_replaced():
+                grid = tuner.fit()
         finally:
             if started:
                 ray.shutdown()
-        return summarize(grid, self.path)
+        return summarize(grid, self.path, eval_every=self.eval_every)
+
+    def check_datasets(self) -> None:
+        """The datasets this machine's trials will read: files that exist, Minari ids stored locally
+        (or, with ``download``, a Minari remote that answers). Raises the error a trial would raise
+        (FileNotFoundError, or the Hub's one-line HubUnreachableError), before Ray starts."""
+        from dql_agent.readers.minari import check_available, download_hint
+
+        for name in self.datasets:
+            if name.endswith(FILE_SUFFIXES):
+                if not (Path(self.root) / name).is_file():
+                    raise FileNotFoundError(f"dataset file {name} not found (relative to {self.root})")
+                continue
+            with download_hint(DOWNLOAD_HINT):
+                check_available(name, self.download)
 
     def tuner(self, trainable: Any, verbose: int = 1) -> tune.Tuner:
         """The Tune ``Tuner`` of this sweep around ``trainable`` (:func:`train_trial` with resources)."""
@@ -255,6 +276,28 @@ class SweepSpec:
             "seeds": [*self.seeds] if self.pack_seeds else tune.grid_search([[s] for s in self.seeds]),
             "hyperparameters": {key: _search_space(value) for key, value in self.param_space.items()},
         }
+
+
+class _DropTuneHints(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(hint in text for hint in _TUNE_HINTS)
+
+
+@contextlib.contextmanager
+def _tune_hints_replaced() -> Iterator[None]:
+    """Drop Tune's own lines about an interrupted run (``Resume experiment with:
+    Tuner.restore(path=..., trainable=...)``, ``Trials did not complete: [...]``): the sweep's
+    notes say which runs are unfinished and how to continue them, with ``--resume``."""
+    loggers = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune")]
+    hints = _DropTuneHints()
+    for logger in loggers:
+        logger.addFilter(hints)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hints)
 
 
 def _search_space(value: Any) -> Any:
@@ -329,7 +372,10 @@ def train_trial(config: dict[str, Any], callbacks: CallbackFactory | None = None
 
     cls = algorithms_by_short_name()[config["algo"]]
     total, every, seeds = int(config["total_timesteps"]), int(config["eval_every"]), list(config["seeds"])
-    buffer = load_buffer(_dataset_source(config["dataset"], config["root"]), config["download"], config["env_id"])
+    from dql_agent.readers.minari import download_hint
+
+    with download_hint(DOWNLOAD_HINT):
+        buffer = load_buffer(_dataset_source(config["dataset"], config["root"]), config["download"], config["env_id"])
     env_id = config["env_id"] or _dataset_env(buffer, config["dataset"])
     hyperparameters = dict(config["hyperparameters"])
     if getattr(cls.make_config(dict(hyperparameters)), "lr_decay_steps", 0) is None:
@@ -422,12 +468,12 @@ class _Curve:
     points: list[dict[str, float]]  # {"timesteps", and the METRICS reported}
 
 
-def _curves(grid: Any, notes: list[str]) -> list[_Curve]:
+def _curves(grid: Any, notes: list[str], eval_every: int | None = None) -> list[_Curve]:
     curves = []
     for result in grid:
         frame, config = result.metrics_dataframe, result.config
         if frame is None or frame.empty or "timesteps" not in frame:
-            notes.append(f"trial {result.path} reported nothing: {result.error}")
+            notes.append(_no_report_note(result, eval_every))
             continue
         # A trial restarted from a checkpoint may report a step again: the last report wins.
         frame = frame.drop_duplicates("timesteps", keep="last").sort_values("timesteps")
@@ -444,12 +490,24 @@ def _curves(grid: Any, notes: list[str]) -> list[_Curve]:
     return curves
 
 
+def _no_report_note(result: Any, eval_every: int | None) -> str:
+    """Why a trial has no row: it failed (its error's last line), or it had not reached its first
+    evaluation when the sweep stopped."""
+    config = result.config or {}
+    what = f"trial {Path(str(result.path)).name} ({config.get('dataset')}, seeds {config.get('seeds')})"
+    if result.error is not None:
+        lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+        return f"{what} failed before its first evaluation: {lines[-1] if lines else type(result.error).__name__}"
+    every = eval_every or config.get("eval_every")
+    return f"{what} had not reached its first evaluation ({every} steps) when the sweep stopped: {RESUME_HINT}"
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))  # population std, as np.std
 
 
-def summarize(grid: Any, path: str | os.PathLike[str]) -> SweepResult:
+def summarize(grid: Any, path: str | os.PathLike[str], eval_every: int | None = None) -> SweepResult:
     """The results of a finished (or interrupted) sweep from Tune's ``ResultGrid``, written to ``path``:
     ``results.csv``, ``results.md``, ``curves.csv`` and, with matplotlib, ``curves_<dataset>.png``.
 
@@ -457,7 +515,7 @@ def summarize(grid: Any, path: str | os.PathLike[str]) -> SweepResult:
     ``summarize(tune.Tuner.restore(path, train_trial).get_results(), path)``."""
     path = Path(path)
     notes: list[str] = []
-    curves = _curves(grid, notes)
+    curves = _curves(grid, notes, eval_every)
     groups: dict[tuple[str, str], list[_Curve]] = {}
     for curve in curves:
         if curve.points:

@@ -11,8 +11,11 @@ Writing datasets is :func:`dql_agent.integrations.minari.write_minari_dataset`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,47 @@ from minari.storage import get_dataset_path
 from dql_agent.observations import as_float32, check_observation_space, flatten, has_images, raw_tree, tree_from_arrays
 from dql_agent.transitions import episode_flags, flat_rows
 
-__all__ = ["check_dataset_id", "load_minari_dataset", "minari_metadata", "minari_to_transitions"]
+__all__ = [
+    "MinariDatasetNotFoundError",
+    "check_available",
+    "check_dataset_id",
+    "download_hint",
+    "load_minari_dataset",
+    "minari_metadata",
+    "minari_to_transitions",
+]
 
 # Minari ids are "(namespace/)name-vN"; minari itself crashes with a TypeError without "-vN".
 _VERSIONED_ID = re.compile(r"-v\d+$")
 
 _FLOAT_KEYS = ("observations", "next_observations", "actions", "rewards")
+
+DEFAULT_REMOTE = "hf://farama-minari"  # minari's own default for $MINARI_REMOTE
+_DOWNLOAD_HINT: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "minari_download_hint", default="pass download=True to fetch it"
+)
+
+
+class MinariDatasetNotFoundError(FileNotFoundError):
+    """A Minari dataset that is not stored locally (and was not to be downloaded).
+
+    ``dataset_id`` and ``path`` (the folder searched) say which; the message says how to fetch it
+    in the words of the caller (``download=True`` in Python, ``--download`` on the command line)."""
+
+    def __init__(self, message: str, dataset_id: str, path: Path) -> None:
+        super().__init__(message)
+        self.dataset_id, self.path = dataset_id, path
+
+
+@contextlib.contextmanager
+def download_hint(text: str) -> Iterator[None]:
+    """Within the block, a missing dataset's message tells its reader ``text`` (how to download
+    in their interface, e.g. "pass --download to fetch it") instead of ``download=True``."""
+    token = _DOWNLOAD_HINT.set(text)
+    try:
+        yield
+    finally:
+        _DOWNLOAD_HINT.reset(token)
 
 
 def check_dataset_id(dataset_id: str) -> None:
@@ -58,24 +96,103 @@ def load_minari_dataset(dataset_or_id: str | minari.MinariDataset, download: boo
 
     Raises:
         ValueError: the id lacks the ``-vN`` version suffix.
-        FileNotFoundError: the dataset is not stored locally and ``download`` is False. The
-            message names the directory searched (``$MINARI_DATASETS_PATH``, else
-            ``~/.minari/datasets``).
+        MinariDatasetNotFoundError: (a ``FileNotFoundError``) the dataset is not stored locally and
+            ``download`` is False. The message names the directory searched
+            (``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets``) and how to download it.
+        HubUnreachableError: (a ``ConnectionError``) ``download`` is True, the dataset is not
+            local, and Minari's remote (a Hugging Face Hub endpoint) cannot be reached or
+            ``HF_HUB_OFFLINE`` is set; the message says how to work offline. Found within seconds
+            (one probe of the endpoint), not after the client's retries.
     """
     if isinstance(dataset_or_id, minari.MinariDataset):
         return dataset_or_id
     check_dataset_id(dataset_or_id)
     path = Path(get_dataset_path(dataset_or_id))
-    if not download and not (path / "data").exists():
-        root = "$MINARI_DATASETS_PATH" if "MINARI_DATASETS_PATH" in os.environ else "the default"
-        raise FileNotFoundError(
-            f"Minari dataset {dataset_or_id!r} is not stored locally: looked in {path} ({root} "
-            "root; datasets live under $MINARI_DATASETS_PATH, else ~/.minari/datasets). Pass "
-            f"download=True to fetch it, or run `minari download {dataset_or_id}`."
-        )
-    if (path / "data").exists():
-        _refuse_spaces_from_code(path / "data", dataset_or_id)
+    if not (path / "data").exists():
+        if not download:
+            raise _not_found(dataset_or_id, path)
+        return _download(dataset_or_id, path)
+    _refuse_spaces_from_code(path / "data", dataset_or_id)
     return minari.load_dataset(dataset_or_id, download=download)
+
+
+def check_available(dataset_id: str, download: bool = False) -> None:
+    """Raise now what :func:`load_minari_dataset` would raise for a dataset that is not local:
+    :class:`MinariDatasetNotFoundError` without ``download``, :class:`HubUnreachableError` when
+    Minari's Hub remote cannot be reached or offline mode is on (one probe, seconds). A local
+    dataset, or one that can be downloaded, passes (nothing is downloaded)."""
+    check_dataset_id(dataset_id)
+    path = Path(get_dataset_path(dataset_id))
+    if (path / "data").exists():
+        return
+    if not download:
+        raise _not_found(dataset_id, path)
+    _probe_remote(dataset_id, path)
+
+
+def _not_found(dataset_id: str, path: Path) -> MinariDatasetNotFoundError:
+    root = "$MINARI_DATASETS_PATH" if "MINARI_DATASETS_PATH" in os.environ else "the default"
+    return MinariDatasetNotFoundError(
+        f"Minari dataset {dataset_id!r} is not stored locally: looked in {path} ({root} "
+        "root; datasets live under $MINARI_DATASETS_PATH, else ~/.minari/datasets). "
+        f"{_sentence(_DOWNLOAD_HINT.get())}, or run `minari download {dataset_id}`.",
+        dataset_id,
+        path,
+    )
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _probe_remote(dataset_id: str, path: Path) -> str | None:
+    """The Hub endpoint behind Minari's remote (None for a remote that is not on the Hub), after
+    checking it can be reached: else :class:`HubUnreachableError`."""
+    from dql_agent.hub_access import connection_error, offline_mode, reason
+
+    if not os.environ.get("MINARI_REMOTE", DEFAULT_REMOTE).startswith("hf://"):
+        return None
+    from huggingface_hub import constants
+
+    endpoint = str(constants.ENDPOINT)
+    if offline_mode():
+        raise _unreachable(dataset_id, path, endpoint, "HF_HUB_OFFLINE is set (unset it to download)")
+    error = connection_error(endpoint)
+    if error is not None:
+        raise _unreachable(dataset_id, path, endpoint, f"no connection to {endpoint} ({reason(error)})") from None
+    return endpoint
+
+
+def _download(dataset_id: str, path: Path) -> minari.MinariDataset:
+    """Download a dataset with minari, then load it, with a Hub remote's offline and unreachable
+    cases as one :class:`HubUnreachableError` (other remotes, e.g. ``gcp://``, are left to minari)."""
+    from dql_agent.hub_access import is_connection_error, reason
+
+    endpoint = _probe_remote(dataset_id, path)
+    if endpoint is None:
+        return minari.load_dataset(dataset_id, download=True)
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as failure:
+        if not is_connection_error(failure):
+            raise
+        why = f"the connection to {endpoint} failed ({reason(failure)})"
+        raise _unreachable(dataset_id, path, endpoint, why) from None
+    _refuse_spaces_from_code(path / "data", dataset_id)  # before minari reads it
+    return minari.load_dataset(dataset_id)
+
+
+def _unreachable(dataset_id: str, path: Path, endpoint: str, why: str) -> Exception:
+    from dql_agent.hub_access import HubUnreachableError
+
+    return HubUnreachableError(
+        f"cannot download Minari dataset {dataset_id!r} from {os.environ.get('MINARI_REMOTE', DEFAULT_REMOTE)}: "
+        f"{why}. To work offline, download it where there is a network (`minari download {dataset_id}`) and copy "
+        f"it to {path} (or point $MINARI_DATASETS_PATH at a copy), or train on your own data (a Minari dataset "
+        "written with dql_agent.integrations.minari.write_minari_dataset, or a D4RL-style .npz)",
+        endpoint,
+        dataset_id,
+    )
 
 
 def _refuse_spaces_from_code(data_path: Path, dataset_id: str) -> None:
