@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from dql_agent import scaling
 from dql_agent.buffer import Batch, OfflineBuffer, prepare_training_data
 from dql_agent.checkpoint import (
     Checkpoint,
@@ -53,6 +54,7 @@ from dql_agent.config import AgentConfig, OfflineDataConfig, check_seed, is_int,
 from dql_agent.observations import check_observation_space, flat_dim
 from dql_agent.registry import ALGORITHMS, Paper, algorithm_class, register
 from dql_agent.sb3 import default_logger, load_keywords, make_callback, show_system_info, wrap_env
+from dql_agent.scaling import World
 from dql_agent.spaces import check_action_space, spaces_equal
 from dql_agent.training import Rollout, Timestep, train
 
@@ -65,15 +67,18 @@ SelfAgent = TypeVar("SelfAgent", bound="BaseAgent")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
+    """'auto' picks CUDA when present, else the CPU. Under ``torchrun`` on a CUDA machine, 'auto'
+    and 'cuda' mean this rank's GPU, cuda:LOCAL_RANK."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but this torch sees no CUDA device; use device='auto' or 'cpu'")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = scaling.local_cuda_device() or resolved
     return resolved
 
 
@@ -188,6 +193,7 @@ class BaseAgent:
         if tensorboard_log is not None:
             check_tensorboard(tensorboard_log)
         self.device = resolve_device(device)
+        scaling.check_precision(self.config.precision, self.device)
         self.seed = draw_seed() if seed is None else check_seed(seed)
         env_module, _, env_id = env.rpartition(":") if isinstance(env, str) else ("", "", None)
         if env is not None:
@@ -206,6 +212,9 @@ class BaseAgent:
         # The update's random draws (batches, diffusion steps and noise): one stream, saved with
         # the optimizer state so a resumed run draws what the uninterrupted one would.
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        # fp16's loss scalers, one per optimizer (by id), kept across learn calls and saved with the
+        # optimizer state: a scale that restarted at every call would skip steps each time.
+        self.grad_scalers: dict[int, Any] = {}
 
         # SB3's attributes
         self.num_timesteps = 0
@@ -240,13 +249,28 @@ class BaseAgent:
         return {}
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors (RNG states) and JSON state (schedulers) beyond the optimizers, to resume exactly."""
-        return {"rng.train": self.generator.get_state()}, {"rng_device": self.generator.device.type}
+        """Tensors (RNG states) and JSON state (schedulers, fp16's loss scales) beyond the
+        optimizers, to resume exactly."""
+        meta: dict[str, Any] = {"rng_device": self.generator.device.type}
+        scales = {
+            name: scaling.scaler_state(self.grad_scalers[id(optimizer)])
+            for name, optimizer in self.optimizers().items()
+            if id(optimizer) in self.grad_scalers
+        }
+        if scales:
+            meta["grad_scalers"] = scales
+        return {"rng.train": self.generator.get_state()}, meta
 
     def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`training_state` returned."""
         if "rng.train" in tensors:  # absent when saved by a generator of another device type
             self.generator.set_state(tensors["rng.train"])
+        optimizers = self.optimizers()
+        for name, state in meta.get("grad_scalers", {}).items():
+            if name not in optimizers:
+                raise ValueError(f"grad_scalers names the optimizer {name!r}; this model has {sorted(optimizers)}")
+            optimizer = optimizers[name]
+            self.grad_scalers[id(optimizer)] = scaling.restored_scaler(state, optimizer, f"grad_scalers[{name!r}]")
 
     def collect_step(self) -> Rollout:
         """Online algorithms: act in ``env`` once, store the transitions, say how many gradient
@@ -380,6 +404,7 @@ class BaseAgent:
         progress_bar: bool = False,
         reset_num_timesteps: bool = True,
         interrupt_checkpoint: str | os.PathLike[str] | None = None,
+        distributed: bool = False,
     ) -> SelfAgent:
         """Train for ``total_timesteps`` timesteps, driving SB3 callbacks and logging.
 
@@ -398,6 +423,12 @@ class BaseAgent:
             interrupt_checkpoint: where to save a resumable checkpoint (weights, optimizer and RNG
                 state) if training stops on Ctrl-C or an exception; ``load`` it and call
                 ``learn(..., reset_num_timesteps=False)`` to continue.
+            distributed: train data-parallel with the other processes ``torchrun`` started (offline
+                algorithms): each rank samples its own batches and the gradients are averaged, so
+                a step sees ``batch_size`` x world size transitions. Every rank must hold the same
+                model (same seed, or the same checkpoint loaded). Rank 0 alone runs ``callback``,
+                logs and writes ``interrupt_checkpoint``; the other ranks return the same weights.
+                See docs/SCALING.md.
 
         Ctrl-C finishes the current step before stopping, so the model stays usable.
         """
@@ -405,16 +436,50 @@ class BaseAgent:
             raise ValueError(f"total_timesteps must be an int >= 0, got {total_timesteps!r}")
         if not is_int(log_interval) or log_interval < 0:
             raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {distributed!r}")
+        world = self.join_world() if distributed else World()
+        main = world.is_main
         train(
             [self],
             int(total_timesteps),
             self.timestep,
-            [make_callback(callback, progress_bar)],
-            log_interval=int(log_interval),
+            [make_callback(callback if main else None, progress_bar and main)],
+            log_interval=int(log_interval) if main else 0,
             reset_num_timesteps=reset_num_timesteps,
-            interrupt_checkpoint=interrupt_checkpoint,
+            interrupt_checkpoint=interrupt_checkpoint if main else None,
+            world=world,
         )
         return self
+
+    def join_world(self) -> World:
+        """Join the data-parallel run ``torchrun`` started and check that every rank holds this same
+        model (rank 0's weights are then broadcast, so all start bit-identical)."""
+        if self.online:
+            raise ValueError(
+                f"distributed=True trains the offline algorithms; {self.algorithm} collects its own experience "
+                "from its env: train it on one process (or several seeds with a Ray sweep)"
+            )
+        local = scaling.local_cuda_device()
+        if local is not None and self.device != local:
+            raise ValueError(
+                f"under torchrun each rank trains on its own GPU: this rank's is {local} (LOCAL_RANK), but the "
+                f"model is on {self.device}; build it with device='auto' or device='cuda'"
+            )
+        world = scaling.init_distributed(self.device)
+        if world.size > 1:
+            mine = torch.tensor([self.seed, self.n_updates, self.num_timesteps], dtype=torch.int64)
+            ranks = scaling.gather_all(mine.to(self.device), world)
+            for rank, theirs in enumerate(ranks):
+                if not torch.equal(theirs.cpu(), ranks[0].cpu()):
+                    raise ValueError(
+                        f"every rank must start from the same model: rank {rank} has (seed, n_updates, "
+                        f"num_timesteps) {tuple(int(v) for v in theirs.tolist())}, rank 0 has "
+                        f"{tuple(int(v) for v in ranks[0].tolist())}; build it with the same seed, or load the "
+                        "same checkpoint, on every rank"
+                    )
+            scaling.broadcast_module(self.policy)
+        return world
 
     def timestep(self) -> Timestep:
         """One timestep of :meth:`learn`: offline one gradient step; online one VecEnv step

@@ -4,6 +4,7 @@
     dql-agent train DATASET [--algo dql|dice] [--env ENV] [--preset P] [--steps N] [--set key=value ...] -o DIR
     dql-agent train --algo qvpo --env ENV [--steps N] -o DIR       # online
     dql-agent train --resume DIR [--steps N]                        # continue an interrupted run
+    torchrun --nproc-per-node N -m dql_agent.cli train DATASET --distributed -o DIR   # data-parallel
     dql-agent evaluate MODEL --env ENV [--episodes N] [--seed S]
     dql-agent record MODEL --env ENV -o replay.mp4 [--seed S]
     dql-agent push MODEL REPO_ID [--env ENV] [--seed S] [--local-dir DIR]   # --local-dir: no network
@@ -478,6 +479,7 @@ def _train_save_evaluate(model: Any, args: argparse.Namespace, output: str, env:
     """Train up to the run's total, save to ``output``, evaluate. Ctrl-C or SIGTERM ends the step
     in progress, saves a resumable checkpoint to ``output`` and exits with 128 + the signal."""
     from dql_agent.sb3 import TimestepProgressBar
+    from dql_agent.scaling import is_main_process
 
     run = model.metadata[RUN_KEY]
     total = int(run["total_timesteps"])
@@ -488,14 +490,19 @@ def _train_save_evaluate(model: Any, args: argparse.Namespace, output: str, env:
             callback=bar,
             log_interval=int(run["log_interval"]),
             reset_num_timesteps=not resumed,
+            distributed=bool(getattr(args, "distributed", False)),
         )
     except KeyboardInterrupt as interrupt:
         if bar is not None:
             bar.close()  # before the message, and while the interpreter can still draw it
+        if not is_main_process():  # rank 0 saves the run; the others hold the same weights
+            raise SystemExit(128 + int(getattr(interrupt, "signum", 2))) from None
         _save_interrupted(model, output, total, interrupt)
     finally:
         if bar is not None:
             bar.close()
+    if not is_main_process():
+        return
     del model.metadata[RUN_KEY]  # only an unfinished run needs it; a finished model names no local paths
     model.save(output, include_optimizer=bool(run["include_optimizer"]))
     print(f"saved to {output}")
@@ -787,6 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-optimizer", action="store_true", help="save optimizer state to resume")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train data-parallel with the other processes torchrun started (torchrun --nproc-per-node N -m "
+        "dql_agent.cli train ...): gradients averaged over the ranks; rank 0 alone saves, logs and evaluates",
+    )
 
     p = add("evaluate", cmd_evaluate, "evaluate a saved or Hub model with SB3's evaluate_policy")
     p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)

@@ -32,6 +32,8 @@ BETA_SCHEDULES = ("vp", "linear", "cosine")
 """The diffusion noise schedules (:mod:`dql_agent.diffusion`)."""
 REWARD_TRANSFORMS = ("none", "cql_antmaze", "normalize", "iql_locomotion", "iql_antmaze")
 """The reward transforms of the official codes (:mod:`dql_agent.rewards`)."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""The compute precisions (:mod:`dql_agent.scaling`): parameters and optimizer state stay fp32."""
 
 
 def bounded(default: Any, at_most: int) -> Any:
@@ -267,6 +269,10 @@ class AgentConfig(ImageConfig):
     n_obs_steps: int = bounded(1, 64)
     """The observation history the policy sees: the last this many observations of the episode
     (the first one repeated at an episode's start)."""
+    precision: str = "fp32"
+    """Compute precision of the forward passes (sampler, critics, encoders) in training and acting:
+    'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA, with loss scaling). Weights, optimizer states,
+    the EMA and checkpoints stay fp32 (see :mod:`dql_agent.scaling`)."""
 
     def check(self) -> None:
         super().check()
@@ -288,6 +294,7 @@ class AgentConfig(ImageConfig):
             self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}", self.beta_schedule
         )
         check_field(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", "an even int >= 4", self.time_dim)
+        check_field(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
         check_field(
             self.n_action_steps <= self.action_horizon,
             "n_action_steps",

@@ -88,7 +88,11 @@ class ObservationEncoder(nn.Module):
     def images_chw(self, key: str, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, *shape) in the space's layout -> float (B, C, H, W) in [-0.5, 0.5]."""
         channels_first, _ = self.image_layout[key]
-        x = images.to(torch.float32, copy=True)  # a new tensor: scaled in place (no more image-sized allocations)
+        # Under autocast the CNN computes in its dtype: scaling the pixels there skips a float32
+        # copy of every image and the cast of it (uint8 values are exact in bfloat16 and float16).
+        device = images.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        x = images.to(dtype, copy=True)  # a new tensor: scaled in place (no more image-sized allocations)
         if not channels_first:
             x = x.permute(0, 3, 1, 2)
         return x.div_(255.0).sub_(0.5)

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import clip_grad_norm_
 
+from dql_agent import scaling
+
 # On CUDA ``F.mish`` is one fused kernel. On the CPU builds of torch it is scalar code (measured on
 # the benchmark machine: 4.6 ns per element, ~14x torch.sigmoid), and Mish took a third of a
 # training step, so there it is computed from one sigmoid: with s = sigmoid(x) and
@@ -304,26 +306,43 @@ def optimize(
 
     With ``require_finite`` the step is taken only if the loss and the total gradient norm are
     finite (a finite loss can still overflow its gradients); both are read in one host read.
+
+    Inside ``learn`` the training loop's :class:`dql_agent.scaling.StepHooks` join in: the gradients
+    are averaged over data-parallel ranks before clipping, and under fp16 the loss is scaled and
+    the gradients unscaled (a non-finite gradient of a finite loss is then the scaler's to skip).
     """
+    hooks = scaling.current()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     if loss is not None:
-        loss.backward()
+        if hooks is None:
+            loss.backward()
+        else:
+            hooks.backward(optimizer, loss)
     elif grads is not None:
         for param, grad in zip(params, grads, strict=True):
             param.grad = grad
     else:
         raise TypeError("optimize needs a loss or grads")
+    # Whether the loss is finite (on every rank, when data-parallel), kept on the device.
+    loss_ok = None if loss is None else torch.isfinite(loss.detach())
+    if hooks is not None:
+        loss_ok = hooks.reduce(params, loss_ok)
+        hooks.unscale(optimizer)
     if grad_norm is not None:
         total_norm = clip_grad_norm_(params, grad_norm)
     elif require_finite:
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    finite = True
     if require_finite:
-        finite = torch.isfinite(total_norm)
-        if loss is not None:
-            finite = finite & torch.isfinite(loss.detach())
-        if not bool(finite):
+        checks = [torch.isfinite(total_norm)] if loss_ok is None else [loss_ok, torch.isfinite(total_norm)]
+        flags = torch.stack(checks).tolist()  # one host read for both
+        finite, loss_finite = all(flags), loss_ok is None or bool(flags[0])
+        if not finite and not (hooks is not None and hooks.scale_losses and loss_finite):
             optimizer.zero_grad(set_to_none=True)
             return False
-    optimizer.step()
+    if hooks is None:
+        optimizer.step()
+    else:
+        hooks.step(optimizer, finite)
     return True

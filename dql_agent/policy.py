@@ -16,6 +16,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from dql_agent import scaling
 from dql_agent.config import AgentConfig, OfflineDataConfig
 from dql_agent.encoders import ObservationEncoder
 from dql_agent.observations import batch_of, check_observation_space, flat_dim, flatten, leaves, normalize, rows_of
@@ -160,12 +161,15 @@ class PolicyBase(nn.Module):
         self, observations: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Normalised observations (B, S) -> actions (B, A) in [-1, 1]; stochastic draws come from
-        ``generator`` (default: the policy's seeded one)."""
+        ``generator`` (default: the policy's seeded one). The networks run in the config's
+        ``precision``; the actions come back float32."""
         batch = rows_of(observations)
         if deterministic:
-            return self._act(observations, self.deterministic_noise_for(batch), None)
-        noise, uniform = self.draw_noise(batch, generator)
-        return self._act(observations, noise, uniform)
+            noise, uniform = self.deterministic_noise_for(batch), None
+        else:
+            noise, uniform = self.draw_noise(batch, generator)
+        with scaling.autocast(self.config.precision, self.device):
+            return self._act(observations, noise, uniform).float()
 
     def forward(
         self, observations: torch.Tensor, noise: torch.Tensor | None = None, uniform: torch.Tensor | None = None

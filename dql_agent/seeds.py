@@ -198,6 +198,11 @@ class SeedStack:
                     f"(action_horizon={model.config.action_horizon}, n_obs_steps={model.config.n_obs_steps}): "
                     "train its seeds one by one"
                 )
+            if model.config.precision == "fp16":
+                raise ValueError(
+                    "stacked seeds take their gradients from torch.func, which fp16's loss scaling does not reach: "
+                    "precision must be 'fp32' or 'bf16' here, got 'fp16'"
+                )
         self.config: DiffusionQLConfig = first.config
         for model in self.models[1:]:
             for field, ours, theirs in (

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from dql_agent import scaling
+from dql_agent.scaling import World
+
 if TYPE_CHECKING:
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -106,6 +109,7 @@ def train(
     log_interval: int,
     reset_num_timesteps: bool = True,
     interrupt_checkpoint: str | os.PathLike[str] | None = None,
+    world: World | None = None,
 ) -> None:
     """Run ``timestep`` until the agents have trained ``total_timesteps`` more timesteps.
 
@@ -114,30 +118,44 @@ def train(
     agent logs the mean of its gradient steps' losses to its own logger. Ctrl-C finishes the
     timestep in progress. When training stops on Ctrl-C or an error, ``interrupt_checkpoint`` (a
     single agent only) receives a resumable checkpoint before the error propagates.
+
+    Each timestep computes in the agents' ``precision`` (:mod:`dql_agent.scaling`). In a
+    data-parallel ``world`` the ranks agree after every timestep whether to go on (rank 0's
+    callbacks) and whether any rank was interrupted, so all stop after the same step; the caller
+    gives ranks > 0 no callbacks, no logging and no interrupt checkpoint.
     """
     total_timesteps = _start(agents, callbacks, total_timesteps, reset_num_timesteps)  # callbacks read this name
-    lead = agents[0]
+    lead, world = agents[0], world or World()
+    precision = lead.config.precision
+    hooks = scaling.StepHooks(scale_losses=precision == "fp16", world_size=world.size, scalers=lead.grad_scalers)
     sums: Losses = {}
     n_summed, start_time, start_timesteps = 0, time.time(), lead.num_timesteps
     try:
-        with deferred_interrupt() as interrupt:
+        with deferred_interrupt() as interrupt, scaling.use(hooks):
             while lead.num_timesteps < total_timesteps:
                 before = lead.num_timesteps
-                step = timestep()
+                if world.rank > 0:  # a stream per (rank, step): nothing but rank 0's to save and resume
+                    lead.generator.manual_seed(scaling.rank_stream_seed(lead.seed, world.rank, lead.n_updates))
+                with scaling.autocast(precision, lead.device):
+                    step = timestep()
                 n_summed += _add(sums, step.losses)
                 # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
                 seen = locals() if step.rollout is None else {**locals(), **step.rollout._asdict()}
-                if not _on_step(callbacks, seen):
+                go_on, interrupted = _on_step(callbacks, seen), interrupt.requested
+                if world.size > 1:
+                    go_on, interrupted = scaling.agree(go_on, interrupted, lead.device)
+                if not go_on:
                     break
                 if log_interval and lead.num_timesteps // log_interval > before // log_interval:
                     _dump_all(agents, sums, n_summed, start_time, start_timesteps)
                     sums, n_summed = {}, 0
-                if interrupt.requested:
+                if interrupted:
                     raise KeyboardInterrupt(f"training interrupted after timestep {lead.num_timesteps}")
-    except BaseException:
+    except BaseException as error:
         for agent in agents:
             agent.policy.eval()
-        if interrupt_checkpoint is not None:
+        # A lost peer stopped this rank inside a step: that state is not one to resume from.
+        if interrupt_checkpoint is not None and not isinstance(error, scaling.PeerLostError):
             _save_interrupt_checkpoint(lead, interrupt_checkpoint)
         raise
     if n_summed and log_interval:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import json
 import logging
 import math
@@ -105,6 +106,12 @@ class SweepSpec:
         device: the trials' torch device ('auto': CUDA when the trial was given a GPU).
         download: let workers download Minari datasets they do not hold.
         root: what relative dataset paths and ``storage`` are taken against (YAML: its folder).
+        tensorboard: every model of a trial also logs to TensorBoard in the trial's folder
+            (``tensorboard/seed_<seed>``), with the tags a single run's ``tensorboard_log`` has
+            (``train/*``, ``eval/*``); needs ``pip install dql_agent[tracking]``.
+        wandb_project: report every trial's metrics to this Weights & Biases project (Tune's
+            ``WandbLoggerCallback``: one W&B run per trial, grouped by the sweep's name); set
+            ``WANDB_MODE=offline`` to write them locally. Needs ``pip install dql_agent[tracking]``.
     """
 
     datasets: list[str]
@@ -128,6 +135,8 @@ class SweepSpec:
     device: str = "auto"
     download: bool = False
     root: str = "."
+    tensorboard: bool = False
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -187,6 +196,19 @@ class SweepSpec:
                 f"pack_seeds trains the seeds through train_seeds' SeedStack, which packs {packable}, not {self.algo!r}"
             )
         _scheduler(self)  # refuses an unknown one
+        self.check_tracking()
+
+    def check_tracking(self) -> None:
+        """``tensorboard`` and ``wandb_project``: their types, and their packages installed."""
+        if not isinstance(self.tensorboard, bool):
+            raise TypeError(f"tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):
+            raise ValueError(f"wandb_project must be a W&B project name or null, got {self.wandb_project!r}")
+        for wanted, module in ((self.tensorboard, "tensorboard"), (self.wandb_project, "wandb")):
+            if wanted and importlib.util.find_spec(module) is None:
+                raise ImportError(
+                    f"the sweep's {module} logging needs the {module} package: pip install dql_agent[tracking]"
+                )
 
     # running -------------------------------------------------------------------------------------
     @property
@@ -262,16 +284,37 @@ class SweepSpec:
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # resuming needs only the last
                 verbose=verbose,
+                callbacks=self.tune_callbacks(),
             ),
         )
 
+    def tune_callbacks(self) -> list[Any]:
+        """Tune's own loggers this sweep asks for (W&B: one run per trial)."""
+        if self.wandb_project is None:
+            return []
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        # The logging actors do not inherit the driver's environment: its WANDB_MODE goes along.
+        mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
+        return [WandbLoggerCallback(project=self.wandb_project, group=self.name, **mode)]
+
     def trial_space(self) -> dict[str, Any]:
         """Tune's param_space: the grid over datasets and seeds, the hyperparameters, the settings."""
-        settings = ("algo", "total_timesteps", "eval_every", "eval_episodes", "eval_seed", "device", "download")
+        settings = (
+            "algo",
+            "total_timesteps",
+            "eval_every",
+            "eval_episodes",
+            "eval_seed",
+            "device",
+            "download",
+            "tensorboard",
+        )
         return {
             **{name: getattr(self, name) for name in settings},
             "env_id": self.env,  # not "env": Tune would put it in every trial's name
             "root": str(Path(self.root).resolve()),
+            "sweep_path": str(self.path),
             "dataset": tune.grid_search(self.datasets),
             "seeds": [*self.seeds] if self.pack_seeds else tune.grid_search([[s] for s in self.seeds]),
             "hyperparameters": {key: _search_space(value) for key, value in self.param_space.items()},
@@ -393,6 +436,14 @@ def train_trial(config: dict[str, Any], callbacks: CallbackFactory | None = None
     for model in models[1:]:  # as train_seeds: one copy of the training data on the device
         model.replay_buffer = models[0].replay_buffer
 
+    if config.get("tensorboard"):  # the SB3 logger's TensorBoard output, as a single run writes it
+        from stable_baselines3.common.logger import configure
+
+        # In the sweep's storage (what the tables read), not the worker's scratch folder that Tune
+        # gives a restarted trial: the trial's folder there is trial_<id> (_trial_dirname).
+        trial_dir = Path(config["sweep_path"]) / f"trial_{tune.get_context().get_trial_id()}"
+        for seed, model in zip(seeds, models, strict=True):
+            model.set_logger(configure(str(trial_dir / "tensorboard" / f"seed_{seed}"), ["tensorboard"]))
     recorders = [MetricsCallback(env_id, every, config["eval_episodes"], config["eval_seed"]) for _ in models]
     info = {"dataset": config["dataset"], "hyperparameters": hyperparameters}
     extras = [list(callbacks({**info, "seed": seed})) if callbacks else [] for seed in seeds]

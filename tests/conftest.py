@@ -22,6 +22,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where there is no GPU: the one absence a test may skip for."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.py runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 # ---------------------------------------------------------------------------------------------
 # Small models and datasets for the agent tests (settings: tests/settings.py).
 from tests.settings import TINY  # noqa: E402

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from dql_agent import DiffusionQL
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_TRAINING = [
     "--episodes",
@@ -216,3 +218,25 @@ def test_pixels(data_dir, tmp_path):
     assert -31 <= results["policy_return"] <= 2  # 30 steps of -distance (<= 2 sqrt 2), or +1 on success
     assert results["reloaded_return"] == results["policy_return"]  # the saved model acts as the trained one
     assert iio.imread(results["video"], plugin="FFMPEG").shape[0] > 2
+
+
+def test_train_distributed_on_two_ranks_then_resume_on_one(tmp_path):
+    # the real torchrun, 2 CPU processes (gloo), bf16; then the resume on a world of one
+    common = ["--hidden-dim", "32", "--episodes", "1", "--out", str(tmp_path)]
+
+    def torchrun(ranks: int, *args: str) -> str:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        result = subprocess.run(
+            [*command, str(EXAMPLES / "train_distributed.py"), *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    first = torchrun(2, "--steps", "20", "--precision", "bf16")
+    assert first.count("saved ") == 1  # rank 0 alone saves and evaluates
+    resumed = torchrun(1, "--steps", "10", "--resume", str(tmp_path / "model"))
+    assert "after 30 steps" in resumed
+    assert DiffusionQL.load(tmp_path / "model").config.precision == "bf16"

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "observations",
             "transitions",
             "rewards",
+            "scaling",
             "networks",
             "diffusion",
             "encoders",

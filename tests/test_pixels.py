@@ -296,7 +296,7 @@ def test_a_dataset_that_does_not_fit_the_gpu_stays_on_the_host():
     assert storage_device(6 * 2**30, cuda, free_bytes=10 * 2**30) == torch.device("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_host_kept_images_train_on_the_gpu(monkeypatch):
     import dql_agent.buffer
 

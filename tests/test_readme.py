@@ -136,6 +136,8 @@ def snippet_params() -> list:
 def test_readme_snippet_runs_as_written(code, workspace, hub_server, monkeypatch):
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(workspace / "minari"))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the tracking snippet's W&B run, written locally
+    monkeypatch.setenv("WANDB_SILENT", "true")
     if LEROBOT_REPO in code:  # the LeRobot section reads a Hub dataset: the tests' fixture, uploaded
         from huggingface_hub import HfApi
 

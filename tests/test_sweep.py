@@ -100,6 +100,18 @@ def reference(buffer: OfflineBuffer, steps: int, seed: int = 0, **hp) -> tuple[D
     return model, recorder.latest
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):  # a restarted trial adds a file
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(set(points)) for tag, points in found.items()}
+
+
 def assert_same_weights(a: DiffusionQL, b: DiffusionQL) -> None:
     ours, theirs = a.policy.state_dict(), b.policy.state_dict()
     assert ours.keys() == theirs.keys()
@@ -145,6 +157,8 @@ def test_train_seeds_runs_each_seeds_callbacks_and_evaluates(pendulum_buffer):
 def test_two_trials_report_recover_from_a_failure_bit_for_bit_and_fill_the_table(cluster, monkeypatch):
     root, _ = cluster
     monkeypatch.chdir(root)  # relative dataset and storage paths, as a user writes them
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B without an account: runs written in the trial folders
+    monkeypatch.setenv("WANDB_SILENT", "true")
     marker = root / "failed"
     result = sweeps().run_sweep(
         datasets=["pendulum.npz"],
@@ -156,6 +170,8 @@ def test_two_trials_report_recover_from_a_failure_bit_for_bit_and_fill_the_table
         storage="sweeps",
         name="two",
         max_failures=1,
+        tensorboard=True,
+        wandb_project="dql-sweep-test",
         # the 3e-3 trial fails between its checkpoints at steps 20 and 40
         callbacks=lambda info: [FailOnce(marker, 30)] if info["hyperparameters"]["learning_rate"] == 3e-3 else [],
         verbose=0,
@@ -175,6 +191,17 @@ def test_two_trials_report_recover_from_a_failure_bit_for_bit_and_fill_the_table
         assert row["mean_reward_mean"] == final["eval/mean_reward"] == frame["eval/mean_reward"].iloc[-1]
         assert (row["dataset"], row["seeds"], row["timesteps"], row["mean_reward_std"]) == ("pendulum.npz", 1, 40, 0)
         assert row["normalized_score_mean"] is None  # an .npz has no reference scores
+        # the trial's TensorBoard has a single run's tags, at every report
+        logged = tensorboard_scalars(Path(trial.path) / "tensorboard" / "seed_0")
+        assert [step for step, _ in logged["eval/mean_reward"]] == [20, 40]
+        assert logged["eval/mean_reward"][-1][1] == pytest.approx(final["eval/mean_reward"])
+        assert "train/critic_loss" in logged
+        # and W&B holds the reported metrics (one offline run per trial) of the trial that never
+        # failed: Tune's WandbLoggerCallback ends a trial's W&B run when the trial fails, and the
+        # restarted trial's run came out empty here (README, Sweeps), while TensorBoard kept all
+        if lr == 1e-3:
+            (record,) = Path(trial.path).glob("wandb/offline-run-*/run-*.wandb")
+            assert record.read_bytes().count(b"eval/mean_reward") >= 2
     best = max(result.rows, key=lambda r: r["mean_reward_mean"])
     assert result.best == {"pendulum.npz": best} and best["best"]
     with (result.path / "results.csv").open() as table:
