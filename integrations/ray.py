@@ -295,7 +295,7 @@ class SweepSpec:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         # The logging actors do not inherit the driver's environment: its WANDB_MODE goes along.
-        mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
+        mode: dict[str, Any] = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
         return [WandbLoggerCallback(project=self.wandb_project, group=self.name, **mode)]
 
     def trial_space(self) -> dict[str, Any]:
