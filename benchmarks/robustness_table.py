@@ -77,12 +77,18 @@ assert the right result (an empty batch gives an empty action array, a step both
 truncated loads as terminal, a failed save leaves the previous checkpoint loadable). A failing case
 would be counted under "crash or wrong".
 
-Three of the "checkpoint" cases are property-based fuzzers, each counted once although each tries
-many inputs: hypothesis writes random bytes (60 examples) and mutated bytes (60) into every
-checkpoint file, and mutates every field of config.json for all three algorithms (400 examples over
-177 fields, in a subprocess capped at 2.5 GiB of address space, 5 s per example): each load either
-works and acts with finite actions, or raises `CheckpointError` naming the field (or, for a valid
-value that changes the network's shapes, naming the tensors of model.safetensors it disagrees with).
+Seven cases are property-based fuzzers, each counted once although each tries many inputs.
+Checkpoints: hypothesis writes random bytes (60 examples) and mutated bytes (60) into every
+checkpoint file, mutates every field of config.json for all three algorithms (400 examples over
+177 fields, in a subprocess capped at 2.5 GiB of address space, 5 s per example), and rewrites the
+safetensors header of the weight and optimizer files (50 examples: dtypes, shapes, offsets, the
+header's length, with the recorded SHA-256 updated so that the parser is reached): each load either
+works and acts with finite actions, or raises `CheckpointError` naming the field or file (or, for
+a valid value that changes the network's shapes, naming the tensors of model.safetensors it
+disagrees with). Data: the `.npy` headers inside an `.npz` (50 examples: shapes of up to 10^12
+elements, four dtypes, truncated or padded data) load or raise a `ValueError`, with at most 16 MiB
+allocated. Sweeps: random YAML-ish text (300 examples) loads or is refused in one line naming the
+file, and odd values of every spec field (150) are refused naming the field or kept with their type.
 """
 
 

@@ -66,20 +66,56 @@ __all__ = ["ALGORITHMS", "BaseAgent", "Paper", "Rollout", "algorithm_class", "re
 SelfAgent = TypeVar("SelfAgent", bound="BaseAgent")
 
 
+DEVICE_CHOICES = "'auto', 'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' picks CUDA when present, else the CPU. Under ``torchrun`` on a CUDA machine, 'auto'
-    and 'cuda' mean this rank's GPU, cuda:LOCAL_RANK."""
+    and 'cuda' mean this rank's GPU, cuda:LOCAL_RANK.
+
+    Raises:
+        ValueError: a device this machine does not have (CUDA or MPS absent, a CUDA index past the
+            last GPU), 'meta' (shapes without data: nothing can train or act there), or a device
+            type dql_agent does not run on; the message names the device and the choices.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this torch sees no CUDA device; use device='auto' or 'cpu'")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = scaling.local_cuda_device() or resolved
+        raise ValueError(f"device must be {DEVICE_CHOICES}, got {device!r}") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but this torch sees no CUDA device; use device='auto' or 'cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device={device!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+        if resolved.index is None:
+            resolved = scaling.local_cuda_device() or resolved
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"device={device!r} (Apple's Metal) but this torch has no MPS device (it needs Apple silicon, "
+                "macOS 12.3 or later and a torch built with MPS); use device='auto' or 'cpu'"
+            )
+    elif resolved.type == "meta":
+        raise ValueError(
+            f"device={device!r} holds shapes without data: a model can neither train nor act there; "
+            f"use {DEVICE_CHOICES}"
+        )
+    elif resolved.type != "cpu":
+        raise ValueError(f"device type {resolved.type!r} is not one dql_agent runs on: use {DEVICE_CHOICES}")
     return resolved
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator's (host or device) rather than some other failure."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return any(words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def check_tensorboard(tensorboard_log: Any) -> None:
@@ -638,6 +674,8 @@ class BaseAgent:
                 **config.to_dict(),
             )
         except (MemoryError, RuntimeError) as error:  # sizes that match the file can still not fit
+            if not _out_of_memory(error):  # a device or build failure says so itself
+                raise
             raise CheckpointError(f"{where}: not enough memory to build the model it describes: {error}") from None
         model.metadata = dict(saved.metadata)
         model.policy.load_state_dict(checkpoint.tensors)

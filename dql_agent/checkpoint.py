@@ -7,17 +7,24 @@ Saving never destroys the last good checkpoint: a ``.zip`` is written to a tempo
 fsynced and renamed over the old one; a directory is written whole as a hidden sibling
 (``.NAME.*.saving``) and swapped in with one atomic exchange (Linux ``renameat2``; elsewhere two
 renames, and a load finds the moved-aside old copy if a crash falls between them). A failed,
-killed or concurrent save therefore leaves the old checkpoint or the new one, never a mix.
-config.json records the SHA-256 of the weights and of the optimizer state, so nothing stale or
-torn is ever paired with it.
+killed or concurrent save therefore leaves the old checkpoint or the new one, never a mix, and
+a reader beside a writer always reads a whole one. A save keeps the regular files (and folders of
+them) that a user put beside the weights, never a link; the temporary files and folders of killed
+saves are removed by the next save of the same name (a live save's stay locked, see
+:data:`STALE_AFTER_S`). config.json records the SHA-256 of the weights and of the optimizer
+state, so nothing stale or torn is ever paired with it.
 
-Loading parses JSON and safetensors only: nothing in a checkpoint can run code. Sizes are bounded
-before anything is allocated (config.json, what a zip entry may inflate to), and every tensor is
-checked for name, shape, dtype and finiteness before a model takes it.
+Loading parses JSON and safetensors only: nothing in a checkpoint can run code. Only regular files
+are read (a FIFO or a device is refused without blocking, a link out of the checkpoint folder is
+refused), and sizes are bounded before anything is allocated: config.json's, what a zip entry may
+inflate to, every weight file's by the memory budget of :mod:`dql_agent.limits` and, for a large
+one, by its safetensors header and its SHA-256, checked as it streams from disk. Every tensor is
+then checked for name, shape, dtype and finiteness before a model takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -28,15 +35,23 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporary folders of killed saves are then left in place
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from gymnasium import spaces
@@ -45,6 +60,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from dql_agent.config import check_seed, to_json_safe
+from dql_agent.files import describe_mode, open_regular, read_exactly, regular_size
+from dql_agent.limits import MemoryBudgetError, check_budget
 from dql_agent.spaces import space_from_json, space_to_json
 
 FORMAT_VERSION = 2
@@ -163,6 +180,13 @@ class Checkpoint:
 
 
 # writing ---------------------------------------------------------------------------------------
+STALE_AFTER_S = 10.0
+"""A save's temporary file or folder (``.NAME.*.tmp``, ``.NAME.*.saving``) that no process holds
+locked and that has not changed for this long is a killed save's: the next save of NAME removes
+it. A live save holds an ``flock`` on its own for its whole life, so it is never taken for one;
+the delay covers the instant between creating it and locking it."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -171,18 +195,23 @@ def _umask() -> int:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsynced and renamed:
-    a crash leaves the old file or the new one, never a torn one."""
+    a crash leaves the old file or the new one, never a torn one. The temporary file stays locked
+    until it is renamed; those of killed writes are removed here (see :data:`STALE_AFTER_S`)."""
+    _remove_stale(path.parent, re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp"))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _hold(fd)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is as readable as any file
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # still locked: no cleaner can take it for a killed write's
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
@@ -228,15 +257,23 @@ def _write_directory(path: Path, files: dict[str, bytes]) -> None:
             "pass a new or empty directory"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path.parent, re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}{re.escape(SAVING_SUFFIX)}"))
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=SAVING_SUFFIX))
+    lock = None
     try:
+        lock = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _hold(lock)  # held until the end: a later save never takes this folder for a killed save's
         os.chmod(staging, 0o777 & ~_umask())
         for name, data in files.items():
             _write_synced(staging / name, data)
         if path.is_dir():  # a model card, results or video saved beside the weights stay with them
-            for extra in path.iterdir():
-                if extra.name not in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE):
-                    _link_or_copy(extra, staging / extra.name)
+            left_out = _carry_over(path, staging)
+            if left_out:
+                warnings.warn(
+                    f"saving {path}: left out {', '.join(left_out)}: a save keeps the regular files and folders "
+                    "beside the model, never links or special files",
+                    stacklevel=4,
+                )
         _fsync_path(staging)
         _swap_in(staging, path)
         _fsync_path(path.parent)
@@ -244,6 +281,8 @@ def _write_directory(path: Path, files: dict[str, bytes]) -> None:
             shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after an exchange it holds the old version
+        if lock is not None:
+            os.close(lock)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -254,18 +293,76 @@ def _write_synced(path: Path, data: bytes) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=_link_or_copy_file)
+def _carry_over(source: Path, target: Path) -> list[str]:
+    """Hard-link (else copy) into ``target`` what a user put beside the weights in ``source``:
+    regular files, and folders of them, never following a link; returns what was left out."""
+    left_out: list[str] = []
+    for entry in os.scandir(source):
+        if entry.name not in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE):
+            _carry(entry, target / entry.name, left_out)
+    return left_out
+
+
+def _carry(entry: os.DirEntry[str], target: Path, left_out: list[str]) -> None:
+    if entry.is_symlink():  # a link may lead anywhere (a dataset, the folder itself): not the model's
+        left_out.append(f"{entry.path} (a link)")
+    elif entry.is_file(follow_symlinks=False):
+        _link_or_copy_file(entry.path, target)
+    elif entry.is_dir(follow_symlinks=False):
+        target.mkdir()
+        for child in os.scandir(entry.path):
+            _carry(child, target / child.name, left_out)
     else:
-        _link_or_copy_file(source, target)
+        left_out.append(f"{entry.path} ({describe_mode(entry.stat(follow_symlinks=False).st_mode)})")
 
 
 def _link_or_copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     try:
-        os.link(source, target)  # no data copied: the file is shared until one side replaces it
+        os.link(source, target, follow_symlinks=False)  # no data copied: shared until one side replaces it
     except OSError:
-        shutil.copy2(source, target)
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _hold(fd: int) -> None:
+    """Lock ``fd`` (a save's temporary file or folder) for as long as it is open."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _remove_stale(folder: Path, pattern: re.Pattern[str]) -> None:
+    """Remove the temporary files and folders of killed saves in ``folder`` whose names match
+    ``pattern``: unlocked, and unchanged for :data:`STALE_AFTER_S`. Without ``fcntl`` (Windows)
+    nothing can tell a live save's from a dead one's, and nothing is removed."""
+    if fcntl is None:
+        return
+    try:
+        entries = [entry for entry in os.scandir(folder) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if time.time() - info.st_mtime < STALE_AFTER_S or not (
+                stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)
+            ):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live save holds it
+            os.close(fd)
+            continue
+        try:
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:
@@ -332,7 +429,35 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # reading ---------------------------------------------------------------------------------------
-def _read_files(path: Path) -> dict[str, bytes]:
+HASH_FIRST_BYTES = 64 * 2**20
+"""A weight file larger than this has its layout checked against its size and is hashed as it
+streams from disk, and compared with config.json, before it is read into memory: a file that is
+not the one saved (a sparse 8 GB file, another model's) is refused without allocating its size.
+Smaller ones are read, then hashed."""
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20
+"""safetensors' own limit on its JSON header."""
+DIRECTORY_READ_TRIES = 10
+"""Reads of a checkpoint folder that a concurrent save swapped out while it was read, before the
+last error is raised (one swap per save: a reader meets a few at most)."""
+_STREAM_CHUNK = 2**20
+
+
+@dataclass
+class _Files:
+    """A checkpoint's files as read: config.json parsed and checked, the weight files' bytes
+    matching the SHA-256 it records."""
+
+    config: dict[str, Any]
+    weights: bytes
+    optimizer: bytes | None
+
+
+class _Missing(FileNotFoundError):
+    """A checkpoint file absent from the folder's listing (retried if a save swapped the folder)."""
+
+
+def _read_files(path: Path, include_optimizer: bool) -> _Files:
+    shown = path  # errors name the path the caller gave
     if not path.exists() and path.suffix != ".zip" and path.with_suffix(".zip").exists():
         path = path.with_suffix(".zip")
     if not path.exists():
@@ -345,55 +470,142 @@ def _read_files(path: Path) -> dict[str, bytes]:
                 f"no checkpoint at {path} (expected a directory with {MODEL_FILE} and {CONFIG_FILE}, or a .zip)"
             )
     if path.is_dir():
-        for _ in range(3):
-            try:
-                return _read_directory(path)
-            except FileNotFoundError:  # a concurrent save swapped the directory while we read it
-                continue
-        return _read_directory(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is neither a checkpoint directory nor a zip archive of one")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return {
-                info.filename: _read_zip_entry(archive, info, path)
-                for info in archive.infolist()
-                if info.filename in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE)
-            }
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as error:
-        raise CheckpointError(f"{path} is a corrupted zip archive: {error}") from None
+        return _read_directory(path, shown, include_optimizer)
+    return _read_zip(path, shown, include_optimizer)
 
 
-def _read_directory(path: Path) -> dict[str, bytes]:
-    """The checkpoint files of one directory, all read through one handle on it: a save swapping
-    a new directory in meanwhile cannot pair this config.json with that one's weights."""
-    directory = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        present = set(os.listdir(directory))
-        names = [name for name in (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE) if name in present]
-        return {name: _read_file(path, name, directory) for name in names}
-    finally:
-        os.close(directory)
+def _read_directory(path: Path, shown: Path, include_optimizer: bool) -> _Files:
+    """The checkpoint in the folder ``path``, all files read through one handle on it: a save
+    swapping a new folder in meanwhile cannot pair this config.json with that one's weights.
 
-
-def _read_file(folder: Path, name: str, directory: int) -> bytes:
-    where = folder / name
-    fd = os.open(name, os.O_RDONLY, dir_fd=directory)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{where} is not a regular file")
-    if name == CONFIG_FILE and info.st_size > MAX_CONFIG_BYTES:
-        os.close(fd)
-        raise CheckpointError(f"{where} is {info.st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
-    with os.fdopen(fd, "rb") as f:
+    A save removes the old folder after swapping the new one in; a reader that opened the old one
+    may then see it half removed. Whatever is missing is re-read from the folder now at ``path``
+    (:data:`DIRECTORY_READ_TRIES` times), unless ``path`` is still the folder that was read."""
+    for attempt in range(1, DIRECTORY_READ_TRIES + 1):
         try:
-            return f.read()
-        except OSError as error:
-            raise CheckpointError(f"cannot read {where}: {error}") from None
+            directory = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # between the two renames of a save without atomic exchange
+            if attempt == DIRECTORY_READ_TRIES:
+                raise
+            continue
+        try:
+            opened = os.fstat(directory)
+            try:
+                files = _read_folder(path, shown, directory, include_optimizer)
+            except FileNotFoundError:
+                if attempt < DIRECTORY_READ_TRIES and _swapped(path, opened):
+                    continue
+                raise
+            expected_optimizer = include_optimizer and files.config.get("optimizer_sha256") is not None
+            if files.optimizer is None and expected_optimizer and _swapped(path, opened):
+                continue  # removed from the old folder before we listed it
+            return files
+        finally:
+            os.close(directory)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
-def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+def _swapped(path: Path, opened: os.stat_result) -> bool:
+    """Whether ``path`` no longer names the folder that was opened (``opened`` is its fstat)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+
+
+def _read_folder(path: Path, shown: Path, directory: int, include_optimizer: bool) -> _Files:
+    present = set(os.listdir(directory))
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if name not in present:
+            raise _Missing(f"checkpoint {shown} has no {name}")
+
+    def open_file(name: str) -> BinaryIO:
+        return open_regular(
+            name,
+            name=str(shown / name),
+            within=path,
+            within_label=f"the checkpoint folder {shown}",
+            dir_fd=directory,
+            error=CheckpointError,
+        )
+
+    where = str(shown / CONFIG_FILE)
+    with open_file(CONFIG_FILE) as f:
+        size = regular_size(f)
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{where} is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+        config = parse_config(_read_or_refuse(f, size, where), where)
+    where = str(shown / MODEL_FILE)
+    with open_file(MODEL_FILE) as f:
+        weights = _read_weights(_rewinding(f), regular_size(f), where, _weights_digest(config, where))
+    optimizer = None
+    if include_optimizer and OPTIMIZER_FILE in present:
+        where = str(shown / OPTIMIZER_FILE)
+        expected = _optimizer_digest(config, where)
+        with open_file(OPTIMIZER_FILE) as f:
+            optimizer = _read_weights(_rewinding(f), regular_size(f), where, expected)
+    return _Files(config, weights, optimizer)
+
+
+def _read_or_refuse(handle: IO[bytes], size: int, where: str) -> bytes:
+    try:
+        return read_exactly(handle, size, where, CheckpointError)
+    except OSError as error:  # e.g. EIO on a failing disk
+        raise CheckpointError(f"cannot read {where}: {error}") from None
+
+
+def _rewinding(handle: BinaryIO) -> Callable[[], contextlib.AbstractContextManager[IO[bytes]]]:
+    """Opens ``handle`` anew for each pass over it: rewound, and left open."""
+
+    def rewound() -> contextlib.AbstractContextManager[IO[bytes]]:
+        handle.seek(0)
+        return contextlib.nullcontext(handle)
+
+    return rewound
+
+
+def _read_zip(path: Path, shown: Path, include_optimizer: bool) -> _Files:
+    handle = open_regular(path, error=CheckpointError)
+    missing = None
+    with handle:
+        if not zipfile.is_zipfile(handle):
+            raise CheckpointError(f"{path} is neither a checkpoint directory nor a zip archive of one")
+        handle.seek(0)
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                entries = {info.filename: info for info in archive.infolist()}
+                missing = next((name for name in (CONFIG_FILE, MODEL_FILE) if name not in entries), None)
+                if missing is None:
+                    return _read_entries(archive, entries, path, shown, include_optimizer)
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error) as error:
+            raise CheckpointError(f"{path} is a corrupted zip archive: {error}") from None
+    raise FileNotFoundError(f"checkpoint {shown} has no {missing}")
+
+
+def _read_entries(
+    archive: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], path: Path, shown: Path, include_optimizer: bool
+) -> _Files:
+    info = entries[CONFIG_FILE]
+    _check_zip_entry(info, path)
+    config = parse_config(archive.read(info), str(shown / CONFIG_FILE))
+    where = str(shown / MODEL_FILE)
+    info = entries[MODEL_FILE]
+    _check_zip_entry(info, path)
+    weights = _read_weights(
+        functools.partial(archive.open, info), info.file_size, where, _weights_digest(config, where)
+    )
+    optimizer = None
+    if include_optimizer and OPTIMIZER_FILE in entries:
+        where = str(shown / OPTIMIZER_FILE)
+        info = entries[OPTIMIZER_FILE]
+        _check_zip_entry(info, path)
+        expected = _optimizer_digest(config, where)
+        optimizer = _read_weights(functools.partial(archive.open, info), info.file_size, where, expected)
+    return _Files(config, weights, optimizer)
+
+
+def _check_zip_entry(info: zipfile.ZipInfo, path: Path) -> None:
     where = f"{path}:{info.filename}"
     if info.flag_bits & 0x1:
         raise CheckpointError(f"{where} is encrypted; dql_agent reads only plain (stored or deflated) zip entries")
@@ -408,7 +620,97 @@ def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path)
             f"{where} would inflate from {info.compress_size:,} to {info.file_size:,} bytes, more than the "
             f"{limit:,} allowed (config.json: {MAX_CONFIG_BYTES:,}; weights: {MAX_DEFLATE_RATIO}x): not a saved model"
         )
-    return archive.read(info)
+
+
+_Digest = tuple[str | None, Callable[[str], CheckpointError]]
+"""The SHA-256 a weight file must have (None: not recorded) and the error for one that differs."""
+
+
+def _weights_digest(config: dict[str, Any], where: str) -> _Digest:
+    expected = config["model_sha256"]
+    return expected, lambda digest: CheckpointError(
+        f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
+        f"{expected[:12]}...): the file is corrupted or a save was interrupted"
+    )
+
+
+def _optimizer_digest(config: dict[str, Any], where: str) -> _Digest:
+    """The optimizer state must be the one saved with this config.json (version 1 did not record it)."""
+    expected = config["optimizer_sha256"] if config["format_version"] >= ADDED_IN_VERSION["optimizer_sha256"] else None
+    if config["format_version"] >= ADDED_IN_VERSION["optimizer_sha256"] and expected is None:
+        raise CheckpointError(
+            f"{where} is not part of this checkpoint ({CONFIG_FILE}'s optimizer_sha256 is null: it records no "
+            "optimizer state): it is stale or was copied in; delete it, or load with include_optimizer=False"
+        )
+    return expected, lambda digest: CheckpointError(
+        f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
+        f"{str(expected)[:12]}...): the optimizer state is corrupted, stale or from another save"
+    )
+
+
+def _read_weights(
+    open_stream: Callable[[], contextlib.AbstractContextManager[IO[bytes]]], size: int, where: str, digest: _Digest
+) -> bytes:
+    """The ``size`` bytes of a weight file, once they fit the memory budget and match the SHA-256
+    config.json records; a file over :data:`HASH_FIRST_BYTES` is checked as it streams first."""
+    try:
+        check_budget(f"reading {where}", size)
+    except MemoryBudgetError as error:
+        raise CheckpointError(str(error)) from None
+    expected, mismatch = digest
+    if size > HASH_FIRST_BYTES:
+        with open_stream() as stream:
+            _check_layout(stream, size, where)
+        if expected is not None:
+            with open_stream() as stream:
+                found = _stream_digest(stream, size, where)
+            if found != expected:
+                raise mismatch(found)
+    with open_stream() as stream:
+        data = _read_or_refuse(stream, size, where)
+    found = hashlib.sha256(data).hexdigest()
+    if expected is not None and found != expected:  # also what changed between the passes
+        raise mismatch(found)
+    return data
+
+
+def _check_layout(stream: IO[bytes], size: int, where: str) -> None:
+    """The safetensors header's tensors end where the file does (a padded, sparse or cut file does
+    not), read without reading the tensors."""
+    bad = f"{where} is not a valid safetensors file (truncated or corrupted?)"
+    length = int.from_bytes(stream.read(8), "little")
+    if length < 2 or length > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{bad}: its header length is {length:,} bytes, in a file of {size:,}")
+    try:
+        header = json.loads(stream.read(length))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{bad}: unreadable header: {error!r}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: its header is not a JSON object")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
+            raise CheckpointError(f"{bad}: tensor {key!r} has data_offsets {offsets!r}")
+        end = max(end, int(offsets[1]))
+    if 8 + length + end != size:
+        raise CheckpointError(
+            f"{bad}: its header declares {end:,} bytes of tensors, the file holds {size - 8 - length:,} after "
+            "the header"
+        )
+
+
+def _stream_digest(stream: IO[bytes], size: int, where: str) -> str:
+    digest, left = hashlib.sha256(), size
+    while left > 0:
+        chunk = stream.read(min(_STREAM_CHUNK, left))
+        if not chunk:
+            raise CheckpointError(f"{where} shrank while it was read (expected {size:,} bytes)")
+        digest.update(chunk)
+        left -= len(chunk)
+    return digest.hexdigest()
 
 
 def parse_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -423,8 +725,8 @@ def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
     try:
         n = int.from_bytes(data[:8], "little")
         return json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{where} has an unreadable header: {error}") from None
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as error:
+        raise CheckpointError(f"{where} has an unreadable header: {error!r}") from None
 
 
 def parse_config(data: bytes, where: str) -> dict[str, Any]:
@@ -485,53 +787,34 @@ def _refuse_constant(name: str) -> Any:
 
 def verify_weights(config: dict[str, Any], weights: bytes, where: str) -> None:
     """The weights must be the ones config.json was saved with (catches torn saves and bit rot)."""
+    expected, mismatch = _weights_digest(config, where)
     digest = hashlib.sha256(weights).hexdigest()
-    if digest != config["model_sha256"]:
-        raise CheckpointError(
-            f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
-            f"{config['model_sha256'][:12]}...): the file is corrupted or a save was interrupted"
-        )
-
-
-def _verify_optimizer(config: dict[str, Any], data: bytes, where: str) -> None:
-    """The optimizer state must be the one saved with this config.json (version 1 did not record it)."""
-    if config["format_version"] < ADDED_IN_VERSION["optimizer_sha256"]:
-        return
-    expected = config["optimizer_sha256"]
-    if expected is None:
-        raise CheckpointError(
-            f"{where} is not part of this checkpoint ({CONFIG_FILE}'s optimizer_sha256 is null: it records no "
-            "optimizer state): it is stale or was copied in; delete it, or load with include_optimizer=False"
-        )
-    digest = hashlib.sha256(data).hexdigest()
     if digest != expected:
-        raise CheckpointError(
-            f"{where} does not match {CONFIG_FILE} (its sha256 is {digest[:12]}..., config.json expects "
-            f"{expected[:12]}...): the optimizer state is corrupted, stale or from another save"
-        )
+        raise mismatch(digest)
 
 
 def load_checkpoint(path: str | os.PathLike, include_optimizer: bool = True) -> Checkpoint:
-    """Read a checkpoint directory or zip; every problem is a :class:`CheckpointError` naming the file."""
+    """Read a checkpoint directory or zip; every problem is a :class:`CheckpointError` naming the
+    file. Only regular files are read (a FIFO or device is refused, not opened for reading), none
+    through a link that leaves the checkpoint folder, and none larger than the memory budget
+    (:mod:`dql_agent.limits`); the weights are checked against config.json's SHA-256 before they are
+    parsed, and the optimizer state is not read at all without ``include_optimizer``."""
     path = Path(path)
-    files = _read_files(path)
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if name not in files:
-            raise FileNotFoundError(f"checkpoint {path} has no {name}")
-    config = parse_config(files[CONFIG_FILE], str(path / CONFIG_FILE))
-    verify_weights(config, files[MODEL_FILE], str(path / MODEL_FILE))
-    tensors = parse_safetensors(files[MODEL_FILE], str(path / MODEL_FILE))
-    checkpoint = Checkpoint(config, tensors)
-    if include_optimizer and OPTIMIZER_FILE in files:
+    files = _read_files(path, include_optimizer)
+    tensors = parse_safetensors(files.weights, str(path / MODEL_FILE))
+    checkpoint = Checkpoint(files.config, tensors)
+    if files.optimizer is not None:
         where = str(path / OPTIMIZER_FILE)
-        _verify_optimizer(config, files[OPTIMIZER_FILE], where)
-        checkpoint.optimizer_tensors = parse_safetensors(files[OPTIMIZER_FILE], where)
+        checkpoint.optimizer_tensors = parse_safetensors(files.optimizer, where)
         try:
-            checkpoint.optimizer_meta = json.loads(
-                _safetensors_metadata(files[OPTIMIZER_FILE], where).get("state", "{}")
-            )
+            meta = json.loads(_safetensors_metadata(files.optimizer, where).get("state", "{}"))
         except ValueError as error:
             raise CheckpointError(f"{where} has unreadable training state: {error}") from None
+        except RecursionError:
+            raise CheckpointError(f"{where}: its training state is nested too deeply to be a saved one") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: its training state must be a JSON object, got {type(meta).__name__}")
+        checkpoint.optimizer_meta = meta
     return checkpoint
 
 

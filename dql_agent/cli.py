@@ -9,7 +9,7 @@
     dql-agent record MODEL --env ENV -o replay.mp4 [--seed S]
     dql-agent push MODEL REPO_ID [--env ENV] [--seed S] [--local-dir DIR]   # --local-dir: no network
     dql-agent export MODEL -o policy.onnx [--stochastic] [--n-action-samples N]   # or policy.pt2
-    dql-agent sweep SPEC.yaml [--address auto] [--resume]          # on Ray Tune: pip install dql_agent[ray]
+    dql-agent sweep SPEC.yaml [--address auto] [--resume] [--force]   # on Ray Tune: pip install dql_agent[ray]
     dql-agent serve MODEL [--host H --token-file F] [--tls-cert C --tls-key K]   # pip install dql_agent[serve]
 
 DATASET is a Minari dataset id (local, or downloaded with --download) or a D4RL-style
@@ -23,7 +23,8 @@ which gym.make would import) is refused: pass it with --env yourself if you trus
 
 A mistake in the input (a missing or malformed file, a bad --set value, an unknown env) prints
 one line, ``dql-agent: error: ...``, and exits with status 2; set DQL_AGENT_DEBUG=1 to see the
-traceback instead.
+traceback instead. A sweep whose trials failed prints the table of the others, then each failed
+trial and its error on stderr, and exits with status 1.
 
 Ctrl-C (SIGINT) or SIGTERM during ``train`` finishes the gradient step in progress, saves the run
 to -o with its optimizer state, prints the command that continues it (``train --resume``) and
@@ -447,6 +448,17 @@ def _check_steps(steps: int | None) -> None:
         raise CLIError(f"--steps is the run's total timesteps, an int >= 0; got {steps}")
 
 
+def _threads(text: str) -> int:
+    """``--threads``: an int >= 1 (torch refuses 0 and negative counts with a RuntimeError)."""
+    try:
+        threads = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {threads}")
+    return threads
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
@@ -706,13 +718,25 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    """Run the sweep a YAML spec describes (dql_agent.integrations.ray.SweepSpec), print its table."""
-    from dql_agent.integrations.ray import SweepSpec
+    """Run the sweep a YAML spec describes (dql_agent.integrations.ray.SweepSpec), print its table.
 
-    spec = SweepSpec.from_yaml(args.spec)
-    if args.device != "auto":
-        spec.device = args.device
-    result = spec.run(address=args.address, resume=args.resume, verbose=args.verbose)
+    Trials that failed are listed on stderr after the table, and the command exits with status 1."""
+    from dql_agent.integrations.ray import SweepFailedError, SweepSpec
+
+    overrides: dict[str, Any] = {} if args.device == "auto" else {"device": args.device}
+    if args.force:  # the grid's size and the resources no node has now: the user knows better
+        overrides |= {"max_trials": None, "wait_for_resources": True}
+    spec = SweepSpec.from_yaml(args.spec, **overrides)
+    try:
+        result = spec.run(address=args.address, resume=args.resume, verbose=args.verbose)
+    except SweepFailedError as error:
+        _print_sweep(error.result)
+        print(f"dql-agent: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    _print_sweep(result)
+
+
+def _print_sweep(result: Any) -> None:
     print(result.markdown)
     for note in result.notes:
         print(f"note: {note}")
@@ -760,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
     p.add_argument("--seed", type=int, default=0, help="seeds the dataset, the training and the evaluation's episodes")
     p.add_argument("--no-video", action="store_true", help="skip replay.mp4")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 suits the demo's small networks)")
+    p.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (1 suits the demo's small networks)")
 
     p = add("train", cmd_train, "train an agent: offline on a Minari id or D4RL .npz/.hdf5 file, or online (qvpo)")
     p.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
@@ -793,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download a Minari dataset that is not local")
     p.add_argument("--include-optimizer", action="store_true", help="save optimizer state to resume")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -849,6 +873,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join: 'auto', 'ray://HOST:10001' (default: local)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep at storage/name")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a grid larger than the spec's max_trials, and trials whose resources no node has yet (Tune "
+        "waits for nodes to join): the spec's max_trials: null and wait_for_resources: true",
+    )
 
     p = add("serve", cmd_serve, "serve a policy to RemotePolicy clients over websockets (dql_agent[serve])")
     try:

@@ -10,6 +10,7 @@ keeps the flat float path (the encoder is then the identity).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -25,6 +26,12 @@ NATURE_CONVS = ((8, 4), (4, 2), (3, 1))
 SMALL_CONVS = ((3, 2), (3, 2), (3, 1))
 MIN_NATURE_SIZE = 36
 MIN_IMAGE_SIZE = 11
+MAX_IMAGE_PIXELS = 1024 * 1024
+"""Largest camera frame (height x width) a CNN is built for. The Nature stack keeps about a 64th
+of a frame's pixels per channel: at 1 Mpx its first Linear layer has ~50M weights and a batch of
+256 frames takes ~3 GB as floats before the first convolution; a 4096x4096 camera is 16 times
+that, past most GPUs' memory. ``$DQL_AGENT_MAX_IMAGE_PIXELS`` raises it."""
+MAX_IMAGE_PIXELS_ENV = "DQL_AGENT_MAX_IMAGE_PIXELS"
 
 
 class ImageEncoder(nn.Module):
@@ -71,6 +78,8 @@ class ObservationEncoder(nn.Module):
             key: (is_channels_first(box), image_shape_chw(box)) for key, box in leaves(space) if is_image_space(box)
         }
         self.vector_dims = {key: math.prod(box.shape) for key, box in leaves(space) if key not in self.image_layout}
+        for key, (_, (_, height, width)) in self.image_layout.items():
+            check_image_size(key, height, width)
         self.random_shift = config.random_shift
         # ModuleDict keys may not contain '.': nested keys are stored with '__' in the state dict.
         self.cnns = nn.ModuleDict(
@@ -122,6 +131,28 @@ class ObservationEncoder(nn.Module):
             else:
                 parts.append(value.reshape(value.shape[0], -1).float())
         return torch.cat(parts, dim=1)
+
+
+def max_image_pixels() -> int:
+    """:data:`MAX_IMAGE_PIXELS`, or ``$DQL_AGENT_MAX_IMAGE_PIXELS`` when set."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_ENV} must be a number of pixels >= 1, got {text!r}")
+    return int(text)
+
+
+def check_image_size(key: str, height: int, width: int) -> None:
+    """A camera's frames are small enough for a CNN (see :data:`MAX_IMAGE_PIXELS`), or a
+    ValueError naming the key, its size and the limit."""
+    limit = max_image_pixels()
+    if height * width > limit:
+        raise ValueError(
+            f"camera {key!r} has {height}x{width} frames ({height * width:,} pixels), more than the {limit:,} "
+            f"a CNN is built for (about {math.isqrt(limit)}x{math.isqrt(limit)}): resize the frames (LeRobot: "
+            f"image_size=(H, W); gymnasium: ResizeObservation), or set {MAX_IMAGE_PIXELS_ENV} to raise the limit"
+        )
 
 
 def _module_key(key: str) -> str:

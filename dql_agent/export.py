@@ -52,6 +52,7 @@ from torch import nn
 
 from dql_agent.checkpoint import atomic_write, library_version, weights_bytes
 from dql_agent.config import is_int
+from dql_agent.limits import check_budget
 from dql_agent.observations import describe_observation_space, has_images, is_image_space, leaves
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 FORMATS = {".onnx": "ONNX (onnxruntime)", ".pt2": "torch.export ExportedProgram"}
 METADATA_FILE = "dql_agent.json"  # the .pt2's extra file holding the metadata
 DEFAULT_OPSET = 18
+MAX_BATCH = 1 << 20
+"""The most rows an exported graph takes: the dynamic batch dimension's upper bound, and the
+largest fixed ``batch`` (whose example inputs are allocated to trace the graph)."""
 RANDOM_INPUTS = ("noise", "uniform")  # the stochastic export's inputs after the observation's
 OUTPUT = "action"
 
@@ -143,6 +147,11 @@ def export_policy(
         raise PermissionError(f"cannot export to {str(path)!r}: it is not writable")
     if not (batch == "dynamic" or (is_int(batch) and int(batch) >= 1)):
         raise ValueError(f"batch must be 'dynamic' or an int >= 1, got {batch!r}")
+    if batch != "dynamic" and int(batch) > MAX_BATCH:
+        raise ValueError(
+            f"batch must be 'dynamic' or an int from 1 to {MAX_BATCH:,} (the most rows an exported graph "
+            f"takes), got {int(batch):,}"
+        )
     if n_action_samples is not None and not (is_int(n_action_samples) and n_action_samples >= 1):
         raise ValueError(f"n_action_samples must be an int >= 1 or None, got {n_action_samples!r}")
     if opset is not None and not (is_int(opset) and opset >= DEFAULT_OPSET):
@@ -155,6 +164,12 @@ def export_policy(
 
     exported = _policy_for_export(policy, n_action_samples)
     module = ExportablePolicy(exported, stochastic=not deterministic).eval()
+    if batch != "dynamic":  # tracing allocates the example inputs of a fixed batch
+        check_budget(
+            f"export with batch={int(batch):,} (its example inputs)",
+            int(batch) * _input_bytes_per_row(exported, module),
+            hint="export with batch='dynamic' (traced with 2 rows) or a smaller fixed batch",
+        )
     example, names, dynamic = _example_inputs(exported, module, batch)
     metadata = _metadata(algorithm, policy, exported, names, deterministic, batch)
     with torch.no_grad(), _quiet_exporter():
@@ -263,6 +278,21 @@ def _policy_for_export(policy: PolicyBase, n_action_samples: int | None) -> Poli
     return copy.eval()
 
 
+def _input_bytes_per_row(policy: PolicyBase, module: ExportablePolicy) -> int:
+    """The bytes of one row of the graph's inputs (observations, and the noise and uniform of a
+    stochastic export)."""
+    history = policy.config.n_obs_steps if policy.config.n_obs_steps > 1 else 1
+    inputs = observation_inputs(policy.observation_space)
+    dtypes = observation_dtypes(policy.observation_space)
+    total = sum(
+        history * int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        for (_, shape), dtype in zip(inputs, dtypes, strict=True)
+    )
+    if module.stochastic:
+        total += 4 * policy.config.diffusion_steps * policy.n_candidates(False) * policy.action_dim + 4
+    return int(total)
+
+
 def _example_inputs(
     policy: PolicyBase, module: ExportablePolicy, batch: int | str
 ) -> tuple[tuple[torch.Tensor, ...], list[str], Any]:
@@ -284,7 +314,7 @@ def _example_inputs(
             names.append("uniform")
     dynamic = None
     if batch == "dynamic":
-        dim = torch.export.Dim("batch", min=1, max=1 << 20)
+        dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         dynamic = (tuple({0: dim} for _ in example),)  # forward(*inputs): one entry, the varargs
     return tuple(example), names, dynamic
 

@@ -76,6 +76,7 @@ __all__ = [
     "VIDEO_FILE",
     "HubNotFoundError",
     "HubUnreachableError",
+    "check_repo_id",
     "install_command",
     "load_from_hub",
     "make_model_card",
@@ -89,6 +90,23 @@ VIDEO_FILE = "replay.mp4"
 CARD_TEMPLATE = "model_card.md"  # in the dql_agent.hub_cards package
 REPO_PLACEHOLDER = "<user>/<repo>"
 CARD_TAGS = ("reinforcement-learning", "offline-rl", "diffusion-policy")
+
+
+def check_repo_id(repo_id: Any, field: str = "repo_id") -> str:
+    """``repo_id`` when it is a Hub model repo id (``owner/name`` or ``name``), by huggingface_hub's
+    own rule (letters, digits, ``-``, ``_``, ``.``; at most 96 characters a part; no ``..``); else a
+    TypeError/ValueError naming ``field``. Every place that writes an id (the push, the Hub folder,
+    the card's usage code) checks it first, so ``../../etc`` or a quote never reaches a path or code."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise TypeError(f"{field} must be a Hub repo id 'owner/name', got {repo_id!r} ({type(repo_id).__name__})")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        rule = str(error).split(":", 1)[0].strip()  # the rule, without the id it repeats
+        raise ValueError(f"{field} must be a Hub repo id 'owner/name' ({rule}), got {repo_id!r}") from None
+    return repo_id
 
 
 @contextlib.contextmanager
@@ -350,6 +368,8 @@ def make_model_card(
 
     from huggingface_hub import EvalResult
 
+    if repo_id is not None:
+        check_repo_id(repo_id)
     algorithm = model.algorithm
     paper = model.paper
     if paper is None:
@@ -464,6 +484,8 @@ def write_hub_folder(
         results.json (and replay.mp4 with ``video``).
     """
     folder = Path(folder)
+    if repo_id is not None:
+        check_repo_id(repo_id)  # before writing anything
     if eval_env is not None:
         check_eval_env(model, eval_env)  # before writing anything
     if video and eval_env is not None and (not isinstance(video_length, int) or video_length < 1):
@@ -529,11 +551,13 @@ def push_to_hub(
     install from, a warning says to set ``$DQL_AGENT_INSTALL``.
 
     Raises:
+        ValueError: ``repo_id`` is not a Hub repo id (:func:`check_repo_id`), before any request.
         HubUnreachableError: (a ``ConnectionError``) offline mode is on or the Hub cannot be
             reached; checked before the evaluation, so it fails in seconds.
     """
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)  # before any request
     if eval_env is not None:
         check_eval_env(model, eval_env)  # fail before creating anything on the Hub
     api = HfApi(token=token)

@@ -9,6 +9,8 @@ deterministic), score them with a Q function, keep one (:meth:`PolicyBase.pick`)
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +27,13 @@ from dql_agent.spaces import check_action_space, unscale_actions
 # Fixed seed of the noise behind deterministic actions: the same observation gives the same
 # action in every call, process and after save/load.
 DETERMINISTIC_NOISE_SEED = 0
+PREDICT_PASS_BYTES = 1 << 30
+"""Working memory one pass of ``predict`` may take (the chains' noise, every candidate's
+activations, the float camera frames), as :meth:`PolicyBase.rows_per_pass` estimates it: a larger
+batch is acted on in passes of that many rows, in order, instead of failing in the allocator. A
+deterministic action draws the same noise either way (fixed per observation), so it agrees with one
+pass up to float rounding (a matrix product of fewer rows may round its last bit differently);
+stochastic ones draw each pass's noise in turn from the same generator."""
 
 
 class PolicyBase(nn.Module):
@@ -250,7 +259,7 @@ class PolicyBase(nn.Module):
         if rows == 0:  # nothing to act on: the networks are not run on no rows
             empty = np.zeros((0, self.env_action_dim), np.float32)
             return actions_to_env(empty, self.action_space, vectorized), state
-        actions = self.select_action(self.normalize_observations(tensor), deterministic).cpu().numpy()
+        actions = self._act_in_passes(tensor, rows, deterministic)
         _check_finite(actions)
         return actions_to_env(actions, self.action_space, vectorized), state
 
@@ -276,9 +285,38 @@ class PolicyBase(nn.Module):
         else:
             steps = history_steps(self.observation_space, history)
             tensor = torch.as_tensor(steps, device=self.device)
-        chunks = self.select_action(self.normalize_observations(tensor), deterministic).cpu().numpy()
+        chunks = self._act_in_passes(tensor, len(next(iter(history.values()))), deterministic)
         _check_finite(chunks)
         return chunks
+
+    def rows_per_pass(self) -> int:
+        """How many observations one pass of ``predict`` acts on: :data:`PREDICT_PASS_BYTES` over
+        :attr:`acting_bytes_per_row`."""
+        return max(1, PREDICT_PASS_BYTES // self.acting_bytes_per_row)
+
+    @functools.cached_property
+    def acting_bytes_per_row(self) -> int:
+        """An estimate of one observation's working memory when acting: for each of its N
+        candidates the chains' noise and one float per bias of the networks (every layer's
+        activations, targets and ensembles included), plus its camera frames as floats, twice (the
+        frame and the first convolution's output)."""
+        candidates = max(self.n_candidates(False), int(self.config.n_action_samples))
+        widths = sum(p.numel() for name, p in self.named_parameters() if {"bias", "biases"} & set(name.split(".")))
+        noise = int(self.config.diffusion_steps) * self.action_dim
+        pixels = sum(math.prod(shape) for _, shape in self.encoder.image_layout.values())
+        return 4 * candidates * (noise + widths) + 8 * pixels * int(self.config.n_obs_steps)
+
+    def _act_in_passes(self, observations: Any, rows: int, deterministic: bool) -> np.ndarray:
+        """:meth:`select_action` on ``rows`` checked raw observations (a tensor or a tree), as numpy,
+        in passes of :meth:`rows_per_pass` rows."""
+        size = self.rows_per_pass()
+        if rows <= size:
+            return self.select_action(self.normalize_observations(observations), deterministic).cpu().numpy()
+        parts = []
+        for start in range(0, rows, size):
+            part = _row_range(observations, start, start + size)
+            parts.append(self.select_action(self.normalize_observations(part), deterministic).cpu().numpy())
+        return np.concatenate(parts)
 
     def _predict_chunked(
         self, observation: Any, state: Any, episode_start: np.ndarray | None, deterministic: bool
@@ -365,6 +403,13 @@ def history_steps(space: spaces.Space, history: dict[str, np.ndarray]) -> np.nda
     lead = first.shape[: first.ndim - len(boxes[next(iter(history))].shape)]  # (n,) or (n, k)
     parts = [value.reshape(*lead, -1) for value in history.values()]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+
+
+def _row_range(observations: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a batch tensor, or of each leaf of a tree."""
+    if isinstance(observations, dict):
+        return {key: value[start:stop] for key, value in observations.items()}
+    return observations[start:stop]
 
 
 def _check_finite(actions: np.ndarray) -> None:

@@ -124,6 +124,7 @@ def train(
     callbacks) and whether any rank was interrupted, so all stop after the same step; the caller
     gives ranks > 0 no callbacks, no logging and no interrupt checkpoint.
     """
+    policies = [agent.policy for agent in agents]  # what the optimizers train: no callback may swap one
     total_timesteps = _start(agents, callbacks, total_timesteps, reset_num_timesteps)  # callbacks read this name
     lead, world = agents[0], world or World()
     precision = lead.config.precision
@@ -142,6 +143,7 @@ def train(
                 # SB3's off-policy callbacks read the VecEnv step ("dones", "infos", ...) from locals.
                 seen = locals() if step.rollout is None else {**locals(), **step.rollout._asdict()}
                 go_on, interrupted = _on_step(callbacks, seen), interrupt.requested
+                _check_policies_kept(agents, policies, callbacks)
                 if world.size > 1:
                     go_on, interrupted = scaling.agree(go_on, interrupted, lead.device)
                 if not go_on:
@@ -199,6 +201,25 @@ def _on_step(callbacks: Sequence[BaseCallback], seen: dict[str, Any]) -> bool:
         callback.update_locals(seen)
         go_on = callback.on_step() and go_on
     return go_on
+
+
+def _check_policies_kept(
+    agents: Sequence[BaseAgent], policies: Sequence[Any], callbacks: Sequence[BaseCallback]
+) -> None:
+    """Raise when a callback replaced an agent's ``policy``: the optimizers hold the parameters of
+    the one training started with, so the new object would be used but never trained. The agent
+    gets its policy back first, so what is saved after the error (the interrupt checkpoint) is the
+    trained one."""
+    for i, (agent, policy, callback) in enumerate(zip(agents, policies, callbacks, strict=True)):
+        if agent.policy is not policy:
+            agent.policy = policy
+            which = f"agents[{i}].policy" if len(agents) > 1 else "model.policy"
+            raise RuntimeError(
+                f"a callback ({type(callback).__name__}) replaced {which} during learn, at timestep "
+                f"{agent.num_timesteps}; the optimizers train the policy learn started with, so the new one "
+                "would never be trained: load the weights into it instead, "
+                "model.policy.load_state_dict(other.policy.state_dict())"
+            )
 
 
 def _save_interrupt_checkpoint(agent: BaseAgent, path: str | os.PathLike[str]) -> None:

@@ -12,7 +12,7 @@
     )
     print(result.markdown)  # mean +/- std over seeds per dataset and configuration; the best per dataset
 
-or ``dql-agent sweep SPEC.yaml [--address auto] [--resume]`` with the same fields in YAML.
+or ``dql-agent sweep SPEC.yaml [--address auto] [--resume] [--force]`` with the same fields in YAML.
 
 Each Tune trial (:func:`train_trial`) trains one dataset x one hyperparameter setting x one seed
 (or, with ``pack_seeds``, all seeds in one process through :class:`dql_agent.seeds.SeedStack`,
@@ -22,7 +22,17 @@ losses (``train/*``) and the evaluation (``eval/mean_reward``, ``eval/normalized
 ``eval/success_rate``) to Tune with a checkpoint written by ``save(include_optimizer=True)``. A
 trial that fails (its worker dies, an exception) restarts from its last checkpoint, up to
 ``max_failures`` times, and ends with the weights an uninterrupted run would have (bit for bit on
-a CPU); ``resume=True`` (``--resume``) continues an interrupted sweep.
+a CPU); ``resume=True`` (``--resume``) continues an interrupted sweep, and only with the spec it
+was started with (stored in the sweep's folder as ``sweep_spec.json``: a difference is refused and
+named).
+
+Nothing starts before the whole spec is checked: every field's type (a bool is a bool, not the
+string 'no'), every hyperparameter configuration built with the algorithm's own config, the grid's
+size (at most ``max_trials`` trials), and the resources a trial asks for against the machine or
+the cluster's nodes (``wait_for_resources`` lets trials wait for nodes that will join). The sweep
+says how many trials it starts. When a trial fails (after its restarts), :meth:`SweepSpec.run`
+writes the table of the others and raises :class:`SweepFailedError`, naming each failed trial and
+its error; ``dql-agent sweep`` prints them and exits with status 1.
 
 Lists in ``param_space`` are grids; ``{"loguniform": [1e-4, 1e-3]}`` (or any Tune search space
 object, in Python) is sampled ``num_samples`` times; ``scheduler="asha"`` stops weak trials early.
@@ -34,11 +44,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import itertools
 import json
 import logging
 import math
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,7 +64,10 @@ try:
 except ImportError as error:
     raise ImportError(f"dql_agent's sweeps need Ray Tune: pip install dql_agent[ray] ({error})") from error
 
-__all__ = ["SweepResult", "SweepSpec", "run_sweep", "summarize", "train_trial"]
+from dql_agent.integrations.yaml_files import MAX_YAML_BYTES, load_yaml_file, read_regular_file
+from dql_agent.report import report
+
+__all__ = ["SweepFailedError", "SweepResult", "SweepSpec", "run_sweep", "summarize", "train_trial"]
 
 FILE_SUFFIXES = (".npz", ".hdf5", ".h5")
 """A dataset named with one of these is a file (D4RL-style); anything else is a Minari id."""
@@ -63,6 +79,23 @@ METRICS = {
     "eval/success_rate": "success rate",
 }
 """The reported evaluation metrics the results table summarises, and their column titles."""
+REPORTED_METRIC = re.compile(
+    r"(seed_[0-9]+/)?(timesteps|" + "|".join(re.escape(key) for key in METRICS) + r"|train/[A-Za-z_][A-Za-z0-9_]*)"
+)
+"""What a trial reports (:func:`train_trial`), so what ``metric`` may name: a loss is ``train/<name>``."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The torch device types a trial trains on (``device``; ``auto`` picks CUDA when the trial has a GPU)."""
+MAX_TRIALS = 10_000
+"""A spec with more trials is refused unless its ``max_trials`` says otherwise: Tune builds every
+trial before starting one, and a grid of 10^6 points sits for minutes with no word."""
+FULL_GRID_CHECK = 1_000
+"""Up to this many grid points, every configuration's config is built before Ray starts (a third of a
+millisecond each); a larger grid is checked value by value."""
+SPEC_FILE = "sweep_spec.json"
+"""The spec a sweep was started with, in its folder: ``--resume`` compares it with the one given."""
+RESUME_IGNORES = ("root", "storage", "name", "max_trials", "wait_for_resources")
+"""Fields a resumed spec may change: where the sweep lives (its folder is the same) and the limits on
+starting it; every other field must equal the stored one."""
 
 DOWNLOAD_HINT = "set download: true in the sweep spec (download=True in Python) to fetch it"
 """How a sweep's reader downloads a missing Minari dataset (the missing-dataset message says it)."""
@@ -112,6 +145,11 @@ class SweepSpec:
         wandb_project: report every trial's metrics to this Weights & Biases project (Tune's
             ``WandbLoggerCallback``: one W&B run per trial, grouped by the sweep's name); set
             ``WANDB_MODE=offline`` to write them locally. Needs ``pip install dql_agent[tracking]``.
+        max_trials: refuse a sweep of more trials than this (datasets x seeds x grid points x
+            ``num_samples``; default ``MAX_TRIALS``); None: no limit. Not compared on resume.
+        wait_for_resources: start even when no node has the ``resources`` a trial asks for (Tune then
+            waits until one joins, e.g. from an autoscaler); by default that is an error, since
+            the trials would wait forever. Not compared on resume.
     """
 
     datasets: list[str]
@@ -137,66 +175,136 @@ class SweepSpec:
     root: str = "."
     tensorboard: bool = False
     wandb_project: str | None = None
+    max_trials: int | None = MAX_TRIALS
+    wait_for_resources: bool = False
 
     def __post_init__(self) -> None:
         self.check()
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> SweepSpec:
-        """The spec in a YAML file; relative paths in it are taken against the file's folder."""
-        import yaml
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> SweepSpec:
+        """The spec in a YAML file; relative paths in it are taken against the file's folder.
+        ``overrides`` replace fields of the file before the spec is checked (the command line's
+        ``--device``, and ``--force``'s ``max_trials=None, wait_for_resources=True``).
 
-        data = yaml.safe_load(Path(path).read_text())
+        The file is read with bounds (:func:`~dql_agent.integrations.yaml_files.load_yaml_file`:
+        a regular file of at most 1 MiB, nesting and aliases bounded, a key at most once); every
+        problem, a YAML syntax error included, is a ValueError in one line naming the file."""
+        data = load_yaml_file(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a sweep spec is a YAML mapping of fields, got {type(data).__name__}")
+        keys = [key for key in data if not isinstance(key, str)]
+        if keys:
+            raise ValueError(f"{path}: a sweep spec's fields are names, got the key(s) {keys}")
         known = {f.name for f in fields(cls)} - {"root"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {unknown}; a sweep spec has {sorted(known)}")
         try:
-            return cls(**data, root=str(Path(path).resolve().parent))
+            return cls(**{**data, **overrides, "root": str(Path(path).resolve().parent)})
         except (TypeError, ValueError) as error:  # a missing field, or one that cannot run
             raise ValueError(f"{path}: {error}") from None
 
     def check(self) -> None:
-        """Raise ValueError/TypeError naming the first field that cannot run."""
-        from dql_agent.config import check_seed
-        from dql_agent.registry import algorithms_by_short_name
-
-        offline = {name: cls for name, cls in algorithms_by_short_name().items() if not cls.online}
-        if self.algo not in offline:
-            raise ValueError(f"algo must be an offline algorithm, one of {sorted(offline)}; got {self.algo!r}")
-        if isinstance(self.datasets, str) or not self.datasets or not all(isinstance(d, str) for d in self.datasets):
-            raise TypeError(f"datasets must be a non-empty list of Minari ids or file paths, got {self.datasets!r}")
-        self.datasets, self.seeds = list(self.datasets), [check_seed(s, "seeds") for s in self.seeds]
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
-        for name, least in (("total_timesteps", 1), ("eval_every", 1), ("eval_episodes", 1), ("num_samples", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if not isinstance(self.max_failures, int) or self.max_failures < -1:
-            raise ValueError(f"max_failures must be an int >= -1 (-1: no limit), got {self.max_failures!r}")
-        if not isinstance(self.param_space, dict):
-            raise TypeError(f"param_space must be a mapping of hyperparameter names, got {self.param_space!r}")
-        cls = offline[self.algo]
-        allowed = cls.config_class.field_names() | ({"preset"} if cls.presets else set())
-        unknown = sorted(set(self.param_space) - allowed)
-        if unknown:
-            raise ValueError(f"param_space: {unknown} are not {self.algo} hyperparameters ({sorted(allowed)})")
-        if not isinstance(self.resources, dict) or not all(
-            isinstance(v, (int, float)) and v >= 0 for v in self.resources.values()
-        ):
-            raise ValueError(f"resources must map Ray resource names to numbers >= 0, got {self.resources!r}")
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        """Raise ValueError/TypeError naming the first field that cannot run, before Ray starts:
+        every field's type (a bool is a bool: the string 'false' is an error), the ranges, the
+        grid's size (at most ``max_trials`` trials) and every hyperparameter configuration, built
+        with the algorithm's own config (see :meth:`check_hyperparameters`)."""
+        cls = self._algorithm()
+        self._check_lists()
+        self._check_settings()
+        self._check_run_options()
         if self.pack_seeds and not cls.stackable:
-            packable = sorted(name for name, other in offline.items() if other.stackable)
+            packable = sorted(name for name, other in _offline_algorithms().items() if other.stackable)
             raise ValueError(
                 f"pack_seeds trains the seeds through train_seeds' SeedStack, which packs {packable}, not {self.algo!r}"
             )
-        _scheduler(self)  # refuses an unknown one
         self.check_tracking()
+        self._check_param_names(cls)
+        if self.max_trials is not None and self.trial_count() > self.max_trials:  # before building any config
+            raise ValueError(
+                f"the sweep has {self.size_text()}, more than max_trials={self.max_trials:,}: shrink the grid, or "
+                "raise max_trials (null: no limit; dql-agent sweep --force) to start them all"
+            )
+        self.check_hyperparameters(cls)
+
+    def _algorithm(self) -> Any:
+        offline = _offline_algorithms()
+        if not isinstance(self.algo, str) or self.algo not in offline:
+            raise ValueError(f"algo must be an offline algorithm, one of {sorted(offline)}; got {self.algo!r}")
+        return offline[self.algo]
+
+    def _check_lists(self) -> None:
+        """``datasets``, ``seeds`` and ``resources``: their containers, items and names."""
+        from dql_agent.config import check_seed
+
+        datasets = self.datasets
+        if not isinstance(datasets, (list, tuple)) or not datasets or not all(_text(d) for d in datasets):
+            raise TypeError(f"datasets must be a non-empty list of Minari ids or file paths, got {datasets!r}")
+        if len(set(datasets)) != len(datasets):
+            raise ValueError(f"datasets must name each dataset once, got {list(datasets)}")
+        if not isinstance(self.seeds, (list, tuple)):
+            raise TypeError(f"seeds must be a list of ints, got {self.seeds!r} ({type(self.seeds).__name__})")
+        self.datasets, self.seeds = list(datasets), [check_seed(s, "seeds") for s in self.seeds]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        resources = self.resources
+        if not isinstance(resources, dict) or not all(
+            _text(name) and _number(value) and 0 <= value < math.inf for name, value in resources.items()
+        ):
+            raise ValueError(f"resources must map Ray resource names to finite numbers >= 0, got {resources!r}")
+        for lower, upper in (("cpu", "CPU"), ("gpu", "GPU")):
+            if lower in resources and upper in resources:
+                raise ValueError(f"resources name {lower!r} twice ({lower!r} and {upper!r}): give one")
+
+    def _check_settings(self) -> None:
+        """The scalar fields: bools, counts, names and paths."""
+        from dql_agent.config import check_seed
+
+        for name in ("pack_seeds", "download", "tensorboard", "wait_for_resources"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                hint = " (YAML's false/true, not a string)" if isinstance(value, str) else ""
+                raise TypeError(f"{name} must be true or false{hint}, got {value!r} ({type(value).__name__})")
+        for name, least in (("total_timesteps", 1), ("eval_every", 1), ("eval_episodes", 1), ("num_samples", 1)):
+            value = getattr(self, name)
+            if not _integer(value) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not _integer(self.max_failures) or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an int >= -1 (-1: no limit), got {self.max_failures!r}")
+        if self.max_trials is not None and (not _integer(self.max_trials) or self.max_trials < 1):
+            raise ValueError(f"max_trials must be an int >= 1 or null (no limit), got {self.max_trials!r}")
+        self.eval_seed = check_seed(self.eval_seed, "eval_seed")
+        if self.env is not None and not _text(self.env):
+            raise TypeError(f"env must be a Gymnasium env id (a string) or null, got {self.env!r}")
+        for name in ("storage", "root"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise TypeError(f"{name} must be a folder path, got {value!r}")
+            setattr(self, name, os.fspath(value))
+        name = self.name
+        if not _text(name) or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
+            raise ValueError(f"name must be a folder name (no '/', not '.' or '..'), got {name!r}")
+
+    def _check_run_options(self) -> None:
+        """``device``, ``metric``, ``mode`` and ``scheduler``."""
+        device = self.device
+        kind, _, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+        if device != "auto" and (kind not in DEVICE_TYPES or (index and (kind != "cuda" or not index.isdigit()))):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+        if kind == "cuda" and not self._request().get("GPU"):
+            raise ValueError(
+                f"device {device!r} needs a GPU per trial, and resources {self.resources} gives none (a trial sees "
+                "only the GPUs Ray gives it): add gpu: 1 (or a fraction) to resources, or use device: auto"
+            )
+        if not isinstance(self.metric, str) or not REPORTED_METRIC.fullmatch(self.metric):
+            raise ValueError(
+                f"metric must be a reported metric: timesteps, {', '.join(METRICS)} or train/<loss> (e.g. "
+                f"train/critic_loss), each also as seed_<seed>/... with pack_seeds; got {self.metric!r}"
+            )
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        _scheduler(self)  # refuses an unknown one, and settings ASHA refuses
 
     def check_tracking(self) -> None:
         """``tensorboard`` and ``wandb_project``: their types, and their packages installed."""
@@ -209,6 +317,126 @@ class SweepSpec:
                 raise ImportError(
                     f"the sweep's {module} logging needs the {module} package: pip install dql_agent[tracking]"
                 )
+
+    def check_hyperparameters(self, cls: Any) -> None:
+        """Build the algorithm's config (``cls.make_config``, as each trial does) for every
+        configuration of ``param_space``: each grid point, with a sampled hyperparameter at the ends
+        of its range (or each choice). A grid of more than ``FULL_GRID_CHECK`` points is checked
+        value by value instead (each value of each hyperparameter, the others at their first).
+        The error names the hyperparameter, the configuration and the value the config refused."""
+        self._check_param_names(cls)
+        candidates = {name: _candidates(name, value) for name, value in self.param_space.items()}
+        candidates = {name: values for name, values in candidates.items() if values}  # sample_from: per trial
+        for value in candidates.get("preset", []):
+            if not isinstance(value, str):
+                raise TypeError(f"param_space['preset'] must be a preset name (a string), got {value!r}")
+        names = list(candidates)
+        if math.prod(len(values) for values in candidates.values()) <= FULL_GRID_CHECK:
+            points: Iterator[tuple[Any, ...]] = itertools.product(*candidates.values())
+        else:
+            first = [values[0] for values in candidates.values()]
+            points = (
+                (*first[:i], value, *first[i + 1 :]) for i, values in enumerate(candidates.values()) for value in values
+            )
+        several = any(len(values) > 1 for values in candidates.values())
+        for point in points:
+            hyperparameters = dict(zip(names, point, strict=True))
+            try:
+                cls.make_config(dict(hyperparameters))
+            except (TypeError, ValueError, KeyError) as error:
+                where = f" (in the configuration {hyperparameters})" if several else ""
+                raise type(error)(f"param_space: {_message(error)}{where}") from None
+
+    def _check_param_names(self, cls: Any) -> None:
+        space = self.param_space
+        if not isinstance(space, dict) or not all(isinstance(name, str) for name in space):
+            raise TypeError(f"param_space must be a mapping of hyperparameter names, got {space!r}")
+        allowed = cls.config_class.field_names() | ({"preset"} if cls.presets else set())
+        unknown = sorted(set(space) - allowed)
+        if unknown:
+            raise ValueError(f"param_space: {unknown} are not {self.algo} hyperparameters ({sorted(allowed)})")
+
+    def trial_count(self) -> int:
+        """How many trials Tune will run: datasets x seeds (1 with ``pack_seeds``) x grid points x
+        ``num_samples``."""
+        return len(self.datasets) * (1 if self.pack_seeds else len(self.seeds)) * self._grid_points() * self.num_samples
+
+    def _grid_points(self) -> int:
+        return math.prod(len(_grid(value) or ()) for value in self.param_space.values() if _grid(value) is not None)
+
+    def size_text(self) -> str:
+        """The trial count and its factors, e.g. ``12 trial(s) (2 dataset(s) x 3 seed(s) x 2 configuration(s))``."""
+        count, grid = self.trial_count(), self._grid_points()
+        parts = [f"{len(self.datasets)} dataset(s)"]
+        parts += [] if self.pack_seeds else [f"{len(self.seeds)} seed(s)"]
+        parts += [f"{grid:,} configuration(s)"]
+        parts += [f"num_samples={self.num_samples:,}"] if self.num_samples > 1 else []
+        return f"{count:,} trial(s) ({' x '.join(parts)})"
+
+    def _request(self) -> dict[str, float]:
+        """What one trial asks Ray for, under Ray's resource names (CPU, GPU, memory, custom)."""
+        named = {{"cpu": "CPU", "gpu": "GPU"}.get(name, name): float(value) for name, value in self.resources.items()}
+        return {name: value for name, value in named.items() if value > 0}
+
+    def check_resources(self, nodes: Sequence[dict[str, float]], where: str) -> None:
+        """Refuse a trial that no node of ``nodes`` (their Ray resources) can hold: Tune would wait for
+        one forever. ``wait_for_resources`` skips it (nodes that have them will join)."""
+        if self.wait_for_resources:
+            return
+        request = self._request()
+        if any(all(node.get(name, 0.0) >= value for name, value in request.items()) for node in nodes):
+            return
+        has = (
+            "; ".join(", ".join(f"{name} {node.get(name, 0.0):g}" for name in request) for node in nodes) or "no nodes"
+        )
+        raise ValueError(
+            f"resources {self.resources} per trial: no node of {where} has them ({has}); ask for less, or set "
+            "wait_for_resources: true (dql-agent sweep --force) if nodes that have them will join"
+        )
+
+    # the stored spec, for --resume ---------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes this sweep this sweep, as JSON: every field but where it lives and the limits
+        on starting it (``RESUME_IGNORES``), with file datasets as absolute paths."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_IGNORES}
+        root = str(Path(self.root).resolve())
+        values["datasets"] = [_dataset_source(name, root) for name in self.datasets]
+        return cast(dict[str, Any], json.loads(json.dumps(values, default=_describe)))
+
+    def write_spec(self) -> Path:
+        """Store :meth:`fingerprint` in the sweep's folder (``SPEC_FILE``), for ``--resume`` to compare."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / SPEC_FILE
+        text = json.dumps({"dql_agent_sweep_spec": 1, "spec": self.fingerprint()}, indent=2, sort_keys=True)
+        temporary = target.with_name(f".{SPEC_FILE}.tmp")
+        temporary.write_text(text + "\n")
+        os.replace(temporary, target)
+        return target
+
+    def check_resumed(self) -> None:
+        """Refuse to resume the sweep at :attr:`path` when it was started from another spec, naming
+        each difference. A folder without ``SPEC_FILE`` (a sweep started by an older dql_agent)
+        cannot be compared: a warning says so."""
+        stored_file = self.path / SPEC_FILE
+        if not stored_file.exists():
+            warnings.warn(
+                f"{self.path} holds no {SPEC_FILE} (a sweep started before dql_agent recorded its spec): cannot "
+                "check that it is this spec's sweep; resuming it as it was started",
+                stacklevel=3,
+            )
+            return
+        try:
+            stored = json.loads(read_regular_file(stored_file, limit=8 * MAX_YAML_BYTES))["spec"]  # indented JSON
+            if not isinstance(stored, dict):
+                raise TypeError(f"the spec there is a {type(stored).__name__}")
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{stored_file}: cannot read the spec this sweep was started with ({error})") from None
+        differences = _differences(stored, self.fingerprint())
+        if differences:
+            raise ValueError(
+                f"{self.path} holds a sweep started from another spec: {'; '.join(differences)}. Resume it with the "
+                "spec it was started with, or give this spec another name or storage"
+            )
 
     # running -------------------------------------------------------------------------------------
     @property
@@ -224,31 +452,41 @@ class SweepSpec:
         verbose: int = 1,
     ) -> SweepResult:
         """Run (or, with ``resume``, continue) the sweep; see :func:`run_sweep`."""
+        self.check()  # again: fields may have been set since the spec was made
         restore = tune.Tuner.can_restore(self.path)
         if restore and not resume:
             raise ValueError(
                 f"{self.path} already holds a sweep: continue it with resume=True (dql-agent sweep --resume) "
                 "or choose another name or storage"
             )
-        if resume and not restore and verbose:
-            print(f"nothing to resume at {self.path}: starting the sweep")
+        if restore:
+            self.check_resumed()
+        elif resume and verbose:
+            report(f"nothing to resume at {self.path}: starting the sweep")
         started = not ray.is_initialized()
+        if started and address is None:  # on a cluster the data need only exist where the trials run
+            self.check_datasets()
+            self.check_resources([_this_machine()], "this machine")
+        report(f"sweep {self.name}: {self.size_text()} in {self.path}")  # whatever Tune's verbosity: before a long wait
         if started:
-            if address is None:  # on a cluster the data need only exist where the trials run
-                self.check_datasets()
             ray.init(address=address)  # None: a local Ray on this machine
         try:
+            self.check_resources(_ray_nodes(), "the Ray cluster")
             trainable = tune.with_resources(tune.with_parameters(train_trial, callbacks=callbacks), self.resources)
             if restore:
                 tuner = tune.Tuner.restore(str(self.path), trainable=trainable, resume_errored=True)
             else:
+                self.write_spec()
                 tuner = self.tuner(trainable, verbose)
             with _tune_hints_replaced():
                 grid = tuner.fit()
         finally:
             if started:
                 ray.shutdown()
-        return summarize(grid, self.path, eval_every=self.eval_every)
+        result = summarize(grid, self.path, eval_every=self.eval_every)
+        if result.failed:
+            raise SweepFailedError(result)
+        return result
 
     def check_datasets(self) -> None:
         """The datasets this machine's trials will read: files that exist, Minari ids stored locally
@@ -258,8 +496,11 @@ class SweepSpec:
 
         for name in self.datasets:
             if name.endswith(FILE_SUFFIXES):
-                if not (Path(self.root) / name).is_file():
+                path = Path(self.root) / name
+                if not path.exists():
                     raise FileNotFoundError(f"dataset file {name} not found (relative to {self.root})")
+                if not path.is_file():  # a folder, a FIFO, a device: a trial would fail or block on it
+                    raise ValueError(f"dataset file {name} (relative to {self.root}) is not a regular file")
                 continue
             with download_hint(DOWNLOAD_HINT):
                 check_available(name, self.download)
@@ -356,18 +597,148 @@ def _scheduler(spec: SweepSpec) -> TrialScheduler | None:
     chosen: Any = spec.scheduler
     if chosen is None or isinstance(chosen, TrialScheduler):
         return chosen
-    options: dict[str, Any] = {}
+    options: Any = {}
     if isinstance(chosen, dict) and list(chosen) == ["asha"]:
-        chosen, options = "asha", dict(chosen["asha"] or {})
+        chosen, options = "asha", chosen["asha"] or {}
+        if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+            raise ValueError(
+                f"scheduler: the options of asha must map ASHAScheduler keywords to values, got {options!r}"
+            )
     if chosen != "asha":
         raise ValueError(f"scheduler must be None, 'asha', {{'asha': {{...}}}} or a Tune scheduler, got {chosen!r}")
     # Milestones in timesteps, from the first evaluation on.
     defaults = {"time_attr": "timesteps", "max_t": spec.total_timesteps, "grace_period": spec.eval_every}
-    return ASHAScheduler(**{**defaults, "reduction_factor": 3, **options})
+    settings = {**defaults, "reduction_factor": 3, **options}
+    try:
+        return ASHAScheduler(**settings)
+    except (TypeError, ValueError, AssertionError) as error:  # ASHAScheduler checks its settings with asserts
+        raise ValueError(f"scheduler: ASHAScheduler refuses {settings}: {_message(error)}") from None
 
 
 def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"  # the default joins every config value: too long for a path
+
+
+# checking a spec -------------------------------------------------------------------------------------
+def _offline_algorithms() -> dict[str, Any]:
+    from dql_agent.registry import algorithms_by_short_name
+
+    return {name: cls for name, cls in algorithms_by_short_name().items() if not cls.online}
+
+
+def _text(value: Any) -> bool:
+    """A non-empty string."""
+    return isinstance(value, str) and bool(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _message(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error
+    return str(text).strip() or type(error).__name__
+
+
+def _grid(value: Any) -> list[Any] | None:
+    """The values of a grid (a list, or Tune's ``{"grid_search": [...]}``); None for anything else."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and list(value) == ["grid_search"]:
+        values = value["grid_search"]
+        return values if isinstance(values, list) else []
+    return None
+
+
+def _candidates(name: str, value: Any) -> list[Any]:
+    """The values of hyperparameter ``name`` to build configs with: a grid's values, a search
+    space's ends (or choices), a constant; none for a function of the trial's config."""
+    from ray.tune.search.sample import Domain
+
+    grid = _grid(value)
+    if grid is not None:
+        if not grid:
+            raise ValueError(f"param_space[{name!r}] is an empty grid, got {value!r}: give it at least one value")
+        return list(grid)
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SAMPLERS:
+        sampler, args = next(iter(value.items()))
+        try:
+            value = _search_space(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"param_space[{name!r}]: {{{sampler}: {args!r}}} is not a Tune search space ({_message(error)})"
+            ) from None
+    if isinstance(value, Domain):
+        return _domain_candidates(name, value)
+    return [value]
+
+
+def _domain_candidates(name: str, domain: Any) -> list[Any]:
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    if isinstance(domain, Categorical):
+        if not domain.categories:
+            raise ValueError(f"param_space[{name!r}] chooses among no values: give it at least one")
+        return list(domain.categories)
+    if not isinstance(domain, (Float, Integer)):
+        return []  # sample_from: a function of the trial's config, only Tune can compute it
+    lower, upper = domain.lower, domain.upper
+    ends = [end for end in (lower, upper) if _number(end) and math.isfinite(end)]
+    if len(ends) == 2 and not lower < upper:
+        raise ValueError(f"param_space[{name!r}]: the lower bound {lower!r} must be below the upper bound {upper!r}")
+    if isinstance(domain, Integer) and len(ends) == 2:
+        ends[1] = upper - 1  # randint's upper end is excluded
+    mean = getattr(domain.get_sampler(), "mean", None)  # randn: unbounded, its mean stands for it
+    return ends or ([mean] if mean is not None else [])
+
+
+def _describe(value: Any) -> Any:
+    """A stable JSON stand-in for what JSON cannot hold (Tune search spaces and schedulers)."""
+    from ray.tune.search.sample import Domain
+
+    if isinstance(value, Domain):
+        sampler = value.get_sampler()
+        described = {"tune": type(value).__name__, "sampler": type(sampler).__name__}
+        for attr in ("lower", "upper", "categories"):
+            if getattr(value, attr, None) is not None:
+                described[attr] = getattr(value, attr)
+        described |= {k: v for k, v in vars(sampler).items() if isinstance(v, (int, float, str))}
+        return described
+    return {"python": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+
+def _differences(stored: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: X there, Y in this spec`` for each field that differs (param_space by name)."""
+    missing = object()
+    found = []
+    for key in sorted(set(stored) | set(given)):
+        there, here = stored.get(key, missing), given.get(key, missing)
+        if there == here:
+            continue
+        if key == "param_space" and not prefix and isinstance(there, dict) and isinstance(here, dict):
+            found += _differences(there, here, prefix="param_space")
+            continue
+        name = f"{prefix}[{key!r}]" if prefix else key
+        shown = ["(absent)" if value is missing else json.dumps(value) for value in (there, here)]
+        found.append(f"{name}: {shown[0]} there, {shown[1]} in this spec")
+    return found
+
+
+def _this_machine() -> dict[str, float]:
+    """At most what a local Ray started here has: its default CPUs and GPUs, and the memory."""
+    import torch
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), "memory": float(memory)}
+
+
+def _ray_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray cluster this process is connected to."""
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
 
 
 def run_sweep(
@@ -506,6 +877,21 @@ class SweepResult:
     """What the table lacks: trials that reported nothing, unfinished runs, plots skipped."""
     grid: Any = field(repr=False, default=None)
     """Tune's ``ResultGrid``."""
+    failed: list[str] = field(default_factory=list)
+    """One line per trial that ended with an error (after its ``max_failures`` restarts): the
+    trial, its dataset, seeds and hyperparameters, and the error's last line."""
+    trials: int = 0
+    """How many trials the sweep has."""
+
+
+class SweepFailedError(RuntimeError):
+    """Trials of a sweep failed: :meth:`SweepSpec.run` raises it after writing the tables of the
+    others. ``result`` is the :class:`SweepResult`; the message lists each failed trial and why."""
+
+    def __init__(self, result: SweepResult) -> None:
+        self.result = result
+        lines = "\n".join(f"  {line}" for line in result.failed)
+        super().__init__(f"{len(result.failed)} of {result.trials} trial(s) failed:\n{lines}")
 
 
 @dataclass
@@ -551,6 +937,17 @@ def _no_report_note(result: Any, eval_every: int | None) -> str:
         return f"{what} failed before its first evaluation: {lines[-1] if lines else type(result.error).__name__}"
     every = eval_every or config.get("eval_every")
     return f"{what} had not reached its first evaluation ({every} steps) when the sweep stopped: {RESUME_HINT}"
+
+
+def _failure(result: Any) -> str:
+    """One line: which trial failed (dataset, seeds, hyperparameters) and its error's last line."""
+    config = result.config or {}
+    lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+    why = lines[-1] if lines else type(result.error).__name__
+    settings = json.dumps(config.get("hyperparameters"), sort_keys=True)
+    return (
+        f"trial {Path(str(result.path)).name} ({config.get('dataset')}, seeds {config.get('seeds')}, {settings}): {why}"
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -601,7 +998,18 @@ def summarize(grid: Any, path: str | os.PathLike[str], eval_every: int | None = 
     markdown = _markdown(rows, names, varying, best)
     files = _write(path, rows, curves, markdown)
     files += _plot(path, groups, varying, notes)
-    return SweepResult(path=path, rows=rows, best=best, markdown=markdown, files=files, notes=notes, grid=grid)
+    failed = [_failure(result) for result in grid if result.error is not None]
+    return SweepResult(
+        path=path,
+        rows=rows,
+        best=best,
+        markdown=markdown,
+        files=files,
+        notes=notes,
+        grid=grid,
+        failed=failed,
+        trials=len(grid),
+    )
 
 
 def _cell(row: dict[str, Any], key: str) -> str:

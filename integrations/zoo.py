@@ -15,12 +15,15 @@ Needs ``pip install dql_agent[zoo]`` (rl_zoo3, and requests, which rl_zoo3's enj
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import importlib.util
 import os
 import re
 import runpy
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,30 @@ def save_to_zoo(model: BaseAgent, folder: str | os.PathLike[str] = "logs", env_i
     return path
 
 
+def _usage_error(message: str) -> SystemExit:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def check_run_folder(script_args: Sequence[str]) -> None:
+    """Refuse, in one line, a ``-f/--folder`` (or its ``<algo>`` folder) that does not exist.
+
+    rl-zoo3 would assert it (an AssertionError with a traceback) or, for its default folder
+    ``rl-trained-agents``, try to download the run from the ``sb3`` Hub organisation, which holds
+    no dql_agent models."""
+    parser = argparse.ArgumentParser(add_help=False)  # rl-zoo3's own names and defaults for these two
+    parser.add_argument("-f", "--folder", default="rl-trained-agents")
+    parser.add_argument("--algo", default=None)
+    known, _ = parser.parse_known_args(list(script_args))
+    folder = Path(known.folder)
+    where = "save_to_zoo(model, folder) writes <folder>/<algo>/<Env>_<n>/<Env>.zip"
+    if not folder.is_dir():
+        given = "rl-zoo3's default -f" if known.folder == parser.get_default("folder") else "-f/--folder"
+        raise _usage_error(f"{given} {known.folder}: no such folder; {where}")
+    if known.algo is not None and not (folder / known.algo).is_dir():
+        raise _usage_error(f"-f/--folder {known.folder} holds no {known.algo}/ folder of runs; {where}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dql_agent.integrations.zoo {enjoy,record_video} [rl-zoo3 arguments]``.
 
@@ -114,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] not in SCRIPTS:
         print(f"{USAGE}\nerror: the first argument must be one of {list(SCRIPTS)}", file=sys.stderr)
         raise SystemExit(2)
+    with zoo_extra():  # a missing extra first, without importing rl_zoo3 (it patches gymnasium)
+        if importlib.util.find_spec("rl_zoo3") is None:
+            raise ImportError("No module named 'rl_zoo3'")
+    check_run_folder(args[1:])
     register_algorithms()
     render_headless()  # rl-zoo3's rendering goes through pygame's SDL too
     script = f"rl_zoo3.{args[0]}"
@@ -125,6 +156,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 importlib.import_module(script).enjoy()
             else:  # record_video is a script body under `if __name__ == "__main__"`, not a function
                 runpy.run_module(script, run_name="__main__")
+    except (AssertionError, ValueError) as error:
+        # rl-zoo3 checks its arguments with asserts and ValueErrors (a missing --exp-id run folder,
+        # no <Env>.zip in it): the user's mistakes, said in one line. Raised anywhere else (in
+        # dql_agent's code that rl-zoo3 called) it is not rl-zoo3's check, and propagates.
+        frames = traceback.extract_tb(error.__traceback__)
+        if not frames or "rl_zoo3" not in Path(frames[-1].filename).parts:
+            raise
+        raise _usage_error(f"rl-zoo3 {args[0]}: {error}") from None
     finally:
         sys.argv = saved_argv
 

@@ -1,4 +1,5 @@
-"""One rank of a data-parallel run for tests/test_distributed.py, started by the real ``torchrun``:
+"""One rank of a data-parallel run for tests/test_distributed.py, started by the real ``torchrun``
+(:func:`torchrun` here starts it; :func:`ranks` reads what each rank wrote):
 
     torchrun --nproc-per-node 2 -m tests.distributed_worker --out DIR --steps N [...]
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from stable_baselines3.common.callbacks import BaseCallback
 
 from tests.settings import tiny
@@ -98,6 +101,24 @@ def main() -> None:
     )
     if rank == 0:
         model.save(args.out / "model", include_optimizer=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--tee", "3"]
+    command += ["--log-dir", str(out / "logs"), "-m", "tests.distributed_worker", "--out", str(out), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ranks(out: Path, n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [load_file(out / f"rank{r}.safetensors") for r in range(n)]
+
+
+def check_ran(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dql_agent import DiffusionDICE, DiffusionQL, scaling
+from tests.distributed_worker import check_ran, ranks, torchrun
 from tests.settings import tiny
-from tests.test_distributed import check_ran, ranks, torchrun
 
 pytestmark = pytest.mark.cuda
 

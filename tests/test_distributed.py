@@ -17,28 +17,15 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dql_agent import DiffusionQL, scaling
-from tests.distributed_worker import SEED, pendulum_buffer
+from tests.distributed_worker import ROOT, SEED, check_ran, pendulum_buffer, ranks, torchrun
 from tests.settings import tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 # Measured: on the same machine the 2-process run and the threaded reference agree bit for bit (gloo
 # sums two addends in either order to the same float). The bound leaves room for a machine whose
 # gloo reduces in another order, about 1e-7 per step relative in float32.
 TOLERANCE = 1e-5
-
-
-def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--tee", "3"]
-    command += ["--log-dir", str(out / "logs"), "-m", "tests.distributed_worker", "--out", str(out), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def ranks(out: Path, n: int = 2) -> list[dict[str, torch.Tensor]]:
-    return [load_file(out / f"rank{r}.safetensors") for r in range(n)]
 
 
 class ThreadedAverage(scaling.StepHooks):
@@ -102,10 +89,6 @@ def reference(steps: int, start: Path | None = None) -> dict[str, torch.Tensor]:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def check_ran(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

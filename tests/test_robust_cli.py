@@ -7,14 +7,9 @@ never imported; any user error prints ``dql-agent: error: ...`` and no traceback
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import signal
-import subprocess
 import sys
-import traceback
 import uuid
 import zipfile
 from pathlib import Path
@@ -27,72 +22,12 @@ from gymnasium.envs.registration import EnvSpec
 from dql_agent import DiffusionQL, OfflineBuffer
 from dql_agent.demo_data import collect_pendulum_episodes
 from dql_agent.integrations.minari import write_minari_dataset
+from tests.adversarial import assert_one_line_error, cli
 
 ENV_ID = "Pendulum-v1"
 TINY = ["--set", "hidden_dim=16", "--set", "n_hidden=2", "--set", "diffusion_steps=3", "--set", "batch_size=32"]
 QUIET = ["--episodes", "0", "--no-progress", "--device", "cpu"]
 NEVER_FINISHES = ["--steps", "1000000"]  # a refused output must be refused before training starts
-
-
-def cli(
-    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess:
-    """Run ``dql-agent ARGS`` offline, with one torch thread, in ``cwd``.
-
-    In this process through ``dql_agent.cli.main`` (a subprocess costs ~3 s of imports per case),
-    except when ``env`` sets PYTHONPATH: the import tests run a real ``python -m dql_agent.cli``.
-    """
-    environ = {
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "MINARI_DATASETS_PATH": str(cwd / "minari"),
-        **(env or {}),
-    }
-    if "PYTHONPATH" in environ:
-        full = {k: v for k, v in os.environ.items() if k != "DQL_AGENT_DEBUG"} | environ
-        command = [sys.executable, "-m", "dql_agent.cli", *map(str, args)]
-        return subprocess.run(command, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
-    return run_in_process([str(a) for a in args], cwd, environ, timeout)
-
-
-def run_in_process(args: list[str], cwd: Path, environ: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    from dql_agent.cli import main
-
-    def too_slow(signum: int, frame: object) -> None:  # an output checked after training would hang here
-        raise TimeoutError(f"dql-agent {' '.join(args)} ran past {timeout} s")
-
-    saved_environ, saved_cwd = dict(os.environ), os.getcwd()
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    previous = signal.signal(signal.SIGALRM, too_slow)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        os.environ.pop("DQL_AGENT_DEBUG", None)
-        os.environ.update(environ)
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main(args)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    except Exception:  # what a user would see as a traceback
-        stderr.write(traceback.format_exc())
-        code = 1
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_environ)
-    return subprocess.CompletedProcess(["dql-agent", *args], code, stdout.getvalue(), stderr.getvalue())
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("dql-agent: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

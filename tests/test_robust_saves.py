@@ -8,9 +8,6 @@ load either the old checkpoint or the new one, whole (config.json hashes both we
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
@@ -19,6 +16,7 @@ import torch
 
 from dql_agent import DiffusionQL, OfflineBuffer
 from dql_agent import checkpoint as checkpoint_module
+from tests.adversarial import start_saver
 from tests.settings import TINY
 
 
@@ -95,33 +93,6 @@ def test_a_failure_at_every_write_keeps_the_last_good_checkpoint(tmp_path, monke
     assert loaded.num_timesteps == 3 and same_weights(weights(loaded), weights(model))
     if not suffix:
         assert (path / "README.md").read_text() == "a model card saved beside the weights"
-
-
-SAVE_LOOP = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from dql_agent import DiffusionQL, OfflineBuffer
-    path, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    rng = np.random.default_rng(seed)
-    obs = rng.normal(size=(32, 3)).astype(np.float32)
-    buffer = OfflineBuffer(obs, rng.uniform(-1, 1, (32, 2)), rng.normal(size=32), obs, np.zeros(32, bool))
-    model = DiffusionQL(buffer, seed=seed, device="cpu", hidden_dim=256, n_hidden=3).learn(1)
-    print("ready", flush=True)
-    step = 0
-    while step != count:  # count < 0: until killed
-        model.num_timesteps = 1000 * seed + step
-        model.save(path, include_optimizer=True)
-        if step == 0:
-            print("saved", flush=True)
-        step += 1
-""")
-
-
-def start_saver(path, seed: int, count: int = -1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", SAVE_LOOP, str(path), str(seed), str(count)], stdout=subprocess.PIPE, text=True, env=env
-    )
 
 
 @pytest.mark.bad_input("save", "correct behaviour")

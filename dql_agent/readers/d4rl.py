@@ -14,8 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from dql_agent.files import open_regular
+from dql_agent.limits import MemoryBudgetError
 from dql_agent.observations import nested
+from dql_agent.readers.arrays import read_hdf5, read_npz
 from dql_agent.transitions import REQUIRED_KEYS, column, episode_flags
+
+USED_KEYS = (*REQUIRED_KEYS, "timeouts")
+"""The members of a file that are read; any other (infos, metadata) is never looked into."""
 
 
 def read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
@@ -23,41 +29,47 @@ def read_d4rl(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
 
     Without next_observations (raw D4RL files) they are taken from the following row, and the last
     row of each episode is dropped, as ``d4rl.qlearning_dataset`` does (:func:`derive_next_observations`).
+
+    A file must be a regular file (a FIFO or device is refused without blocking on it); only the
+    members named :data:`USED_KEYS` are read, each after its header is checked against what the
+    file holds and the memory budget; an HDF5 dataset or link that would read another file is
+    refused (see :mod:`dql_agent.readers.arrays`).
     """
-    arrays = _read(data)
+    arrays, found = _read(data)
     missing = [k for k in REQUIRED_KEYS if k not in arrays and k != "next_observations"]
     if missing:
-        raise KeyError(f"D4RL data is missing key(s) {missing}; found {sorted(arrays)}")
+        raise KeyError(f"D4RL data is missing key(s) {missing}; found {sorted(found)}")
     if "next_observations" not in arrays:
         arrays = derive_next_observations(arrays)
-    return {k: arrays[k] for k in (*REQUIRED_KEYS, "timeouts") if k in arrays}
+    return {k: arrays[k] for k in USED_KEYS if k in arrays}
 
 
-def _read(data: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+def _used(key: str) -> bool:
+    return key.split("/")[0] in USED_KEYS  # npz members observations/<key> nest
+
+
+def _read(data: Mapping[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """The used columns, and every key the data has (for the message when one is missing)."""
     if isinstance(data, Mapping):
-        return {k: (dict(v) if isinstance(v, Mapping) else np.asarray(v)) for k, v in data.items()}
+        arrays: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else np.asarray(v)) for k, v in data.items()}
+        return arrays, list(arrays)
     path = os.fspath(data)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"D4RL file not found: {path}")
     if not path.endswith((".npz", ".hdf5", ".h5")):
         raise ValueError(f"D4RL file must end in .npz, .hdf5 or .h5, got {path}")
+    handle = open_regular(path)  # a FIFO or device is refused here, never read
     try:
-        if path.endswith(".npz"):
-            if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle and suggests unpickling
-                raise ValueError("it is not a zip archive, as an .npz file is")
-            with np.load(path, allow_pickle=False) as npz:  # never unpickle a data file
-                return nested({k: npz[k] for k in npz.files}, "/")  # .npz cannot hold dicts: keys a/b nest
-        import h5py
-
-        def read(group: Any) -> dict[str, Any]:  # a group per dict key (goal-conditioned observations)
-            return {
-                k: (read(v) if isinstance(v, h5py.Group) else v[()])
-                for k, v in group.items()
-                if isinstance(v, (h5py.Group, h5py.Dataset))
-            }
-
-        with h5py.File(path, "r") as f:
-            return read(f)
+        with handle:
+            if path.endswith(".npz"):
+                if not zipfile.is_zipfile(handle):  # else numpy takes it for a pickle and suggests unpickling
+                    raise ValueError("it is not a zip archive, as an .npz file is")
+                handle.seek(0)
+                arrays, keys = read_npz(handle, path, _used)
+                return nested(arrays, "/"), keys  # .npz cannot hold dicts: keys a/b nest
+            return read_hdf5(handle, path, _used)  # a group per dict key (goal-conditioned observations)
+    except MemoryBudgetError:
+        raise
     except (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
         # h5py and numpy name neither the file nor what was expected of it
         raise ValueError(f"{path} is not a readable HDF5/NPZ dataset: {error}") from error

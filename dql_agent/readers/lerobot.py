@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import stat
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from gymnasium import spaces
 
+from dql_agent.files import open_regular
 from dql_agent.observations import nested
 from dql_agent.report import report
 
@@ -139,21 +139,10 @@ class _Files:
         path = self.path(rel)
         if not os.path.lexists(path):
             raise FileNotFoundError(f"{self.label}: {what} {rel} is missing")
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, str(self.allowed)]) != str(self.allowed):
-            raise ValueError(f"{self.label}: {rel} is a link that leads out of the dataset (to {real}); refused")
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(real, flags)
-        except OSError as error:
-            raise ValueError(f"{self.label}: cannot open {rel}: {error}") from None
-        info = os.fstat(fd)  # the opened file itself: no race between a check and the open
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise ValueError(f"{self.label}: {rel} is not a regular file (mode {stat.filemode(info.st_mode)}); refused")
-        if getattr(os, "O_NONBLOCK", 0):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+            return open_regular(path, name=f"{self.label}: {rel}", within=self.allowed, within_label="the dataset")
+        except FileNotFoundError:  # a dangling link
+            raise FileNotFoundError(f"{self.label}: {what} {rel} is missing (a link to nothing)") from None
 
     def size(self, handle: BinaryIO) -> int:
         return os.fstat(handle.fileno()).st_size

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import math
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,16 @@ import numpy as np
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage import get_dataset_path
 
+from dql_agent.files import describe_mode, is_inside, open_regular, read_exactly, regular_size
+from dql_agent.limits import check_budget
 from dql_agent.observations import as_float32, check_observation_space, flatten, has_images, raw_tree, tree_from_arrays
+from dql_agent.readers.arrays import walk_hdf5
 from dql_agent.transitions import episode_flags, flat_rows
 
 __all__ = [
     "MinariDatasetNotFoundError",
     "check_available",
+    "check_dataset_files",
     "check_dataset_id",
     "download_hint",
     "load_minari_dataset",
@@ -42,6 +49,12 @@ __all__ = [
 _VERSIONED_ID = re.compile(r"-v\d+$")
 
 _FLOAT_KEYS = ("observations", "next_observations", "actions", "rewards")
+METADATA_FILE, HDF5_FILE = "metadata.json", "main_data.hdf5"  # minari's names
+_EPISODE_GROUP = re.compile(r"episode_\d+")
+MAX_METADATA_BYTES = 64 * 2**20
+"""metadata.json holds ids, spaces and scores: kilobytes; a space of many keys stays well under this."""
+MAX_FOLDER_DEPTH = 8
+"""Deepest folders in a dataset's data (an arrow store is data/<episode>/<files>)."""
 
 DEFAULT_REMOTE = "hf://farama-minari"  # minari's own default for $MINARI_REMOTE
 _DOWNLOAD_HINT: contextvars.ContextVar[str] = contextvars.ContextVar(
@@ -196,11 +209,10 @@ def _unreachable(dataset_id: str, path: Path, endpoint: str, why: str) -> Except
 
 
 def _refuse_spaces_from_code(data_path: Path, dataset_id: str) -> None:
-    """Minari makes the env named in a dataset's ``env_spec`` (importing its entry point's module)
-    when the metadata lacks a stored space: code named in a file. Refuse such datasets instead."""
-    from minari.dataset.minari_storage import MinariStorage
-
-    metadata = MinariStorage.read_raw_metadata(str(data_path))
+    """Check a local dataset before minari opens any of it (:func:`check_dataset_files`), and
+    refuse one whose metadata lacks its spaces: minari would then make the env named in its
+    ``env_spec`` (importing its entry point's module), code named in a file."""
+    metadata = check_dataset_files(data_path, dataset_id)
     missing = [key for key in ("observation_space", "action_space") if key not in metadata]
     if missing:
         raise ValueError(
@@ -209,6 +221,113 @@ def _refuse_spaces_from_code(data_path: Path, dataset_id: str) -> None:
             "file. Recreate the dataset with its spaces (minari.create_dataset_from_buffers(..., "
             "observation_space=..., action_space=...))"
         )
+
+
+def check_dataset_files(data_path: Path, dataset_id: str) -> dict[str, Any]:
+    """Check the files of a local Minari dataset (its ``data`` folder) before minari reads them;
+    returns the parsed ``metadata.json``.
+
+    Minari opens its files with plain ``open`` and trusts what they declare. Here, first: every
+    entry is a folder or a regular file (a FIFO would block minari forever, a device feed it
+    endless bytes), no link leads out of the dataset; ``metadata.json`` is at most
+    :data:`MAX_METADATA_BYTES`, its ``total_episodes`` and ``total_steps`` are ints >= 0 and
+    ``total_episodes`` is the number of episodes the data holds (minari allocates an index of that
+    many); the spaces' declared shapes fit the memory budget; an HDF5 store holds no external
+    links, external storage or virtual datasets, every dataset stores what it declares, and all of
+    them together fit the memory budget (:mod:`dql_agent.readers.arrays`)."""
+    where = f"Minari dataset {dataset_id!r}"
+    root = data_path.parent
+    _check_entries(data_path, root, where)
+    with open_regular(
+        data_path / METADATA_FILE,
+        within=root,
+        within_label=f"the dataset folder {root}",
+        name=f"{data_path}/{METADATA_FILE}",
+    ) as f:
+        size = regular_size(f)
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(
+                f"{where}: {data_path}/{METADATA_FILE} is {size:,} bytes; at most {MAX_METADATA_BYTES:,} are read"
+            )
+        text = read_exactly(f, size, f"{data_path}/{METADATA_FILE}")
+    try:
+        metadata = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{where}: {data_path}/{METADATA_FILE} is not valid JSON: {error!r}") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: {data_path}/{METADATA_FILE} must hold a JSON object, got {type(metadata).__name__}")
+    for key in ("total_episodes", "total_steps"):
+        value = metadata.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: {METADATA_FILE} {key} must be an int >= 0, got {value!r}")
+    for key in ("observation_space", "action_space"):
+        if key in metadata:
+            _check_space_size(metadata[key], f"{where}: {METADATA_FILE} {key}")
+    held = _count_episodes(data_path, metadata.get("data_format", "hdf5"), where)
+    if metadata.get("total_episodes", 0) != held:
+        raise ValueError(
+            f"{where}: {METADATA_FILE} declares total_episodes {metadata.get('total_episodes', 0):,}, but the data "
+            f"in {data_path} holds {held:,} episodes"
+        )
+    return metadata
+
+
+def _check_entries(folder: Path, root: Path, where: str, depth: int = 0) -> None:
+    """Every entry under ``folder`` is a folder or a regular file, and no link leaves ``root``."""
+    if depth > MAX_FOLDER_DEPTH:
+        raise ValueError(f"{where}: {folder} nests folders deeper than {MAX_FOLDER_DEPTH} levels; refused")
+    for entry in os.scandir(folder):
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            if not is_inside(entry.path, root):
+                real = os.path.realpath(entry.path)
+                raise ValueError(f"{where}: {entry.path} is a link that leads out of the dataset (to {real}); refused")
+            mode = os.stat(entry.path).st_mode
+        if stat.S_ISDIR(mode):
+            if not entry.is_symlink():  # a link inside the dataset is checked where it leads
+                _check_entries(Path(entry.path), root, where, depth + 1)
+        elif not stat.S_ISREG(mode):
+            raise ValueError(f"{where}: {entry.path} is not a regular file: it is {describe_mode(mode)}; refused")
+
+
+def _check_space_size(serialized: Any, where: str) -> None:
+    """A serialized space's Box shapes, whose bounds minari allocates, fit the memory budget."""
+    try:
+        space = json.loads(serialized) if isinstance(serialized, str) else serialized
+        elements = _space_elements(space)
+    except (ValueError, RecursionError, TypeError, OverflowError) as error:
+        raise ValueError(f"{where} is not a serialized space: {error!r}") from None
+    check_budget(f"{where} (the bounds of {elements:,} elements)", 16 * elements)
+
+
+def _space_elements(space: Any) -> int:
+    if not isinstance(space, dict):
+        return 0
+    total = 0
+    shape = space.get("shape")
+    if isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        total += math.prod(max(n, 0) for n in shape)
+    for sub in (space.get("subspaces") or {}).values() if isinstance(space.get("subspaces"), dict) else []:
+        total += _space_elements(sub)
+    return total
+
+
+def _count_episodes(data_path: Path, data_format: Any, where: str) -> int:
+    """The episodes the data holds, after checking an HDF5 store (see :func:`check_dataset_files`)."""
+    if data_format == "arrow":
+        return sum(1 for entry in os.scandir(data_path) if entry.is_dir() and entry.name.isdigit())
+    if data_format != "hdf5":
+        raise ValueError(f"{where}: {METADATA_FILE} data_format must be 'hdf5' or 'arrow', got {data_format!r}")
+    import h5py
+
+    name = f"{data_path}/{HDF5_FILE}"
+    with open_regular(data_path / HDF5_FILE, name=name, within=data_path.parent, within_label="the dataset") as handle:
+        try:
+            with h5py.File(handle, "r") as f:
+                check_budget(f"reading {name}", sum(nbytes for _, _, nbytes in walk_hdf5(f, name)))
+                return sum(1 for key in f if _EPISODE_GROUP.fullmatch(key))
+        except OSError as error:  # h5py's words for a file that is not HDF5
+            raise ValueError(f"{where}: {name} is not a readable HDF5 file: {error}") from None
 
 
 def minari_to_transitions(dataset: str | minari.MinariDataset) -> dict[str, Any]:
