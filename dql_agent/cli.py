@@ -24,7 +24,8 @@ which gym.make would import) is refused: pass it with --env yourself if you trus
 A mistake in the input (a missing or malformed file, a bad --set value, an unknown env) prints
 one line, ``dql-agent: error: ...``, and exits with status 2; set DQL_AGENT_DEBUG=1 to see the
 traceback instead. A sweep whose trials failed prints the table of the others, then each failed
-trial and its error on stderr, and exits with status 1.
+trial and its error on stderr, and exits with status 1; one stopped before its runs finished
+(Ctrl-C) prints its table and exits with status 130.
 
 Ctrl-C (SIGINT) or SIGTERM during ``train`` finishes the gradient step in progress, saves the run
 to -o with its optimizer state, prints the command that continues it (``train --resume``) and
@@ -720,7 +721,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run the sweep a YAML spec describes (dql_agent.integrations.ray.SweepSpec), print its table.
 
-    Trials that failed are listed on stderr after the table, and the command exits with status 1."""
+    Trials that failed are listed on stderr after the table, and the command exits with status 1;
+    a sweep stopped before its runs finished (Ctrl-C) exits with status 130, as ``train`` does."""
     from dql_agent.integrations.ray import SweepFailedError, SweepSpec
 
     overrides: dict[str, Any] = {} if args.device == "auto" else {"device": args.device}
@@ -734,6 +736,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(f"dql-agent: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     _print_sweep(result)
+    if result.unfinished and spec.scheduler is None:  # without a scheduler only a stop ends a run early
+        print(
+            f"dql-agent: error: the sweep stopped before {result.unfinished} run(s) finished; "
+            f"dql-agent sweep {args.spec} --resume continues it",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
 
 
 def _print_sweep(result: Any) -> None:

@@ -882,6 +882,9 @@ class SweepResult:
     trial, its dataset, seeds and hyperparameters, and the error's last line."""
     trials: int = 0
     """How many trials the sweep has."""
+    unfinished: int = 0
+    """Runs (a seed of a trial) that ended before ``total_timesteps`` without an error, or reported
+    nothing: an interrupted sweep's (``--resume`` continues them), or ones a scheduler stopped."""
 
 
 class SweepFailedError(RuntimeError):
@@ -1009,6 +1012,7 @@ def summarize(grid: Any, path: str | os.PathLike[str], eval_every: int | None = 
         grid=grid,
         failed=failed,
         trials=len(grid),
+        unfinished=short + sum(not curve.points for curve in curves),
     )
 
 

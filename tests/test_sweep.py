@@ -256,6 +256,7 @@ def test_cli_sweep_stopped_with_ctrl_c_resumes_and_prints_the_table(cluster, min
     first.send_signal(signal.SIGINT)
     out, _ = first.communicate(timeout=120)
     assert "--resume" in out, out  # it says how to continue
+    assert first.returncode == 130, out  # stopped, not finished: as train exits on Ctrl-C
     resumed = sweep_cli("spec.yaml", "--address", address, "--resume", "--verbose", "0", cwd=tmp_path)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
