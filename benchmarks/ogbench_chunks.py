@@ -74,18 +74,21 @@ def load(data: Path, domain: str, task: int) -> tuple[Any, Any]:
     return env, buffer
 
 
-def success_rate(act: Any, env: Any, episodes: int, seed: int) -> float:
-    """The fraction of ``episodes`` in which OGBench's success flag was up at the end."""
-    successes = []
+def success_rate(act: Any, env: Any, episodes: int, seed: int) -> tuple[float, float]:
+    """The fraction of ``episodes`` in which OGBench's success flag was up at the end, and the mean
+    final reward: minus the number of the task's objects (cubes, buttons, drawer, window) not at
+    their goal, a graded score where the success rate is all or nothing."""
+    successes, final_rewards = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
-        state, start, done, info = None, True, False, {}
+        state, start, done, info, reward = None, True, False, {}, 0.0
         while not done:
             action, state = act(obs, state, start)
-            obs, _, terminated, truncated, info = env.step(action)
+            obs, reward, terminated, truncated, info = env.step(action)
             done, start = terminated or truncated, False
         successes.append(bool(info.get("success", False)))
-    return float(np.mean(successes))
+        final_rewards.append(float(reward))
+    return float(np.mean(successes)), float(np.mean(final_rewards))
 
 
 def train_mlp_bc(buffer: Any, steps: int, seed: int, batch_size: int = 256) -> Any:
@@ -137,7 +140,7 @@ def run(data: Path, domain: str, task: int, config: str, seed: int, steps: int, 
             return action, state
 
     trained = time.time() - start
-    rate = success_rate(act, env, episodes, seed=10_000 + 100 * seed)
+    rate, final_reward = success_rate(act, env, episodes, seed=10_000 + 100 * seed)
     return {
         "domain": domain,
         "task": task,
@@ -146,6 +149,7 @@ def run(data: Path, domain: str, task: int, config: str, seed: int, steps: int, 
         "steps": steps,
         "episodes": episodes,
         "success": rate,
+        "final_reward": final_reward,
         "train_seconds": round(trained, 1),
         "eval_seconds": round(time.time() - start - trained, 1),
         "transitions": len(buffer),
@@ -161,13 +165,14 @@ def done_runs(out: Path) -> set[tuple]:
 
 
 def report(out: Path) -> str:
-    """The markdown table of the runs in ``out``: success (%) mean +- std over seeds."""
+    """The markdown table of the runs in ``out``: success (%) mean +- std over seeds, and the mean
+    final reward (0 = every object at its goal) where the runs recorded it."""
     if not out.exists():
         return f"no runs yet in {out}"
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["domain"], r["task"], r["steps"], r["config"]), []).append(100 * r["success"])
+        groups.setdefault((r["domain"], r["task"], r["steps"], r["config"]), []).append(r)
     lines = [
         "| domain (task) | steps | " + " | ".join(CONFIGS) + " |",
         "|---|---:|" + "---:|" * len(CONFIGS),
@@ -175,8 +180,16 @@ def report(out: Path) -> str:
     for domain, task, steps in sorted({key[:3] for key in groups}):
         cells = []
         for config in CONFIGS:
-            values = groups.get((domain, task, steps, config), [])
-            cells.append(f"{np.mean(values):.0f} +- {np.std(values):.0f} (n={len(values)})" if values else "-")
+            runs = groups.get((domain, task, steps, config), [])
+            if not runs:
+                cells.append("-")
+                continue
+            success = [100 * r["success"] for r in runs]
+            cell = f"{np.mean(success):.0f} +- {np.std(success):.0f}"
+            rewards = [r["final_reward"] for r in runs if "final_reward" in r]
+            if len(rewards) == len(runs):
+                cell += f" [{np.mean(rewards):.2f}]"
+            cells.append(f"{cell} (n={len(runs)})")
         lines.append(f"| {domain} (task {task}) | {steps:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
