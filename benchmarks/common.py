@@ -174,3 +174,28 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def camera_buffer(n: int, size: int = 84, action_dim: int = 3, seed: int = 0) -> Any:
+    """``n`` random transitions of an ``{"image": (size, size, 3) uint8, "state": (2,)}`` Dict space:
+    what a camera model's step costs does not depend on the pixels' values."""
+    from gymnasium import spaces
+
+    from dql_agent import OfflineBuffer
+
+    rng = np.random.default_rng(seed)
+    space = spaces.Dict(
+        {"image": spaces.Box(0, 255, (size, size, 3), np.uint8), "state": spaces.Box(-1, 1, (2,), np.float32)}
+    )
+    obs = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "state": rng.normal(size=(n, 2))}
+    next_obs = {"image": np.roll(obs["image"], -1, axis=0), "state": np.roll(obs["state"], -1, axis=0)}
+    return OfflineBuffer(
+        obs, rng.uniform(-1, 1, (n, action_dim)), rng.normal(size=n), next_obs, np.zeros(n), observation_space=space
+    )
+
+
+def write_results(path: Path | None, results: Any) -> None:
+    """Write a measurement's results as indented JSON to ``path`` (its folder made), when given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))

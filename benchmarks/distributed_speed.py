@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, random_data, sync
+from benchmarks.common import machine, random_data, sync, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,9 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{row['efficiency']:.2f} | {row['allreduce_ms']:.2f} ms ({row['gradient_floats']:,} floats) |"
         )
     results = {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "result", "out")}}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return results
 
 

@@ -181,7 +181,7 @@ def acting_latency(check: Check) -> dict[str, Any]:
 
 def camera_model(check: Check) -> dict[str, Any]:
     """Steps/s of a camera model in fp32 and bf16, repeats interleaved."""
-    from benchmarks.precision import camera_buffer
+    from benchmarks.common import camera_buffer
 
     size = 20 if check.args.dry_run else 84
     buffer = camera_buffer(200 if check.args.dry_run else 2000, size=size)

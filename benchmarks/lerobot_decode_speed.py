@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import machine, write_results
 from dql_agent import OfflineBuffer  # noqa: E402
 from dql_agent.readers.lerobot import SuccessAtEnd  # noqa: E402
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['bare_pyav_frames_per_s']:,.0f} frames/s (one thread)"
         )
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores_visible']} cores visible")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return results
 
 

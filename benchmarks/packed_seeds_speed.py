@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import add_common_args, machine, random_data, rate, setup_torch
+from benchmarks.common import add_common_args, machine, random_data, rate, setup_torch, write_results
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper
 
@@ -77,9 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in samples:
         print(f"| {name} | {results[name]['steps_per_s']:.1f} | {', '.join(f'{v:.1f}' for v in samples[name])} |")
     print(f"stacked / separate: {results['ratio']:.2f}x")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return results
 
 

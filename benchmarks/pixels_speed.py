@@ -17,30 +17,15 @@ Example (one thread, as the numbers in the README were taken)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from gymnasium import spaces
 
-from benchmarks.common import machine
-from dql_agent import DiffusionQL, OfflineBuffer  # noqa: E402
-
-
-def image_buffer(size: int, n: int, seed: int = 0) -> OfflineBuffer:
-    rng = np.random.default_rng(seed)
-    space = spaces.Dict(
-        {"image": spaces.Box(0, 255, (size, size, 3), np.uint8), "state": spaces.Box(-1, 1, (2,), np.float32)}
-    )
-    obs = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "state": rng.normal(size=(n, 2))}
-    next_obs = {"image": np.roll(obs["image"], -1, axis=0), "state": np.roll(obs["state"], -1, axis=0)}
-    return OfflineBuffer(
-        obs, rng.uniform(-1, 1, (n, 2)), rng.normal(size=n), next_obs, np.zeros(n), observation_space=space
-    )
+from benchmarks.common import camera_buffer, machine, write_results
+from dql_agent import DiffusionQL  # noqa: E402
 
 
 def time_steps(model: DiffusionQL, seconds: float) -> float:
@@ -76,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
-        buffer = image_buffer(size, args.transitions)
+        buffer = camera_buffer(args.transitions, size, action_dim=2)
         model = DiffusionQL(buffer, device=args.device, seed=0, batch_size=args.batch)
         one = {"image": buffer.observations["image"][0].numpy(), "state": buffer.observations["state"][0].numpy()}
         rows.append(
@@ -98,9 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"| {r['size']} | {r['steps_per_s']:.2f} | {r['predict_ms_deterministic']:.1f} | "
             f"{r['predict_ms_stochastic']:.1f} | {r['bytes_per_transition']:,} |"
         )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     return result
 
 

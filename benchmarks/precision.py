@@ -25,31 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from benchmarks.common import add_common_args, machine, random_data, rate, setup_torch
+from benchmarks.common import add_common_args, camera_buffer, machine, random_data, rate, setup_torch, write_results
 
 MODELS = ("width256", "width1024", "camera", "width256-compiled")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution", "aten::_convolution")
 CONV_AND_MM = (*MATMULS, "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_mkldnn_convolution")
 CASTS = ("aten::_to_copy", "aten::to", "aten::copy_")
-
-
-def camera_buffer(n: int, size: int = 84, seed: int = 0) -> Any:
-    from gymnasium import spaces
-
-    from dql_agent import OfflineBuffer
-
-    rng = np.random.default_rng(seed)
-    space = spaces.Dict(
-        {"image": spaces.Box(0, 255, (size, size, 3), np.uint8), "state": spaces.Box(-1, 1, (2,), np.float32)}
-    )
-    obs = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "state": rng.normal(size=(n, 2))}
-    next_obs = {"image": np.roll(obs["image"], -1, axis=0), "state": np.roll(obs["state"], -1, axis=0)}
-    return OfflineBuffer(
-        obs, rng.uniform(-1, 1, (n, 3)), rng.normal(size=n), next_obs, np.zeros(n), observation_space=space
-    )
 
 
 def build(name: str, precision: str, device: torch.device, transitions: int) -> Any:
@@ -122,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{row[args.precision]['steps_per_s']:.2f} steps/s, ratio {row['ratio']:.2f}"
         )
     print_table(results, args.models, args.precision)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return results
 
 

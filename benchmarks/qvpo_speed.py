@@ -25,11 +25,12 @@ import argparse
 import json
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import machine, parse_set
+from benchmarks.common import machine, parse_set, write_results
 
 ENV_ID = "Pendulum-v1"
 
@@ -152,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model.learn(3, reset_num_timesteps=False, log_interval=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    if args.out:
-        with open(args.out, "w") as out:
-            json.dump(result, out, indent=2)
+    write_results(Path(args.out) if args.out else None, result)
     return result
 
 

@@ -324,8 +324,10 @@ def optimize(
             param.grad = grad
     else:
         raise TypeError("optimize needs a loss or grads")
-    # Whether the loss is finite (on every rank, when data-parallel), kept on the device.
-    loss_ok = None if loss is None else torch.isfinite(loss.detach())
+    # Whether the loss is finite (on every rank, when data-parallel), kept on the device; only
+    # computed where it is read: the finiteness check, or the ranks' flags folded into the all-reduce.
+    wanted = require_finite or (hooks is not None and hooks.world_size > 1)
+    loss_ok = torch.isfinite(loss.detach()) if loss is not None and wanted else None
     if hooks is not None:
         loss_ok = hooks.reduce(params, loss_ok)
         hooks.unscale(optimizer)

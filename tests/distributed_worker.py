@@ -107,7 +107,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--tee", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--tee",
+        "3",
+    ]
     command += ["--log-dir", str(out / "logs"), "-m", "tests.distributed_worker", "--out", str(out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

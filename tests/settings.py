@@ -65,3 +65,14 @@ def bandit_buffer(n: int = 10_000, seed: int = 0) -> Any:
     states = np.zeros((n, 1), np.float32)
     rewards = rng.normal(BANDIT_MEAN_REWARDS[mode], 0.5)
     return OfflineBuffer(states, actions, rewards, states, np.ones(n, bool))  # one-step episodes
+
+
+def output_dtypes(model: Any) -> list[Any]:
+    """Record the dtype of every ``nn.Linear`` output of ``model`` from now on (precision tests)."""
+    import torch
+
+    seen: list[Any] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen

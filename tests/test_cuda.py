@@ -14,24 +14,16 @@ import torch
 
 from dql_agent import DiffusionDICE, DiffusionQL, scaling
 from tests.distributed_worker import check_ran, ranks, torchrun
-from tests.settings import tiny
+from tests.settings import output_dtypes, tiny
 
 pytestmark = pytest.mark.cuda
-
-
-def linear_output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
-    seen: list[torch.dtype] = []
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    return seen
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 @pytest.mark.parametrize("cls", [DiffusionQL, DiffusionDICE])
 def test_low_precision_trains_on_cuda_with_fp32_weights(cls, precision, dtype, pendulum_buffer):
     model = cls(pendulum_buffer, seed=0, device="cuda", **tiny(cls, precision=precision))
-    seen = linear_output_dtypes(model.policy)
+    seen = output_dtypes(model.policy)
     model.learn(20)
     assert set(seen) == {dtype}
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.policy.parameters())

@@ -169,7 +169,16 @@ def test_the_command_line_trains_data_parallel_and_rank_0_alone_saves(tmp_path: 
         "timeouts": data.timeouts.numpy(),
     }
     np.savez(tmp_path / "data.npz", **arrays)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dql_agent.cli"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dql_agent.cli",
+    ]
     command += ["train", "data.npz", "--env", "Pendulum-v1", "--steps", "6", "-o", "out", "--distributed"]
     command += ["--episodes", "0", "--no-progress", "--seed", "1", "--set", "hidden_dim=16", "--set", "batch_size=32"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -225,7 +225,7 @@ def test_train_distributed_on_two_ranks_then_resume_on_one(tmp_path):
     common = ["--hidden-dim", "32", "--episodes", "1", "--out", str(tmp_path)]
 
     def torchrun(ranks: int, *args: str) -> str:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
         result = subprocess.run(
             [*command, str(EXAMPLES / "train_distributed.py"), *args, *common],
             capture_output=True,

@@ -15,16 +15,7 @@ from safetensors.torch import save_file
 
 from dql_agent import QVPO, CheckpointError, DiffusionDICE, DiffusionQL, scaling, train_seeds
 from dql_agent.networks import optimize
-from tests.settings import tiny
-
-
-def output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
-    """Record the dtype of every nn.Linear output from now on."""
-    seen: list[torch.dtype] = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    return seen
+from tests.settings import output_dtypes, tiny
 
 
 @pytest.mark.parametrize("cls", [DiffusionQL, DiffusionDICE])
