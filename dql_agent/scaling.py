@@ -79,12 +79,19 @@ class StepHooks:
     """Optimizer steps the fp16 scaler skipped for non-finite gradients (it then lowers the scale)."""
 
     def backward(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        # Autocast covers the forward passes; the backward runs in the dtypes they chose.
+        # Autocast covers the forward passes; the backward runs in the dtypes they chose. In fp32
+        # there is no autocast region to leave, and no context is made on every step.
+        if not torch.is_autocast_enabled(loss.device.type):
+            self._backward(optimizer, loss)
+            return
         with torch.autocast(loss.device.type, enabled=False):
-            if self.scale_losses:
-                self._scaler(optimizer).scale(loss).backward()
-            else:
-                loss.backward()
+            self._backward(optimizer, loss)
+
+    def _backward(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        if self.scale_losses:
+            self._scaler(optimizer).scale(loss).backward()
+        else:
+            loss.backward()
 
     def reduce(self, params: Sequence[torch.Tensor], loss_ok: torch.Tensor | None) -> torch.Tensor | None:
         """Average the gradients of ``params`` over the ranks, in one all-reduce of them flattened
